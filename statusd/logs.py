@@ -1,0 +1,54 @@
+"""Logging to stderr: readable lines in a terminal, syslog-prefixed lines for journald.
+
+When stderr is the journal (``JOURNAL_STREAM`` names our stderr), each line starts with
+its syslog priority (``<3>`` error ... ``<7>`` debug) and carries no timestamp, since
+journald adds its own (sd-daemon(3)).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import TextIO
+
+_PRIORITIES = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITIES.get(record.levelno, 6)
+        text = super().format(record)
+        # Continuation lines (tracebacks) keep the priority, or journald files them as info.
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
+def stderr_is_journal(stream: TextIO = sys.stderr, environ: Mapping[str, str] = os.environ) -> bool:
+    value = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    stream = sys.stderr if stream is None else stream
+    handler = logging.StreamHandler(stream)
+    if stderr_is_journal(stream):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,186 @@
+"""One client's session, whatever the transport: identity, subscriptions, outgoing buffer.
+
+A transport runs two loops per connection: a reader that parses requests and queues the
+replies here, and a writer that takes everything pending in one go and sends it in one
+write. The outgoing buffer is bounded two ways:
+
+- replies are never dropped; when ``max_pending_replies`` are waiting, the reader stops
+  reading (``wait_reply_room``), so a client that does not read its replies only slows
+  itself;
+- pushed messages are dropped oldest-first and the client is told with a ``dropped``
+  notice: status messages come straight from the channel's ring (a cursor per session,
+  no copies), other streams through a per-session deque of ``max_pushes``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import attrs
+import trio
+
+from statusd.channel import StatusChannel
+from statusd.identity import Caller
+from statusd.protocol import jsonrpc
+
+DEFAULT_MAX_PUSHES = 1000
+DEFAULT_MAX_PENDING_REPLIES = 256
+
+_subscription_ids = itertools.count(1)
+
+
+@attrs.frozen
+class Subscription:
+    id: str
+    status: bool
+
+
+@attrs.frozen
+class SessionStatistics:
+    pending_replies: int
+    pending_pushes: int
+    dropped: dict[str, int]
+    subscriptions: int
+
+
+class Session:
+    def __init__(
+        self,
+        caller: Caller,
+        channel: StatusChannel,
+        *,
+        transport: str = "unix",
+        max_pushes: int = DEFAULT_MAX_PUSHES,
+        max_pending_replies: int = DEFAULT_MAX_PENDING_REPLIES,
+    ) -> None:
+        if max_pushes < 1:
+            raise ValueError(f"max_pushes must be >= 1, not {max_pushes}")
+        if max_pending_replies < 1:
+            raise ValueError(f"max_pending_replies must be >= 1, not {max_pending_replies}")
+        self.caller = caller
+        self.transport = transport
+        self._channel = channel
+        self._max_pending_replies = max_pending_replies
+        self._replies: deque[bytes] = deque()
+        self._pushes: deque[tuple[str, bytes]] = deque(maxlen=max_pushes)
+        self._unreported: dict[str, int] = {}
+        self._dropped_total: dict[str, int] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        # None while no subscription asks for status; else the last seq already taken.
+        self._status_cursor: int | None = None
+        self._work = trio.Event()
+        self._room = trio.Event()
+        self.closing = False
+
+    # -- the reader side -------------------------------------------------------------------
+
+    def add_reply(self, line: bytes) -> None:
+        self._replies.append(line)
+        self._work.set()
+
+    def reply_room(self) -> bool:
+        return len(self._replies) < self._max_pending_replies
+
+    async def wait_reply_room(self) -> None:
+        while not self.reply_room():
+            self._room = trio.Event()
+            await self._room.wait()
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(self, *, status: bool, since: int | None = None) -> Subscription:
+        subscription = Subscription(f"sub-{next(_subscription_ids)}", status=status)
+        self._subscriptions[subscription.id] = subscription
+        if status:
+            start = self._channel.last_seq if since is None else since
+            # Already streaming: keep the cursor, so no message is ever sent twice.
+            if self._status_cursor is None:
+                self._status_cursor = start
+                self._channel.watch(self._wake)
+            self._work.set()
+        return subscription
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        subscription = self._subscriptions.pop(subscription_id, None)
+        if subscription is None:
+            return False
+        if subscription.status and not any(s.status for s in self._subscriptions.values()):
+            self._stop_status()
+        return True
+
+    def _stop_status(self) -> None:
+        if self._status_cursor is not None:
+            self._channel.unwatch(self._wake)
+            self._status_cursor = None
+
+    def push(self, stream: str, line: bytes) -> None:
+        """Queue a pushed message; past ``max_pushes`` the oldest goes and is counted."""
+        if len(self._pushes) == self._pushes.maxlen:
+            lost_stream, _ = self._pushes[0]
+            self._count_drop(lost_stream, 1)
+        self._pushes.append((stream, line))
+        self._work.set()
+
+    def _count_drop(self, stream: str, count: int) -> None:
+        self._unreported[stream] = self._unreported.get(stream, 0) + count
+        self._dropped_total[stream] = self._dropped_total.get(stream, 0) + count
+
+    # -- the writer side -------------------------------------------------------------------
+
+    def take_pending(self) -> list[bytes]:
+        """Everything to send now, in order: replies, drop notices, then pushes."""
+        out: list[bytes] = []
+        if self._replies:
+            out.extend(self._replies)
+            self._replies.clear()
+            self._room.set()
+        status_lines: list[bytes] = []
+        if self._status_cursor is not None:
+            status_lines, missed = self._channel.lines_after(self._status_cursor)
+            self._status_cursor = self._channel.last_seq
+            if missed:
+                self._count_drop("status", missed)
+        if self._unreported:
+            for stream, count in self._unreported.items():
+                notice = jsonrpc.notification("dropped", {"stream": stream, "count": count})
+                out.append(jsonrpc.encode_line(notice))
+            self._unreported.clear()
+        out.extend(status_lines)
+        if self._pushes:
+            out.extend(line for _, line in self._pushes)
+            self._pushes.clear()
+        return out
+
+    def has_pending(self) -> bool:
+        return bool(
+            self._replies
+            or self._pushes
+            or self._unreported
+            or (self._status_cursor is not None and self._status_cursor < self._channel.last_seq)
+        )
+
+    async def wait_pending(self) -> None:
+        """Return once ``take_pending()`` has something (or the session is closing)."""
+        while not self.has_pending() and not self.closing:
+            self._work = trio.Event()
+            await self._work.wait()
+
+    def _wake(self) -> None:
+        self._work.set()
+
+    def close(self) -> None:
+        """Stop receiving pushes and wake the writer so it can finish."""
+        self.closing = True
+        self._stop_status()
+        self._subscriptions.clear()
+        self._work.set()
+        self._room.set()
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            pending_replies=len(self._replies),
+            pending_pushes=len(self._pushes),
+            dropped=dict(self._dropped_total),
+            subscriptions=len(self._subscriptions),
+        )

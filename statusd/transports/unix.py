@@ -1,0 +1,244 @@
+"""The Unix socket server: newline-delimited JSON-RPC with peer credentials and limits.
+
+Per connection a reader parses lines (1 MiB limit) and queues replies in the ``Session``;
+a writer sends everything pending in one write. A client that stops reading blocks only
+its own writer: pushed messages it misses are dropped oldest-first and reported, and its
+reader pauses while its replies are unsent (see ``statusd.session``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket as stdlib_socket
+import stat
+import struct
+from pathlib import Path
+
+import trio
+
+from statusd.api import Api
+from statusd.channel import StatusChannel
+from statusd.config import Config
+from statusd.errors import Busy, InvalidRequest, StartupError
+from statusd.identity import caller_for_uid
+from statusd.protocol import jsonrpc
+from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
+from statusd.session import Session
+
+log = logging.getLogger(__name__)
+
+RECEIVE_CHUNK = 64 * 1024
+LISTEN_BACKLOG = 128
+_PEERCRED = struct.Struct("iII")
+_GONE = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from SO_PEERCRED."""
+    raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _check_private_directory(directory: Path) -> None:
+    # The /tmp fallback lives in a world-writable directory: another user could have
+    # made ours first and would then control who connects, so insist it is ours alone.
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"socket: {directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise StartupError(f"socket: {directory} belongs to uid {info.st_uid}, not to us")
+    if info.st_mode & 0o022:
+        raise StartupError(f"socket: {directory} is writable by others")
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; refuse if someone does."""
+    try:
+        info = await trio.Path(path).lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise StartupError(f"socket: {path} exists and is not a socket; not touching it")
+    probe = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        with trio.move_on_after(2):
+            await probe.connect(str(path))
+            raise StartupError(f"socket: another statusd is already listening on {path}")
+    except (ConnectionRefusedError, FileNotFoundError):
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ECONNREFUSED:
+            raise StartupError(f"socket: cannot probe {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    log.warning("removing stale socket %s left by a daemon that did not stop", path)
+    await trio.Path(path).unlink(missing_ok=True)
+
+
+async def bind_unix_socket(config: Config) -> tuple[trio.socket.SocketType, os.stat_result]:
+    path = config.socket
+    if config.socket_is_default:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if str(path.parent).startswith("/tmp/"):
+            _check_private_directory(path.parent)
+    elif not path.parent.is_dir():
+        raise StartupError(f"socket: directory {path.parent} does not exist")
+    await _remove_stale_socket(path)
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        try:
+            await sock.bind(str(path))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"socket: {path} is in use by another process") from None
+            raise StartupError(f"socket: cannot bind {path}: {exc.strerror}") from None
+        # Nobody can connect before listen(), so setting mode and group here leaves no
+        # window in which the umask's permissions apply.
+        os.chmod(path, config.socket_mode)
+        if config.socket_group is not None:
+            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+        identity = path.stat()
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, identity
+
+
+class UnixServer:
+    def __init__(self, config: Config, api: Api, channel: StatusChannel) -> None:
+        self._config = config
+        self._api = api
+        self._channel = channel
+        self._sessions: set[Session] = set()
+        self._accept_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._identity: os.stat_result | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+        self.max_connections = config.max_connections
+
+    @property
+    def connections(self) -> int:
+        return len(self._sessions)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[UnixServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock, self._identity = await bind_unix_socket(self._config)
+        listener = trio.SocketListener(sock)
+        log.info("listening on %s", self._config.socket)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._accept, listener)
+                task_status.started(self)
+        finally:
+            self._unlink()
+
+    async def _accept(self, listener: trio.SocketListener) -> None:
+        assert self._nursery is not None
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle, [listener], handler_nursery=self._nursery)
+
+    def _unlink(self) -> None:
+        """Remove the socket file, but only if it is still the one we bound."""
+        if self._identity is None:
+            return
+        path = self._config.socket
+        try:
+            current = path.lstat()
+        except FileNotFoundError:
+            return
+        if (current.st_dev, current.st_ino) == (self._identity.st_dev, self._identity.st_ino):
+            path.unlink(missing_ok=True)
+        self._identity = None
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, remove the socket file, let connections flush for up to
+        ``grace`` seconds, then close them."""
+        self._accept_scope.cancel()
+        self._unlink()
+        for session in list(self._sessions):
+            session.close()
+        with trio.move_on_after(grace):
+            await self._idle.wait()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            if len(self._sessions) >= self.max_connections:
+                await self._refuse(stream)
+                return
+            pid, uid, _gid = peer_credentials(stream.socket)
+            caller = caller_for_uid(uid, self._config.admin_group, pid=pid)
+            session = Session(caller, self._channel)
+            self._sessions.add(session)
+            self._idle = trio.Event() if len(self._sessions) == 1 else self._idle
+            try:
+                await self._run_session(stream, session)
+            finally:
+                session.close()
+                self._sessions.discard(session)
+                if not self._sessions:
+                    self._idle.set()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        error = Busy(f"too many connections (max_connections = {self.max_connections})")
+        line = jsonrpc.encode_line(jsonrpc.error_response(None, error))
+        with trio.move_on_after(1), contextlib.suppress(*_GONE):
+            await stream.send_all(line)
+
+    async def _run_session(self, stream: trio.SocketStream, session: Session) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop, stream, session)
+            # A client that went away has nothing left to be told.
+            with contextlib.suppress(*_GONE):
+                await self._write_loop(stream, session)
+            nursery.cancel_scope.cancel()
+
+    async def _write_loop(self, stream: trio.SocketStream, session: Session) -> None:
+        while True:
+            await session.wait_pending()
+            pending = session.take_pending()
+            if pending:
+                await stream.send_all(b"".join(pending))
+            elif session.closing:
+                return
+
+    async def _read_loop(self, stream: trio.SocketStream, session: Session) -> None:
+        decoder = LineDecoder(MAX_LINE_BYTES)
+        try:
+            while not session.closing:
+                await session.wait_reply_room()
+                try:
+                    data = await stream.receive_some(RECEIVE_CHUNK)
+                except _GONE:
+                    return
+                if not data:
+                    return  # end of stream; a partial line is discarded
+                try:
+                    lines = decoder.feed(data)
+                except LineTooLong as exc:
+                    error = InvalidRequest(str(exc), {"limit": exc.limit})
+                    session.add_reply(jsonrpc.encode_line(jsonrpc.error_response(None, error)))
+                    return
+                for line in lines:
+                    await session.wait_reply_room()
+                    response = await self._api.handle_message(session, line)
+                    if response is not None:
+                        session.add_reply(jsonrpc.encode_line(response))
+        finally:
+            # The writer flushes what is queued, then the connection closes.
+            session.close()
