@@ -105,13 +105,20 @@ async def _main(config: Config) -> None:
             nursery.cancel_scope.cancel()
 
 
+def _leaves(group: BaseExceptionGroup[StartupError]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for error in group.exceptions:
+        leaves.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return leaves
+
+
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the process exit status."""
     failed = False
     try:
         trio.run(_main, config)
     except* StartupError as group:
-        for error in group.exceptions:
+        for error in _leaves(group):
             log.error("%s", error)
         failed = True
     return 1 if failed else 0

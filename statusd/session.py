@@ -138,7 +138,7 @@ class Session:
         status_lines: list[bytes] = []
         if self._status_cursor is not None:
             status_lines, missed = self._channel.lines_after(self._status_cursor)
-            self._status_cursor = self._channel.last_seq
+            self._status_cursor = None if self.closing else self._channel.last_seq
             if missed:
                 self._count_drop("status", missed)
         if self._unreported:
@@ -172,7 +172,10 @@ class Session:
     def close(self) -> None:
         """Stop receiving pushes and wake the writer so it can finish."""
         self.closing = True
-        self._stop_status()
+        # Keep the status cursor: what was published before the close (the daemon's own
+        # "Stopping operations...") is still sent; nothing published later wakes us.
+        if self._status_cursor is not None:
+            self._channel.unwatch(self._wake)
         self._subscriptions.clear()
         self._work.set()
         self._room.set()

@@ -83,9 +83,9 @@ def _structure_enum(value: Any, tp: type[enum.Enum]) -> Any:
         raise _Problem(f"must be one of {listed}, not {_describe(value)}") from None
 
 
-converter.register_structure_hook_func(
-    lambda tp: isinstance(tp, type) and issubclass(tp, enum.Enum), _structure_enum
-)
+# By class, not by predicate: a StrEnum is also a str, and the str hook must not win.
+converter.register_structure_hook(enum.Enum, _structure_enum)
+converter.register_structure_hook(enum.StrEnum, _structure_enum)
 converter.register_unstructure_hook_func(
     lambda tp: isinstance(tp, type) and issubclass(tp, enum.Enum), lambda member: member.value
 )

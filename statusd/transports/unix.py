@@ -122,8 +122,7 @@ class UnixServer:
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._identity: os.stat_result | None = None
-        self._idle = trio.Event()
-        self._idle.set()
+        self._connections_changed = trio.lowlevel.ParkingLot()
         self.max_connections = config.max_connections
 
     @property
@@ -149,6 +148,10 @@ class UnixServer:
         with self._accept_scope:
             await trio.serve_listeners(self._handle, [listener], handler_nursery=self._nursery)
 
+    async def wait_connections_at_most(self, count: int) -> None:
+        while len(self._sessions) > count:
+            await self._connections_changed.park()
+
     def _unlink(self) -> None:
         """Remove the socket file, but only if it is still the one we bound."""
         if self._identity is None:
@@ -170,7 +173,7 @@ class UnixServer:
         for session in list(self._sessions):
             session.close()
         with trio.move_on_after(grace):
-            await self._idle.wait()
+            await self.wait_connections_at_most(0)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
@@ -183,14 +186,12 @@ class UnixServer:
             caller = caller_for_uid(uid, self._config.admin_group, pid=pid)
             session = Session(caller, self._channel)
             self._sessions.add(session)
-            self._idle = trio.Event() if len(self._sessions) == 1 else self._idle
             try:
                 await self._run_session(stream, session)
             finally:
                 session.close()
                 self._sessions.discard(session)
-                if not self._sessions:
-                    self._idle.set()
+                self._connections_changed.unpark_all()
         finally:
             await trio.aclose_forcefully(stream)
 

@@ -1,0 +1,254 @@
+"""Shared fixtures: a real daemon on a real Unix socket, in-process or as a process.
+
+Socket paths are limited to 107 bytes, so daemons live in short directories under /tmp
+rather than in pytest's (long) tmp_path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from statusd.config import Config, load_config
+from statusd.daemon import Daemon, run
+from statusd.protocol import jsonrpc
+from statusd.protocol.framing import LineDecoder
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))
+    # Other uids (the per-user tests) must be able to reach the socket inside.
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_config(directory: Path, **overrides: Any) -> Config:
+    flags = {"socket": str(directory / "statusd.sock"), "state_dir": str(directory / "state")}
+    environ = {"HOME": str(directory), "XDG_CONFIG_HOME": str(directory / "config")}
+    config = load_config(flags, environ, os.getuid())
+    return attrs.evolve(config, **overrides)
+
+
+@pytest.fixture
+async def daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Daemon]:
+    handle: Daemon = await nursery.start(run, make_config(short_tmp))
+    yield handle
+    handle.request_stop()
+    await handle.wait_stopped()
+
+
+class RawClient:
+    """A deliberately dumb client: bytes out, JSON lines in. Tests use it to say exactly
+    what goes on the wire."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._decoder = LineDecoder(64 * 1024 * 1024)
+        self._lines: list[bytes] = []
+        self._next_id = 0
+
+    @classmethod
+    async def connect(cls, path: Path) -> RawClient:
+        return cls(await trio.open_unix_socket(str(path)))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> Any:
+        """The next JSON value from the daemon; raises EOFError when it closed."""
+        while not self._lines:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise EOFError("daemon closed the connection")
+            self._lines.extend(self._decoder.feed(data))
+        return json.loads(self._lines.pop(0))
+
+    async def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self._next_id += 1
+        await self.send(jsonrpc.encode_line(jsonrpc.request(method, params, self._next_id)))
+        while True:
+            message = await self.receive()
+            if message.get("id") == self._next_id:
+                return message
+
+    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        response = await self.request(method, params)
+        assert "result" in response, response
+        return response["result"]
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@pytest.fixture
+async def connect(daemon: Daemon) -> AsyncIterator[Any]:
+    clients: list[RawClient] = []
+
+    async def _connect() -> RawClient:
+        client = await RawClient.connect(daemon.config.socket)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        await trio.aclose_forcefully(client.stream)
+
+
+@attrs.define
+class DaemonProcess:
+    """statusd run as a real process, for signals, crashes and second daemons."""
+
+    directory: Path
+    socket: Path
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, HOME=str(self.directory))
+        env.pop("NOTIFY_SOCKET", None)
+        # stderr goes to a file: a pipe nobody reads would block a chatty daemon.
+        self.log = self.directory / f"statusd-{next(_LOG_NUMBERS)}.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "statusd",
+                    "--socket",
+                    str(self.socket),
+                    "--state-dir",
+                    str(self.directory / "state"),
+                    *extra,
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        if wait:
+            self.wait_ready()
+        return self.process
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"statusd exited early: {self.stderr()}")
+            if self.socket.exists() and _accepts(self.socket):
+                return
+            time.sleep(0.02)
+        raise AssertionError("statusd did not become ready")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def stderr(self) -> str:
+        assert self.log is not None
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+
+def _accepts(path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def daemon_process(short_tmp: Path) -> Iterator[Any]:
+    started: list[DaemonProcess] = []
+
+    def _make() -> DaemonProcess:
+        process = DaemonProcess(short_tmp, short_tmp / "statusd.sock")
+        started.append(process)
+        return process
+
+    yield _make
+    for process in started:
+        process.stop()
+
+
+_LOG_NUMBERS = itertools.count(1)
+NOBODY_UID = 65534
+NOBODY_GID = 65534
+
+
+def run_as_nobody(action: Any) -> Any:
+    """Run ``action()`` in a forked child that dropped to uid/gid nobody; return its
+    JSON-able result (or raise what it raised, as text).
+
+    The child never execs: the interpreter may live where nobody cannot enter.
+    """
+    if os.getuid() != 0:
+        pytest.skip(f"per-user rules need a second uid: running as uid {os.getuid()}, not root")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY_GID)
+            os.setuid(NOBODY_UID)
+            outcome = {"result": action()}
+        except BaseException as exc:
+            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+        with os.fdopen(write_end, "w") as out:
+            json.dump(outcome, out)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as source:
+        text = source.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(text)
+    if "error" in outcome:
+        raise AssertionError(f"child as nobody failed: {outcome['error']}")
+    return outcome["result"]
+
+
+def blocking_call(path: Path, method: str, params: dict[str, Any] | None = None) -> Any:
+    """One JSON-RPC request over a plain blocking socket; returns the whole response."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(jsonrpc.encode_line(jsonrpc.request(method, params, 1)))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
