@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import attrs
 import trio
@@ -19,11 +19,22 @@ import trio
 import statusd
 from statusd.channel import StatusChannel
 from statusd.config import Config
-from statusd.errors import InternalError, InvalidParams, MethodNotFound, NotFound, RpcError
+from statusd.errors import (
+    Conflict,
+    InternalError,
+    InvalidParams,
+    MethodNotFound,
+    NotFound,
+    RpcError,
+)
+from statusd.events import Streams
+from statusd.identity import Caller
 from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
 from statusd.session import Session
 from statusd.state.status import Level
+from statusd.state.tasks import TaskInfo, TaskStatus
+from statusd.tasks import Job, TaskManager
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +61,50 @@ class RecentParams:
     since: int = attrs.field(default=0, validator=_non_negative)
 
 
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise InvalidParams(attribute.name, f"must be > 0, not {value}")
+
+
 @attrs.frozen
 class SubscribeParams:
-    # With no stream named, a subscription is to the status stream.
-    status: bool = True
+    # With no stream named at all, a subscription is to the status stream.
+    status: bool | None = None
+    tasks: Literal["all"] | list[str] | None = None
+    topic: str | None = None
     since: int | None = attrs.field(default=None, validator=_non_negative)
+
+
+@attrs.frozen
+class DownloadItemParams:
+    url: str
+    filename: str | None = None
+    sha256: str | None = None
+
+
+@attrs.frozen
+class DownloadParams:
+    urls: list[str] | None = None
+    items: list[DownloadItemParams] | None = None
+    dest: str | None = None
+    name: str | None = None
+    topic: str | None = None
+    batch_size: int | None = None
+
+
+@attrs.frozen
+class TaskIdParams:
+    task_id: str
+
+
+@attrs.frozen
+class ListTasksParams:
+    status: TaskStatus | None = None
+
+
+@attrs.frozen
+class CleanupParams:
+    max_age_hours: float = attrs.field(default=24.0, validator=_positive)
 
 
 @attrs.frozen
@@ -71,10 +121,22 @@ class Method:
     handler: Handler
 
 
+class DownloadService(Protocol):
+    """Turns checked ``tasks.download`` params into a task's spec and job (downloads.py)."""
+
+    def prepare(self, params: DownloadParams, caller: Caller) -> tuple[str, int, dict[str, Any]]:
+        """(task name, item count, spec); raises InvalidParams/Forbidden."""
+        ...
+
+    def job(self, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> Job: ...
+
+
 @attrs.define
 class Api:
     config: Config
-    channel: StatusChannel
+    streams: Streams
+    tasks: TaskManager
+    downloads: DownloadService | None = None
     started_at: datetime = attrs.Factory(lambda: datetime.now(UTC))
     _started_clock: float = attrs.Factory(trio.current_time)
     _methods: dict[str, Method] = attrs.field(init=False)
@@ -86,7 +148,17 @@ class Api:
             "status.recent": Method(RecentParams, self.status_recent),
             "subscribe": Method(SubscribeParams, self.subscribe),
             "unsubscribe": Method(UnsubscribeParams, self.unsubscribe),
+            "tasks.download": Method(DownloadParams, self.tasks_download),
+            "tasks.get": Method(TaskIdParams, self.tasks_get),
+            "tasks.list": Method(ListTasksParams, self.tasks_list),
+            "tasks.cancel": Method(TaskIdParams, self.tasks_cancel),
+            "tasks.summary": Method(NoParams, self.tasks_summary),
+            "tasks.cleanup": Method(CleanupParams, self.tasks_cleanup),
         }
+
+    @property
+    def channel(self) -> StatusChannel:
+        return self.streams.status
 
     @property
     def method_names(self) -> list[str]:
@@ -148,7 +220,7 @@ class Api:
             "admin": caller.admin,
             "socket": str(self.config.socket),
             "websocket": f"{websocket[0]}:{websocket[1]}" if websocket else None,
-            "tasks": _empty_summary(),
+            "tasks": self._summary(caller),
             "status_seq": self.channel.last_seq,
         }
 
@@ -163,9 +235,20 @@ class Api:
         return {"messages": unstructure(messages), "dropped": dropped}
 
     async def subscribe(self, session: Session, params: SubscribeParams) -> dict[str, Any]:
-        if not params.status:
+        tasks: str | frozenset[str] | None = None
+        if isinstance(params.tasks, list):
+            for task_id in params.tasks:
+                self._visible_task(session.caller, task_id, field="tasks")
+            tasks = frozenset(params.tasks)
+        elif params.tasks == "all":
+            tasks = "all"
+        streams_named = tasks is not None or params.topic is not None
+        status = params.status if params.status is not None else not streams_named
+        if not (status or streams_named):
             raise InvalidParams("status", "a subscription needs at least one stream")
-        subscription = session.subscribe(status=params.status, since=params.since)
+        subscription = session.subscribe(
+            status=status, since=params.since, tasks=tasks, topic=params.topic
+        )
         return {"subscription": subscription.id}
 
     async def unsubscribe(self, session: Session, params: UnsubscribeParams) -> dict[str, Any]:
@@ -173,7 +256,64 @@ class Api:
             raise NotFound(f"subscription {params.subscription!r} not found")
         return {"success": True}
 
+    # -- tasks -----------------------------------------------------------------------------
 
-def _empty_summary() -> dict[str, int]:
-    # Task tracking arrives with its own issue; the shape is already the contract's.
-    return dict.fromkeys(("total", "pending", "running", "completed", "failed", "cancelled"), 0)
+    def _visible_task(self, caller: Caller, task_id: str, field: str = "task_id") -> TaskInfo:
+        task = self.tasks.get_task(task_id)
+        # Someone else's task is "not found", not "forbidden": ids are not to be probed.
+        if task is None or not task.visible_to(caller.username, caller.admin):
+            raise NotFound(f"task {task_id!r} not found", {"field": field, "task_id": task_id})
+        return task
+
+    def _visible_tasks(self, caller: Caller, status: TaskStatus | None = None) -> list[TaskInfo]:
+        return [
+            task
+            for task in self.tasks.list_tasks(status)
+            if task.visible_to(caller.username, caller.admin)
+        ]
+
+    def _summary(self, caller: Caller) -> dict[str, int]:
+        return self.tasks.get_task_summary(self._visible_tasks(caller))
+
+    async def tasks_download(self, session: Session, params: DownloadParams) -> dict[str, Any]:
+        if self.downloads is None:
+            raise InternalError("downloads are not available")
+        name, count, spec = self.downloads.prepare(params, session.caller)
+        task_id = await self.tasks.create_task(
+            name,
+            count,
+            {"dest": spec["dest"], "batch_size": spec["batch_size"]},
+            kind="download",
+            owner=session.caller.username,
+            topic=params.topic,
+            spec=spec,
+        )
+        self.tasks.run_task(task_id, self.downloads.job(spec, []))
+        return {"task_id": task_id}
+
+    async def tasks_get(self, session: Session, params: TaskIdParams) -> Any:
+        return unstructure(self._visible_task(session.caller, params.task_id))
+
+    async def tasks_list(self, session: Session, params: ListTasksParams) -> dict[str, Any]:
+        return {
+            "tasks": unstructure(self._visible_tasks(session.caller, params.status)),
+            "summary": self._summary(session.caller),
+        }
+
+    async def tasks_cancel(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
+        task = self._visible_task(session.caller, params.task_id)
+        if not await self.tasks.cancel_task(task.id):
+            raise Conflict(
+                f"task {task.id} is already {task.status.value}",
+                {"task_id": task.id, "status": task.status.value},
+            )
+        return {"cancelled": True}
+
+    async def tasks_summary(self, session: Session, _params: NoParams) -> dict[str, int]:
+        return self._summary(session.caller)
+
+    async def tasks_cleanup(self, session: Session, params: CleanupParams) -> dict[str, Any]:
+        # A user clears their own finished tasks; an admin everyone's.
+        owner = None if session.caller.admin else session.caller.username
+        removed = await self.tasks.cleanup_old_tasks(params.max_age_hours, owner=owner)
+        return {"removed": removed}

@@ -31,6 +31,7 @@ DEFAULT_SOCKET_MODE = 0o660
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_STATUS_HISTORY = 100
+DEFAULT_MAX_RUNNING_TASKS = 3
 MAX_STATUS_HISTORY = MAX_CAPACITY
 # Linux's sun_path holds 108 bytes including the terminating NUL; a longer path fails at bind()
 # with an unhelpful error, so it is refused here with the key named.
@@ -53,6 +54,18 @@ class WebSocketConfig:
 
 
 @attrs.frozen
+class DownloadsConfig:
+    """How download tasks fetch: batching, parallelism, retries, limits."""
+
+    batch_size: int = 10
+    parallel_items: int = 4  # items of one task fetched at once
+    max_attempts: int = 5  # per item, counting the first
+    max_file_bytes: int = 0  # 0: no cap
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0  # seconds without a byte before an attempt fails
+
+
+@attrs.frozen
 class Config:
     """The effective configuration, every value checked."""
 
@@ -68,6 +81,8 @@ class Config:
     websocket: WebSocketConfig
     config_file: Path | None  # the TOML file actually read; None when none was
     socket_is_default: bool  # the daemon may create the default socket's parent directory
+    max_running_tasks: int = DEFAULT_MAX_RUNNING_TASKS
+    downloads: DownloadsConfig = DownloadsConfig()
 
 
 # --- defaults ---------------------------------------------------------------------------------
@@ -240,6 +255,19 @@ def _integer(low: int, high: int | None = None) -> Callable[[object, _Context], 
     return parse
 
 
+def _seconds(value: object, context: _Context) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+        raise _BadValue(f"must be a number of seconds from 0 to 86400, not {_show(value)}")
+    return float(value)
+
+
+def _number_text(text: str) -> object:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _log_level(value: object, context: _Context) -> str:
     if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
         raise _BadValue(f"must be one of {', '.join(LOG_LEVELS)}, not {_show(value)}")
@@ -350,10 +378,18 @@ _KEYS = (
     _Key("max_connections", _integer(1), _integer_text),
     _Key("log_level", _log_level),
     _Key("status_history", _integer(1, MAX_STATUS_HISTORY), _integer_text),
+    _Key("max_running_tasks", _integer(1, 64), _integer_text),
+    _Key("downloads.batch_size", _integer(1, 1000), _integer_text),
+    _Key("downloads.parallel_items", _integer(1, 64), _integer_text),
+    _Key("downloads.max_attempts", _integer(1, 100), _integer_text),
+    _Key("downloads.max_file_bytes", _integer(0), _integer_text),
+    _Key("downloads.connect_timeout", _seconds, _number_text),
+    _Key("downloads.read_timeout", _seconds, _number_text),
     _Key("websocket.listen", _listen, flag_override="--websocket"),
     _Key("websocket.allowed_origins", _origins, _comma_list),
 )
 _KEYS_BY_NAME = {key.name: key for key in _KEYS}
+_TABLES = {key.name.partition(".")[0] for key in _KEYS if "." in key.name}
 _KEYS_BY_FIELD = {key.field: key for key in _KEYS}
 _KNOWN_ENV = {key.env for key in _KEYS} | {CONFIG_ENV}
 _CONFIG_KEY = _Key("config", _path)
@@ -495,10 +531,10 @@ def _flatten(table: Mapping[str, Any], path: Path) -> dict[str, object]:
     """Keys as in ``_KEYS`` ("websocket.listen"); an unknown one is an error naming it."""
     flat: dict[str, object] = {}
     for name, value in table.items():
-        if name == "websocket" and isinstance(value, dict):
-            flat.update({f"websocket.{sub}": subvalue for sub, subvalue in value.items()})
-        elif name == "websocket":
-            raise ConfigError("websocket", f"must be a table, not {_show(value)}", str(path))
+        if name in _TABLES and isinstance(value, dict):
+            flat.update({f"{name}.{sub}": subvalue for sub, subvalue in value.items()})
+        elif name in _TABLES:
+            raise ConfigError(name, f"must be a table, not {_show(value)}", str(path))
         else:
             flat[name] = value
     for name in flat:
@@ -535,6 +571,14 @@ def _assemble(
         ),
         config_file=config_file,
         socket_is_default=socket_is_default,
+        max_running_tasks=values.get("max_running_tasks", DEFAULT_MAX_RUNNING_TASKS),
+        downloads=DownloadsConfig(
+            **{
+                key.partition(".")[2]: value
+                for key, value in values.items()
+                if key.startswith("downloads.")
+            }
+        ),
     )
 
 
@@ -571,10 +615,17 @@ def render_config(config: Config) -> str:
         f"max_connections = {config.max_connections}",
         f"log_level = {_toml_string(config.log_level)}",
         f"status_history = {config.status_history}",
+        f"max_running_tasks = {config.max_running_tasks}",
         "",
         "[websocket]",
         _optional("listen", _format_listen(websocket.listen), "the WebSocket listener is off"),
         f"allowed_origins = [{', '.join(map(_toml_string, websocket.allowed_origins))}]",
+        "",
+        "[downloads]",
+        *(
+            f"{field.name} = {getattr(config.downloads, field.name)!r}"
+            for field in attrs.fields(DownloadsConfig)
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -21,8 +21,10 @@ from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
 from statusd.errors import StartupError
+from statusd.events import Streams
 from statusd.state.status import Level
 from statusd.systemd import Notifier
+from statusd.tasks import TaskManager
 from statusd.transports.unix import UnixServer
 
 log = logging.getLogger(__name__)
@@ -35,11 +37,16 @@ class Daemon:
     """What ``run`` hands to whoever started it: the running parts and a stop button."""
 
     config: Config
-    channel: StatusChannel
+    streams: Streams
+    tasks: TaskManager
     api: Api
     unix: UnixServer
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def channel(self) -> StatusChannel:
+        return self.streams.status
 
     @property
     def stop_requested(self) -> bool:
@@ -58,15 +65,25 @@ class Daemon:
 async def run(
     config: Config, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    channel = StatusChannel(config.status_history)
+    streams = Streams(StatusChannel(config.status_history))
+    channel = streams.status
     if config.config_file is not None:
         channel.publish_status(Level.INFO, "Configuration loaded from file")
-    api = Api(config, channel)
+    downloads = None
+    tasks = TaskManager(
+        channel,
+        streams.tasks,
+        journal_path=config.state_dir / "tasks.jsonl",
+        factories={},
+        max_running=config.max_running_tasks,
+    )
+    api = Api(config, streams, tasks, downloads)
     notifier = Notifier()
     async with trio.open_nursery() as nursery:
-        unix = UnixServer(config, api, channel)
+        await nursery.start(tasks.serve)
+        unix = UnixServer(config, api, streams)
         await nursery.start(unix.serve)
-        daemon = Daemon(config, channel, api, unix)
+        daemon = Daemon(config, streams, tasks, api, unix)
         channel.publish_status(Level.INFO, "System ready")
         notifier.ready("ready")
         log.info("statusd ready (pid %d, socket %s)", os.getpid(), config.socket)

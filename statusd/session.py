@@ -20,9 +20,10 @@ from collections import deque
 import attrs
 import trio
 
-from statusd.channel import StatusChannel
+from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.protocol import jsonrpc
+from statusd.state.tasks import TaskInfo
 
 DEFAULT_MAX_PUSHES = 1000
 DEFAULT_MAX_PENDING_REPLIES = 256
@@ -33,7 +34,21 @@ _subscription_ids = itertools.count(1)
 @attrs.frozen
 class Subscription:
     id: str
-    status: bool
+    status: bool = False
+    # "all", a set of task ids, or None for no task stream (a topic may still match).
+    tasks: str | frozenset[str] | None = None
+    topic: str | None = None
+
+    @property
+    def wants_tasks(self) -> bool:
+        return self.tasks is not None or self.topic is not None
+
+    def matches(self, task: TaskInfo) -> bool:
+        if self.tasks == "all":
+            return True
+        if isinstance(self.tasks, frozenset) and task.id in self.tasks:
+            return True
+        return self.topic is not None and task.topic == self.topic
 
 
 @attrs.frozen
@@ -48,7 +63,7 @@ class Session:
     def __init__(
         self,
         caller: Caller,
-        channel: StatusChannel,
+        streams: Streams,
         *,
         transport: str = "unix",
         max_pushes: int = DEFAULT_MAX_PUSHES,
@@ -60,7 +75,8 @@ class Session:
             raise ValueError(f"max_pending_replies must be >= 1, not {max_pending_replies}")
         self.caller = caller
         self.transport = transport
-        self._channel = channel
+        self._streams = streams
+        self._channel = streams.status
         self._max_pending_replies = max_pending_replies
         self._replies: deque[bytes] = deque()
         self._pushes: deque[tuple[str, bytes]] = deque(maxlen=max_pushes)
@@ -89,9 +105,20 @@ class Session:
 
     # -- subscriptions ---------------------------------------------------------------------
 
-    def subscribe(self, *, status: bool, since: int | None = None) -> Subscription:
-        subscription = Subscription(f"sub-{next(_subscription_ids)}", status=status)
+    def subscribe(
+        self,
+        *,
+        status: bool = False,
+        since: int | None = None,
+        tasks: str | frozenset[str] | None = None,
+        topic: str | None = None,
+    ) -> Subscription:
+        subscription = Subscription(
+            f"sub-{next(_subscription_ids)}", status=status, tasks=tasks, topic=topic
+        )
         self._subscriptions[subscription.id] = subscription
+        if subscription.wants_tasks:
+            self._streams.tasks.add(self)
         if status:
             start = self._channel.last_seq if since is None else since
             # Already streaming: keep the cursor, so no message is ever sent twice.
@@ -107,7 +134,14 @@ class Session:
             return False
         if subscription.status and not any(s.status for s in self._subscriptions.values()):
             self._stop_status()
+        if not any(s.wants_tasks for s in self._subscriptions.values()):
+            self._streams.tasks.discard(self)
         return True
+
+    def wants_task(self, task: TaskInfo) -> bool:
+        if not task.visible_to(self.caller.username, self.caller.admin):
+            return False
+        return any(s.matches(task) for s in self._subscriptions.values())
 
     def _stop_status(self) -> None:
         if self._status_cursor is not None:
@@ -177,6 +211,7 @@ class Session:
         if self._status_cursor is not None:
             self._channel.unwatch(self._wake)
         self._subscriptions.clear()
+        self._streams.tasks.discard(self)
         self._work.set()
         self._room.set()
 

@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from statusd.channel import StatusChannel
+from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.session import Session
 from statusd.state.status import Level, truncate_message
@@ -70,7 +71,7 @@ def test_since_from_an_earlier_daemon_gets_everything_held() -> None:
 
 def test_session_streams_status_in_order_with_drop_notice() -> None:
     channel = StatusChannel(10)
-    session = Session(CALLER, channel)
+    session = Session(CALLER, Streams(channel))
     session.subscribe(status=True)
     for n in range(25):
         channel.publish_status(Level.INFO, f"m{n}")
@@ -87,7 +88,7 @@ def test_session_streams_status_in_order_with_drop_notice() -> None:
 
 def test_replies_come_before_pushes_and_are_never_dropped() -> None:
     channel = StatusChannel(2)
-    session = Session(CALLER, channel, max_pushes=2)
+    session = Session(CALLER, Streams(channel), max_pushes=2)
     session.subscribe(status=True)
     for n in range(5):
         channel.publish_status(Level.INFO, f"m{n}")
@@ -106,7 +107,7 @@ def test_subscribe_since_replays_and_unsubscribe_stops() -> None:
     channel = StatusChannel()
     for n in range(3):
         channel.publish_status(Level.INFO, f"m{n}")
-    session = Session(CALLER, channel)
+    session = Session(CALLER, Streams(channel))
     subscription = session.subscribe(status=True, since=1)
     assert [p["params"]["message"] for p in decode(session.take_pending())] == ["m1", "m2"]
     assert session.unsubscribe(subscription.id)
@@ -118,7 +119,7 @@ def test_subscribe_since_replays_and_unsubscribe_stops() -> None:
 
 async def test_writer_wakes_on_publish_without_polling() -> None:
     channel = StatusChannel()
-    session = Session(CALLER, channel)
+    session = Session(CALLER, Streams(channel))
     session.subscribe(status=True)
     received: list[bytes] = []
 
@@ -135,7 +136,7 @@ async def test_writer_wakes_on_publish_without_polling() -> None:
 
 
 async def test_reader_pauses_while_replies_are_unsent() -> None:
-    session = Session(CALLER, StatusChannel(), max_pending_replies=2)
+    session = Session(CALLER, Streams(StatusChannel()), max_pending_replies=2)
     session.add_reply(b"1\n")
     session.add_reply(b"2\n")
     resumed = False

@@ -21,9 +21,9 @@ from pathlib import Path
 import trio
 
 from statusd.api import Api
-from statusd.channel import StatusChannel
 from statusd.config import Config
 from statusd.errors import Busy, InvalidRequest, StartupError
+from statusd.events import Streams
 from statusd.identity import caller_for_uid
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
@@ -114,10 +114,10 @@ async def bind_unix_socket(config: Config) -> tuple[trio.socket.SocketType, os.s
 
 
 class UnixServer:
-    def __init__(self, config: Config, api: Api, channel: StatusChannel) -> None:
+    def __init__(self, config: Config, api: Api, streams: Streams) -> None:
         self._config = config
         self._api = api
-        self._channel = channel
+        self._streams = streams
         self._sessions: set[Session] = set()
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -184,7 +184,7 @@ class UnixServer:
                 return
             pid, uid, _gid = peer_credentials(stream.socket)
             caller = caller_for_uid(uid, self._config.admin_group, pid=pid)
-            session = Session(caller, self._channel)
+            session = Session(caller, self._streams)
             self._sessions.add(session)
             try:
                 await self._run_session(stream, session)

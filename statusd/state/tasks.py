@@ -1,0 +1,125 @@
+"""Tasks: the one state machine, the task record, and the seed's ``job_update`` shape.
+
+Pure. ``pending -> running -> completed | failed | cancelled``; a pending task may also be
+cancelled (or fail before it starts), and a running task goes back to pending only when the
+daemon stopped under it and it is queued again on the next start. Everything else is
+refused with ``IllegalTransition``, so no caller can, say, revive a finished task.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+import attrs
+
+
+class TaskStatus(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.PENDING: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
+    TaskStatus.RUNNING: frozenset(
+        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.PENDING}
+    ),
+    TaskStatus.COMPLETED: frozenset(),
+    TaskStatus.FAILED: frozenset(),
+    TaskStatus.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, current: TaskStatus, new: TaskStatus) -> None:
+        super().__init__(f"a {current.value} task cannot become {new.value}")
+        self.current = current
+        self.new = new
+
+
+def check_transition(current: TaskStatus, new: TaskStatus) -> None:
+    if new not in TRANSITIONS[current]:
+        raise IllegalTransition(current, new)
+
+
+@attrs.define
+class TaskInfo:
+    """A task as clients see it (CONTRACT.md, TaskInfo)."""
+
+    id: str
+    name: str
+    kind: str
+    owner: str
+    status: TaskStatus
+    created_at: datetime
+    topic: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    progress: float = 0.0
+    total_items: int = 0
+    processed_items: int = 0
+    current_item: str | None = None
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    metadata: dict[str, Any] = attrs.Factory(dict)
+
+    def move_to(self, new: TaskStatus, at: datetime) -> None:
+        check_transition(self.status, new)
+        self.status = new
+        if new is TaskStatus.RUNNING:
+            self.started_at = at
+        elif new is TaskStatus.PENDING:
+            self.started_at = None
+        elif new.finished:
+            self.completed_at = at
+            self.current_item = None
+            if new is TaskStatus.COMPLETED:
+                self.progress = 100.0
+
+    def update_progress(self, processed: int, current: str | None = None) -> None:
+        """The seed's progress callback: items done so far and the one being worked on."""
+        self.processed_items = processed
+        self.current_item = current
+        if self.total_items > 0:
+            self.progress = round(min(processed, self.total_items) / self.total_items * 100, 2)
+
+    def visible_to(self, username: str, admin: bool) -> bool:
+        return admin or self.owner == username
+
+
+JOB_UPDATE_STATUSES = ("progress", "batch_update", "completed", "error", "cancelled")
+
+
+def job_update(
+    task: TaskInfo, status: str, timestamp: str, message: str, **extra: Any
+) -> dict[str, Any]:
+    """The seed's WebSocket ``job_update`` message for ``task``."""
+    update: dict[str, Any] = {
+        "type": "job_update",
+        "job_id": task.id,
+        "timestamp": timestamp,
+        "status": status,
+        "task_status": task.status.value,
+        "progress": task.progress,
+        "processed": task.processed_items,
+        "total": task.total_items,
+        "message": message,
+        "current_item": task.current_item,
+        "bytes_done": task.bytes_done,
+        "bytes_total": task.bytes_total,
+        "topic": task.topic,
+    }
+    update.update(extra)
+    return update
