@@ -69,4 +69,5 @@ def main(argv: list[str] | None = None) -> int:
     from statusd import daemon, logs
 
     logs.setup_logging(config.log_level)
-    return daemon.serve(config)
+    # SIGHUP re-reads the configuration from the same flags, environment and file.
+    return daemon.serve(config, reload=lambda: load_config(flags))

@@ -4,7 +4,10 @@
 socket server and reports readiness only once the socket accepts connections. It returns
 after an orderly stop: publish "Stopping operations...", stop accepting and remove the
 socket file, give clients ``SHUTDOWN_GRACE`` seconds to receive what is queued, cancel.
-``serve(config)`` is the command's entry: signals in, exit status out.
+``serve(config, reload)`` is the command's entry: signals in, exit status out; SIGHUP
+re-reads the configuration through ``reload`` and applies what can change live.
+Under systemd the daemon reports readiness, status, reloads and stopping (sd_notify),
+pings the watchdog from its own event loop, and serves on a socket systemd passed.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import attrs
 import trio
@@ -20,10 +24,16 @@ import trio
 from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
-from statusd.errors import StartupError
+from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
 from statusd.state.status import Level
-from statusd.systemd import Notifier
+from statusd.systemd import (
+    Notifier,
+    listen_sockets,
+    report_status,
+    send_watchdog_pings,
+    watchdog_timeout,
+)
 from statusd.tasks import TaskManager
 from statusd.transports.unix import UnixServer
 
@@ -43,6 +53,7 @@ class Daemon:
     unix: UnixServer
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
+    notifier: Notifier = attrs.Factory(Notifier)
 
     @property
     def channel(self) -> StatusChannel:
@@ -60,6 +71,86 @@ class Daemon:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # -- systemd: status line and reload (issue 6) -----------------------------------------
+
+    def status_line(self) -> str:
+        """The short live summary systemd shows as the service's status."""
+        if self.stop_requested:
+            return "stopping"
+        tasks = self.tasks.statistics()
+        watchers = self.channel.statistics().watchers
+        return (
+            f"tasks: {tasks['running']} running, {tasks['queued']} pending; "
+            f"clients: {self.unix.connections}; "
+            f"subscribers: {watchers} status, {self.streams.tasks.subscribers} tasks"
+        )
+
+    async def reload(self, load: Callable[[], Config]) -> bool:
+        """Re-read the configuration with ``load`` and apply what can change while running.
+
+        A configuration that does not load changes nothing and is logged; settings that
+        only take effect at start-up are logged as needing a restart. Either way systemd
+        hears RELOADING=1 first and READY=1 at the end.
+        """
+        self.notifier.reloading()
+        log.info("reloading the configuration")
+        try:
+            new = await trio.to_thread.run_sync(load)
+        except ConfigError as exc:
+            problem = " ".join(str(exc).splitlines())
+            log.error("reload failed, keeping the current configuration: %s", problem)
+            self.channel.publish_status(Level.ERROR, f"Configuration reload failed: {problem}")
+            self.notifier.ready(self.status_line())
+            return False
+        except Exception:
+            log.exception("reload failed, keeping the current configuration")
+            self.channel.publish_status(Level.ERROR, "Configuration reload failed")
+            self.notifier.ready(self.status_line())
+            return False
+        effective, restart = _reloaded(self.config, new)
+        for name, (before, after) in _changes(self.config, effective).items():
+            log.info("%s changed: %s -> %s", name, before, after)
+        for name in restart:
+            log.warning("%s changed: needs a restart", name)
+        logging.getLogger().setLevel(effective.log_level.upper())
+        self.unix.max_connections = effective.max_connections
+        self.tasks.max_running = effective.max_running_tasks
+        # The WebSocket server reads allowed_origins from here at each handshake.
+        self.config = effective
+        self.channel.publish_status(Level.INFO, "Configuration reloaded")
+        self.notifier.ready(self.status_line())
+        return True
+
+
+def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """What the daemon runs with after a reload: ``new``'s live settings on top of ``old``,
+    and the names of the settings that changed but take a restart."""
+    effective = attrs.evolve(
+        old,
+        log_level=new.log_level,
+        max_connections=new.max_connections,
+        max_running_tasks=new.max_running_tasks,
+        websocket=attrs.evolve(old.websocket, allowed_origins=new.websocket.allowed_origins),
+        config_file=new.config_file,
+    )
+    return effective, list(_changes(effective, new))
+
+
+def _changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"websocket.listen": (before, after), ...}`` for every setting that differs."""
+    before, after = _flatten(attrs.asdict(old)), _flatten(attrs.asdict(new))
+    return {name: (before[name], after[name]) for name in before if before[name] != after[name]}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 async def run(
@@ -79,19 +170,26 @@ async def run(
     )
     api = Api(config, streams, tasks, downloads)
     notifier = Notifier()
+    # Socket activation; the WebSocket server is to take passed.websocket when it exists.
+    passed = listen_sockets()
     async with trio.open_nursery() as nursery:
         await nursery.start(tasks.serve)
         unix = UnixServer(config, api, streams)
-        await nursery.start(unix.serve)
-        daemon = Daemon(config, streams, tasks, api, unix)
+        await nursery.start(unix.serve, passed.unix)
+        daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier)
         channel.publish_status(Level.INFO, "System ready")
-        notifier.ready("ready")
+        notifier.ready(daemon.status_line())
+        if notifier.enabled:
+            nursery.start_soon(report_status, notifier, daemon.status_line)
+            watchdog = watchdog_timeout()
+            if watchdog is not None:
+                nursery.start_soon(send_watchdog_pings, notifier, watchdog)
         log.info("statusd ready (pid %d, socket %s)", os.getpid(), config.socket)
         task_status.started(daemon)
 
         await daemon.wait_stop_requested()
         log.info("stopping")
-        notifier.stopping()
+        notifier.stopping(daemon.status_line())
         channel.publish_status(Level.WARNING, "Stopping operations...")
         await unix.shutdown(grace=SHUTDOWN_GRACE)
         nursery.cancel_scope.cancel()
@@ -100,10 +198,18 @@ async def run(
 
 
 async def _watch_signals(
-    signals: AsyncIterator[int], daemon: Daemon, scope: trio.CancelScope
+    signals: AsyncIterator[int],
+    daemon: Daemon,
+    scope: trio.CancelScope,
+    reload: Callable[[], Config],
 ) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            if not daemon.stop_requested:
+                log.info("%s received", name)
+                await daemon.reload(reload)
+            continue
         if daemon.stop_requested:
             log.warning("%s again: stopping at once", name)
             scope.cancel()
@@ -112,12 +218,13 @@ async def _watch_signals(
         daemon.request_stop()
 
 
-async def _main(config: Config) -> None:
-    # The receiver is installed before anything starts, so an early SIGTERM is not lost.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _main(config: Config, reload: Callable[[], Config]) -> None:
+    # The receiver is installed before anything starts, so an early SIGTERM is not lost
+    # (and an early SIGHUP does not kill the daemon, its default action).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             daemon: Daemon = await nursery.start(run, config)
-            nursery.start_soon(_watch_signals, signals, daemon, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, signals, daemon, nursery.cancel_scope, reload)
             await daemon.wait_stopped()
             nursery.cancel_scope.cancel()
 
@@ -129,11 +236,16 @@ def _leaves(group: BaseExceptionGroup[StartupError]) -> list[BaseException]:
     return leaves
 
 
-def serve(config: Config) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit status."""
+def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit status.
+
+    On SIGHUP ``reload()`` builds the configuration afresh (the command passes one that
+    reads the same flags, environment and file again); without it SIGHUP re-applies
+    ``config``.
+    """
     failed = False
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, reload or (lambda: config))
     except* StartupError as group:
         for error in _leaves(group):
             log.error("%s", error)

@@ -26,11 +26,14 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITIES.get(record.levelno, 6)
         text = super().format(record)
-        # Continuation lines (tracebacks) keep the priority, or journald files them as info.
-        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+        # Continuation lines (tracebacks) keep the priority, or journald files them as info;
+        # an empty message still gets its prefix.
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
 
 
 def stderr_is_journal(stream: TextIO = sys.stderr, environ: Mapping[str, str] = os.environ) -> bool:
+    """True when ``stream`` is the journal stream systemd connected (``JOURNAL_STREAM`` is
+    its ``device:inode``); a redirected stderr under systemd is not."""
     value = environ.get("JOURNAL_STREAM", "")
     device, _, inode = value.partition(":")
     if not (device.isdigit() and inode.isdigit()):
@@ -43,6 +46,8 @@ def stderr_is_journal(stream: TextIO = sys.stderr, environ: Mapping[str, str] = 
 
 
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    """One handler on the root logger: journald's format when ``stream`` (stderr by
+    default) is the journal, else timestamped lines for a terminal or a file."""
     stream = sys.stderr if stream is None else stream
     handler = logging.StreamHandler(stream)
     if stderr_is_journal(stream):

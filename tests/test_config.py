@@ -731,7 +731,7 @@ def test_main_sets_up_logging_and_returns_what_serve_returns(
     fake_logs.setup_logging = calls.append  # type: ignore[attr-defined]
     fake_daemon = types.ModuleType("statusd.daemon")
 
-    def serve(config: Config) -> int:
+    def serve(config: Config, reload: object = None) -> int:
         calls.append(config)
         return 3
 

@@ -83,7 +83,17 @@ async def _remove_stale_socket(path: Path) -> None:
     await trio.Path(path).unlink(missing_ok=True)
 
 
-async def bind_unix_socket(config: Config) -> tuple[trio.socket.SocketType, os.stat_result]:
+async def bind_unix_socket(
+    config: Config, passed: int | None = None
+) -> tuple[trio.socket.SocketType, os.stat_result | None]:
+    """The listening socket and the identity of the file we bound (to remove it at exit).
+
+    A socket ``passed`` by systemd (its file descriptor) is used as it is: its unit set its
+    mode and group, and systemd owns the file, so the identity is None and the file is
+    never removed.
+    """
+    if passed is not None:
+        return trio.socket.from_stdlib_socket(stdlib_socket.socket(fileno=passed)), None
     path = config.socket
     if config.socket_is_default:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -130,11 +140,17 @@ class UnixServer:
         return len(self._sessions)
 
     async def serve(
-        self, *, task_status: trio.TaskStatus[UnixServer] = trio.TASK_STATUS_IGNORED
+        self,
+        passed: int | None = None,
+        *,
+        task_status: trio.TaskStatus[UnixServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        sock, self._identity = await bind_unix_socket(self._config)
+        """Listen on ``config.socket``, or on the listening socket whose file descriptor
+        systemd ``passed`` (socket activation)."""
+        sock, self._identity = await bind_unix_socket(self._config, passed)
         listener = trio.SocketListener(sock)
-        log.info("listening on %s", self._config.socket)
+        if passed is None:
+            log.info("listening on %s", self._config.socket)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -153,7 +169,8 @@ class UnixServer:
             await self._connections_changed.park()
 
     def _unlink(self) -> None:
-        """Remove the socket file, but only if it is still the one we bound."""
+        """Remove the socket file, but only if it is still the one we bound: never one
+        that systemd passed (no identity), nor one another process put there since."""
         if self._identity is None:
             return
         path = self._config.socket

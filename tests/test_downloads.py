@@ -1,0 +1,784 @@
+"""The download engine and its HTTP client, against real (misbehaving) servers on 127.0.0.1.
+
+Timing (backoff, Retry-After) runs on trio's MockClock. Its autojump threshold is a few
+milliseconds rather than 0 because file work happens in worker threads: with threshold 0
+the clock would jump to the next deadline while a thread writes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from email.utils import formatdate
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from statusd.downloads import (
+    DownloadItem,
+    DownloadSettings,
+    ItemResult,
+    ItemState,
+    download_item,
+    download_items,
+    make_client,
+    remove_partial,
+)
+from statusd.http import HTTPClient, ProtocolError
+from tests import http_servers
+from tests.http_servers import (
+    HTTPTestServer,
+    Request,
+    Responder,
+    cut_off,
+    hang_after_head,
+    hang_before_head,
+    redirect,
+    sequence,
+    serve_data,
+    status,
+)
+
+DATA = random.Random(1).randbytes(300_000)
+BIG = random.Random(2).randbytes(6 << 20)
+FAST = DownloadSettings(backoff_initial=0.01, backoff_max=0.05, read_timeout=5.0)
+# Small buffers, so a 300 kB body goes through the writer (several buffers in flight).
+SMALL_CHUNKS = attrs.evolve(FAST, chunk_size=32 * 1024)
+JUMP = 0.005
+
+http_server = http_servers.http_server  # the fixture (the lead's conftest may import it too)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HTTPClient]:
+    async with HTTPClient() as client:
+        yield client
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    path = tmp_path / "downloads"
+    path.mkdir()
+    return path
+
+
+@attrs.define
+class Recorder:
+    """What the engine told its caller."""
+
+    states: list[ItemState] = attrs.Factory(list)
+    deltas: list[int] = attrs.Factory(list)
+    totals: set[int | None] = attrs.Factory(set)
+
+    def on_bytes(self, delta: int, total: int | None) -> None:
+        self.deltas.append(delta)
+        self.totals.add(total)
+
+    def on_state(self, state: ItemState) -> None:
+        self.states.append(attrs.evolve(state))
+
+    @property
+    def held(self) -> int:
+        return sum(self.deltas)
+
+
+async def fetch(
+    client: HTTPClient,
+    url: str,
+    dest: Path,
+    settings: DownloadSettings = FAST,
+    state: ItemState | None = None,
+    recorder: Recorder | None = None,
+    **item: Any,
+) -> ItemResult:
+    recorder = recorder or Recorder()
+    return await download_item(
+        client,
+        DownloadItem(url, **item),
+        dest,
+        settings,
+        state if state is not None else ItemState(),
+        on_bytes=recorder.on_bytes,
+        on_state=recorder.on_state,
+    )
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+# -- the good path ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings", [FAST, SMALL_CHUNKS], ids=["one-buffer", "writer"])
+async def test_download_writes_the_file_and_reports(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, settings: DownloadSettings
+) -> None:
+    url = http_server.route("/files/data.bin", serve_data(DATA))
+    recorder = Recorder()
+    state = ItemState()
+    result = await fetch(client, url, dest, settings, state, recorder)
+    assert result == ItemResult(url, str(dest / "data.bin"), len(DATA), None, None)
+    assert (dest / "data.bin").read_bytes() == DATA
+    assert listing(dest) == ["data.bin"]
+    assert state == ItemState("data.bin", '"v1"', True)
+    # The name and validator were reported before any data, then done.
+    assert recorder.states[0] == ItemState("data.bin", '"v1"', False)
+    assert recorder.states[-1] == state
+    assert recorder.held == len(DATA)
+    assert recorder.totals == {len(DATA)}
+
+
+async def test_sha256_is_checked_and_reported(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/ok.bin", serve_data(DATA))
+    digest = sha256(DATA).hexdigest()
+    result = await fetch(client, url, dest, sha256=digest)
+    assert result.error is None
+    assert result.sha256 == digest
+
+
+async def test_sha256_mismatch_removes_the_file_and_fails(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/bad.bin", serve_data(DATA))
+    wrong = "0" * 64
+    recorder = Recorder()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder, sha256=wrong)
+    assert result.error == f"sha256 mismatch: expected {wrong}, got {sha256(DATA).hexdigest()}"
+    assert result.path is None
+    assert listing(dest) == []
+    assert recorder.held == 0
+
+
+async def test_sha256_always_hashes_every_file(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/any.bin", serve_data(DATA))
+    result = await fetch(client, url, dest, attrs.evolve(SMALL_CHUNKS, sha256_always=True))
+    assert result.sha256 == sha256(DATA).hexdigest()
+
+
+async def test_large_body_takes_the_copy_free_path(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/big.bin", serve_data(BIG))
+    result = await fetch(client, url, dest, sha256=sha256(BIG).hexdigest())
+    assert result.error is None
+    assert (dest / "big.bin").read_bytes() == BIG
+    # A body read past h11 closes its connection rather than reuse it.
+    assert client.idle_connections() == 0
+
+
+async def test_chunked_body(http_server: HTTPTestServer, client: HTTPClient, dest: Path) -> None:
+    url = http_server.route("/chunked.bin", serve_data(DATA, chunked=True))
+    recorder = Recorder()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder)
+    assert result.error is None
+    assert (dest / "chunked.bin").read_bytes() == DATA
+    assert recorder.totals == {None}
+
+
+async def test_connections_are_reused(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    urls = [http_server.route(f"/f{n}.bin", serve_data(DATA[: 1000 + n])) for n in range(5)]
+    for url in urls:
+        assert (await fetch(client, url, dest)).error is None
+    assert http_server.connections == 1
+
+
+async def test_a_kept_alive_connection_closed_by_the_server_is_retried_transparently(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    async def answer_then_close(request: Request, responder: Responder) -> None:
+        await responder.send(200, [("ETag", '"x"')], b"hello")
+        await responder.close()  # without saying so: the client's idle connection is dead
+
+    first = http_server.route("/first.txt", answer_then_close)
+    second = http_server.route("/second.txt", serve_data(b"world"))
+    assert (await fetch(client, first, dest)).error is None
+    await trio.sleep(0.05)
+    assert (await fetch(client, second, dest)).error is None
+    assert (dest / "second.txt").read_bytes() == b"world"
+
+
+async def test_download_items_runs_a_list_concurrently(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    items = [
+        DownloadItem(http_server.route(f"/many/{n}.bin", serve_data(bytes([n]) * (n + 1))))
+        for n in range(20)
+    ]
+    results = await download_items(client, items, dest, FAST, concurrency=4)
+    assert [result.error for result in results] == [None] * 20
+    assert [result.url for result in results] == [item.url for item in items]
+    assert all(result.error is None for result in results)
+    assert len(listing(dest)) == 20
+    assert http_server.connections <= 4
+
+
+async def test_dest_is_created(http_server: HTTPTestServer, client: HTTPClient, dest: Path) -> None:
+    url = http_server.route("/x.bin", serve_data(b"x"))
+    result = await fetch(client, url, dest / "a" / "b")
+    assert result.path == str(dest / "a" / "b" / "x.bin")
+
+
+# -- names: never outside dest, never overwriting ------------------------------------------
+
+
+async def test_content_disposition_cannot_escape_dest(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/innocent", serve_data(b"alias rm='rm -rf /'\n", content_disposition='attachment; '
+        'filename="../../.bashrc"'),
+    )  # fmt: skip
+    result = await fetch(client, url, dest)
+    assert result.path == str(dest / "bashrc")
+    assert listing(dest) == ["bashrc"]
+    assert not (dest.parent / ".bashrc").exists()
+    assert not (dest.parent.parent / ".bashrc").exists()
+
+
+async def test_name_sources_in_order(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    disposition = "attachment; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf"
+    url = http_server.route("/get", serve_data(b"cv", content_disposition=disposition))
+    assert (await fetch(client, url, dest)).path == str(dest / "résumé.pdf")
+    assert (await fetch(client, url, dest, filename="mine.pdf")).path == str(dest / "mine.pdf")
+    plain = http_server.route("/dir/a%20file.txt", serve_data(b"a"))
+    assert (await fetch(client, plain, dest)).path == str(dest / "a file.txt")
+    root = http_server.route("/", serve_data(b"index"))
+    assert (await fetch(client, root, dest)).path == str(dest / "download")
+    unsafe = await fetch(client, url, dest, filename="../..")
+    assert unsafe.path == str(dest / "résumé.1.pdf")  # an unusable filename falls through
+
+
+async def test_an_existing_file_is_never_overwritten(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    (dest / "report.pdf").write_bytes(b"precious")
+    (dest / "report.1.pdf.part").write_bytes(b"someone else's download")
+    url = http_server.route("/report.pdf", serve_data(DATA))
+    result = await fetch(client, url, dest)
+    assert result.path == str(dest / "report.2.pdf")
+    assert (dest / "report.pdf").read_bytes() == b"precious"
+    assert (dest / "report.1.pdf.part").read_bytes() == b"someone else's download"
+
+
+async def test_same_name_at_once_gets_distinct_files(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/same.bin", serve_data(DATA))
+    results = await download_items(
+        client, [DownloadItem(url)] * 5, dest, SMALL_CHUNKS, concurrency=5
+    )
+    assert sorted(Path(result.path or "").name for result in results) == [
+        "same.1.bin", "same.2.bin", "same.3.bin", "same.4.bin", "same.bin",
+    ]  # fmt: skip
+    assert all((dest / name).read_bytes() == DATA for name in listing(dest))
+
+
+async def test_a_name_taken_while_downloading_gets_the_next_number(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    async def slow(request: Request, responder: Responder) -> None:
+        await responder.send_head(200, [("Content-Length", str(len(DATA))), ("ETag", '"v"')])
+        await responder.send_raw(DATA[:1000])
+        (dest / "late.bin").write_bytes(b"arrived meanwhile")  # the name is taken now
+        await responder.send_raw(DATA[1000:])
+
+    url = http_server.route("/late.bin", slow)
+    recorder = Recorder()
+    result = await fetch(client, url, dest, recorder=recorder)
+    assert result.path == str(dest / "late.1.bin")
+    assert (dest / "late.bin").read_bytes() == b"arrived meanwhile"
+    assert recorder.states[-1] == ItemState("late.1.bin", '"v"', True)
+
+
+async def test_a_symlink_in_place_of_the_part_is_not_followed(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    (dest / "trap.bin.part").symlink_to(outside)
+    url = http_server.route("/trap.bin", serve_data(DATA))
+    state = ItemState(name="trap.bin", validator='"v1"')
+    result = await fetch(client, url, dest, state=state)
+    assert result.error is not None
+    assert result.error.startswith("cannot write ")
+    assert not outside.exists()
+
+
+# -- failures that are final ---------------------------------------------------------------
+
+
+async def test_404_fails_at_once(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    result = await fetch(client, http_server.url("/missing.bin"), dest)
+    assert result == ItemResult(
+        http_server.url("/missing.bin"), None, 0, None, "http 404 not found"
+    )
+    assert len(http_server.requests_for("/missing.bin")) == 1
+    assert listing(dest) == []
+
+
+async def test_size_cap_by_content_length(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/huge.bin", serve_data(DATA))
+    result = await fetch(client, url, dest, attrs.evolve(FAST, max_file_bytes=100_000))
+    assert result.error == "file exceeds the size cap of 100000 bytes"
+    assert listing(dest) == []
+
+
+async def test_size_cap_while_streaming(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/sneaky.bin", serve_data(DATA, chunked=True))
+    settings = attrs.evolve(SMALL_CHUNKS, max_file_bytes=100_000)
+    recorder = Recorder()
+    result = await fetch(client, url, dest, settings, recorder=recorder)
+    assert result.error == "file exceeds the size cap of 100000 bytes"
+    assert listing(dest) == []
+    assert recorder.held == 0
+    assert max(sum(recorder.deltas[:n]) for n in range(len(recorder.deltas))) <= 100_000 + 65536
+
+
+async def test_redirects_are_followed(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    http_server.route("/real/file.txt", serve_data(b"content"))
+    http_server.route("/step2", redirect("/real/file.txt", 301))
+    url = http_server.route("/step1", redirect(http_server.url("/step2"), 307))
+    result = await fetch(client, url, dest)
+    assert result.path == str(dest / "file.txt")  # named after where it was found
+
+
+async def test_redirect_loop(http_server: HTTPTestServer, client: HTTPClient, dest: Path) -> None:
+    url = http_server.route("/loop", redirect("/loop"))
+    result = await fetch(client, url, dest, attrs.evolve(FAST, max_redirects=10))
+    assert result.error == "too many redirects (10)"
+    assert len(http_server.requests_for("/loop")) == 11
+    assert http_server.connections == 1  # small redirect bodies are read: the connection stays
+
+
+async def test_redirect_to_another_scheme_fails(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/ftp", redirect("ftp://example.com/file"))
+    result = await fetch(client, url, dest)
+    assert result.error == (
+        "redirect to an unusable url: url scheme must be http or https, not 'ftp'"
+    )
+
+
+async def test_tls_failure_is_final(nursery: trio.Nursery, client: HTTPClient, dest: Path) -> None:
+    async def plain_http(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await nursery.start(trio.serve_tcp, plain_http, 0)
+    port = listeners[0].socket.getsockname()[1]
+    result = await fetch(client, f"https://127.0.0.1:{port}/x.bin", dest)
+    assert result.error is not None
+    assert result.error.startswith(f"tls handshake with 127.0.0.1:{port} failed: ")
+    assert "gave up" not in result.error
+
+
+async def test_item_validation() -> None:
+    with pytest.raises(ValueError, match="url scheme must be http or https, not 'ftp'"):
+        DownloadItem("ftp://host/x")
+    with pytest.raises(ValueError, match="sha256 must be 64 lowercase hex digits"):
+        DownloadItem("http://host/x", sha256="ABC")
+    with pytest.raises(ValueError, match="max_attempts must be >= 1, not 0"):
+        DownloadSettings(max_attempts=0)
+    with pytest.raises(ValueError, match="read_timeout must be > 0, not 0"):
+        DownloadSettings(read_timeout=0)
+
+
+# -- retries and their timing (MockClock) -----------------------------------------------------
+
+
+async def test_5xx_then_success_backs_off(
+    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    mock_clock.autojump_threshold = JUMP
+    url = http_server.route("/flaky.bin", sequence(status(503), status(500), serve_data(DATA)))
+    settings = DownloadSettings(backoff_initial=0.5, backoff_max=30)
+    started = trio.current_time()
+    result = await fetch(client, url, dest, settings)
+    assert result.error is None
+    assert trio.current_time() - started == pytest.approx(0.5 + 1.0, abs=0.01)
+    assert len(http_server.requests_for("/flaky.bin")) == 3
+
+
+async def test_backoff_is_capped_and_attempts_are_limited(
+    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    mock_clock.autojump_threshold = JUMP
+    url = http_server.route("/down", status(502))
+    settings = DownloadSettings(backoff_initial=1, backoff_max=3, max_attempts=5)
+    started = trio.current_time()
+    result = await fetch(client, url, dest, settings)
+    assert result.error == "http 502 bad gateway (gave up after 5 attempts)"
+    assert trio.current_time() - started == pytest.approx(1 + 2 + 3 + 3, abs=0.01)
+
+
+async def test_429_honours_retry_after_seconds(
+    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    mock_clock.autojump_threshold = JUMP
+    url = http_server.route("/busy", sequence(status(429, retry_after="7"), serve_data(DATA)))
+    started = trio.current_time()
+    result = await fetch(client, url, dest, DownloadSettings(backoff_initial=0.5))
+    assert result.error is None
+    assert trio.current_time() - started == pytest.approx(7, abs=0.01)
+
+
+async def test_503_honours_retry_after_date(
+    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    mock_clock.autojump_threshold = JUMP
+    when = formatdate(time.time() + 20, usegmt=True)
+    url = http_server.route("/later", sequence(status(503, retry_after=when), serve_data(DATA)))
+    started = trio.current_time()
+    result = await fetch(client, url, dest, DownloadSettings(backoff_initial=0.5))
+    assert result.error is None
+    assert 18 <= trio.current_time() - started <= 21
+
+
+async def test_retry_after_is_capped(
+    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    mock_clock.autojump_threshold = JUMP
+    url = http_server.route("/never", sequence(status(429, retry_after="86400"), serve_data(DATA)))
+    started = trio.current_time()
+    result = await fetch(client, url, dest, DownloadSettings(max_retry_after=60))
+    assert result.error is None
+    assert trio.current_time() - started == pytest.approx(60, abs=0.01)
+
+
+async def test_connection_refused_is_retried_then_fails(client: HTTPClient, dest: Path) -> None:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nobody listens here once it is closed
+    result = await fetch(
+        client, f"http://127.0.0.1:{port}/x", dest, attrs.evolve(FAST, max_attempts=2)
+    )
+    assert result.error == (
+        f"cannot connect to 127.0.0.1:{port}: connection refused (gave up after 2 attempts)"
+    )
+
+
+# -- resuming ----------------------------------------------------------------------------
+
+
+async def test_cut_off_body_resumes_with_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/cut.bin", sequence(cut_off(DATA, 200_000), serve_data(DATA)))
+    recorder = Recorder()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder)
+    assert result.error is None
+    assert (dest / "cut.bin").read_bytes() == DATA
+    first, second = http_server.requests_for("/cut.bin")
+    assert "range" not in first.headers
+    assert second.headers["range"] == "bytes=200000-"
+    assert second.headers["if-range"] == '"v1"'
+    assert all(delta > 0 for delta in recorder.deltas)  # nothing had to be thrown away
+
+
+async def test_cut_off_large_body_resumes(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/cut-big.bin", sequence(cut_off(BIG, 5_000_000), serve_data(BIG)))
+    result = await fetch(client, url, dest, sha256=sha256(BIG).hexdigest())
+    assert result.error is None
+    second = http_server.requests_for("/cut-big.bin")[1]
+    assert second.headers["range"] == "bytes=5000000-"
+
+
+async def test_a_server_ignoring_range_restarts_from_zero(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/norange.bin", sequence(cut_off(DATA, 100_000), serve_data(DATA, ranges="ignore"))
+    )
+    recorder = Recorder()
+    result = await fetch(
+        client, url, dest, SMALL_CHUNKS, recorder=recorder, sha256=sha256(DATA).hexdigest()
+    )
+    assert result.error is None
+    assert (dest / "norange.bin").read_bytes() == DATA
+    assert http_server.requests_for("/norange.bin")[1].headers["range"] == "bytes=100000-"
+    assert -100_000 in recorder.deltas  # the resumed bytes were taken back
+    assert recorder.held == len(DATA)
+
+
+async def test_a_206_from_the_wrong_offset_restarts_without_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/skew.bin", sequence(cut_off(DATA, 100_000), serve_data(DATA, wrong_offset=1000))
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS)
+    assert result.error is None
+    assert (dest / "skew.bin").read_bytes() == DATA
+    requests = http_server.requests_for("/skew.bin")
+    assert [request.headers.get("range") for request in requests] == [
+        None, "bytes=100000-", None,
+    ]  # fmt: skip
+
+
+async def test_a_changed_etag_restarts(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    def etag(request: Request) -> str:
+        return f'"v{request.number}"'  # a new version at every request
+
+    url = http_server.route(
+        "/moving.bin",
+        sequence(cut_off(DATA, 100_000, etag='"v1"'), serve_data(DATA, etag=etag)),
+    )
+    recorder = Recorder()
+    state = ItemState()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, state, recorder)
+    assert result.error is None
+    assert (dest / "moving.bin").read_bytes() == DATA
+    second = http_server.requests_for("/moving.bin")[1]
+    assert second.headers["if-range"] == '"v1"'  # the server answered 200 with "v2"
+    assert state.validator == '"v2"'
+
+
+async def test_a_changed_etag_in_a_206_restarts(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/liar.bin",
+        sequence(
+            cut_off(DATA, 100_000, etag='"v1"'),
+            serve_data(DATA, etag='"v2"', ranges="ignore-if-range"),
+        ),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS)
+    assert result.error is None
+    assert (dest / "liar.bin").read_bytes() == DATA
+    requests = http_server.requests_for("/liar.bin")
+    assert [request.headers.get("range") for request in requests] == [
+        None, "bytes=100000-", None,
+    ]  # fmt: skip
+
+
+async def test_without_a_validator_a_retry_starts_again(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/novalidator.bin",
+        sequence(cut_off(DATA, 100_000, etag=None), serve_data(DATA, etag=None)),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS)
+    assert result.error is None
+    assert (dest / "novalidator.bin").read_bytes() == DATA
+    assert "range" not in http_server.requests_for("/novalidator.bin")[1].headers
+
+
+async def test_last_modified_serves_as_validator(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    modified = "Tue, 01 Jan 2030 00:00:00 GMT"
+    url = http_server.route(
+        "/dated.bin",
+        sequence(
+            cut_off(DATA, 100_000, etag=None),
+            serve_data(DATA, etag=None, last_modified=modified),
+        ),
+    )
+    state = ItemState()
+    # The cut-off answer had no validator, the second has one; a third run resumes by date.
+    result = await fetch(client, url, dest, SMALL_CHUNKS, state)
+    assert result.error is None
+    assert state.validator == modified
+
+
+async def test_resume_after_a_restart(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """The daemon stops mid-download (cancel), and a new one resumes with the journalled
+    state: the data received before the stop is not fetched again."""
+    url = http_server.route(
+        "/restart.bin", sequence(hang_after_head(DATA, 150_000), serve_data(DATA))
+    )
+    recorder = Recorder()
+    with trio.move_on_after(0.5):
+        await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder)
+    journalled = recorder.states[-1]
+    assert journalled == ItemState("restart.bin", '"v1"', False)
+    assert (dest / "restart.bin.part").stat().st_size == 150_000  # in-memory data was kept
+
+    state = attrs.evolve(journalled)
+    async with make_client() as fresh:  # a new process: new connections
+        result = await fetch(fresh, url, dest, SMALL_CHUNKS, state, sha256=sha256(DATA).hexdigest())
+    assert result.error is None
+    assert (dest / "restart.bin").read_bytes() == DATA
+    assert http_server.requests_for("/restart.bin")[1].headers["range"] == "bytes=150000-"
+    assert listing(dest) == ["restart.bin"]
+
+
+async def test_a_finished_item_is_not_downloaded_again(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/done.bin", serve_data(DATA))
+    state = ItemState()
+    await fetch(client, url, dest, state=state)
+    again = await fetch(client, url, dest, state=state)
+    assert again == ItemResult(url, str(dest / "done.bin"), len(DATA), None, None)
+    assert len(http_server.requests_for("/done.bin")) == 1
+
+
+async def test_a_crash_between_link_and_unlink_is_finished(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    (dest / "half.bin.part").write_bytes(DATA)
+    os.link(dest / "half.bin.part", dest / "half.bin")
+    url = http_server.route("/half.bin", serve_data(DATA))
+    result = await fetch(client, url, dest, state=ItemState("half.bin", '"v1"'))
+    assert result.path == str(dest / "half.bin")
+    assert listing(dest) == ["half.bin"]
+    assert http_server.requests_for("/half.bin") == []
+
+
+# -- hangs and cancellation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [hang_before_head(), hang_after_head(DATA, 0), hang_after_head(DATA, 100_000)],
+    ids=["before-head", "after-head", "mid-body"],
+)
+async def test_cancel_is_prompt_while_the_server_hangs(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, handler: Any
+) -> None:
+    url = http_server.route("/hang.bin", handler)
+    started = time.monotonic()
+    with trio.move_on_after(0.3) as scope:
+        await fetch(client, url, dest)
+    assert scope.cancelled_caught
+    assert time.monotonic() - started < 1.0
+
+
+async def test_cancel_keeps_the_part_and_remove_partial_removes_it(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/stop.bin", hang_after_head(DATA, 100_000))
+    state = ItemState()
+    with trio.move_on_after(0.3):
+        await fetch(client, url, dest, SMALL_CHUNKS, state)
+    assert listing(dest) == ["stop.bin.part"]
+    assert await remove_partial(dest, state)
+    assert listing(dest) == []
+    assert not await remove_partial(dest, state)
+
+
+async def test_a_silent_server_times_out(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/silent", hang_before_head())
+    settings = attrs.evolve(FAST, read_timeout=0.1, max_attempts=2)
+    result = await fetch(client, url, dest, settings)
+    assert result.error == (
+        f"timed out after 0.1 s waiting for data from 127.0.0.1:{http_server.port}"
+        " (gave up after 2 attempts)"
+    )
+
+
+async def test_a_server_stalling_mid_body_times_out_and_the_retry_resumes(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route(
+        "/stall.bin", sequence(hang_after_head(DATA, 120_000), serve_data(DATA))
+    )
+    result = await fetch(client, url, dest, attrs.evolve(SMALL_CHUNKS, read_timeout=0.1))
+    assert result.error is None
+    assert (dest / "stall.bin").read_bytes() == DATA
+    assert http_server.requests_for("/stall.bin")[1].headers["range"] == "bytes=120000-"
+
+
+# -- the HTTP client on its own ----------------------------------------------------------------
+
+
+async def test_an_oversized_response_head_is_refused(
+    http_server: HTTPTestServer, client: HTTPClient
+) -> None:
+    async def bloated(request: Request, responder: Responder) -> None:
+        await responder.send(200, [("X-Junk", "j" * 100_000)], b"x")
+
+    url = http_server.route("/bloated", bloated)
+    small = HTTPClient(max_header_bytes=16 * 1024)
+    with pytest.raises(ProtocolError, match=r"response head from 127\.0\.0\.1:\d+ exceeds 16384"):
+        async with small.stream("GET", url):
+            pass
+    await small.aclose()
+
+
+async def test_client_streams_and_reads(http_server: HTTPTestServer, client: HTTPClient) -> None:
+    url = http_server.route("/r.bin", serve_data(DATA))
+    async with client.stream("GET", url, [("X-Test", "1")]) as response:
+        assert response.status == 200
+        assert response.headers.get("ETag") == '"v1"'
+        assert await response.read(len(DATA)) == DATA
+    request = http_server.requests_for("/r.bin")[0]
+    assert request.headers["x-test"] == "1"
+    assert request.headers["accept-encoding"] == "identity"
+    assert request.headers["user-agent"].startswith("statusd/")
+
+
+# -- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, mounted for the test and always unmounted after it."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+@pytest.mark.parametrize("size", [len(DATA) * 14, len(BIG)], ids=["4 MB", "6 MiB direct"])
+async def test_a_full_disk_fails_the_item_and_nothing_else(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, small_tmpfs: Path, size: int
+) -> None:
+    body = (DATA * 30)[:size]
+    url = http_server.route("/fat.bin", serve_data(body))
+    result = await fetch(client, url, small_tmpfs)
+    assert result.error == f"no space left on device writing {small_tmpfs / 'fat.bin.part'}"
+    assert listing(small_tmpfs) == []  # the part is gone: the space is free again
+    # ... and the engine goes on: the next download elsewhere works.
+    assert (
+        await fetch(client, http_server.route("/thin.bin", serve_data(b"ok")), dest)
+    ).error is None
