@@ -80,8 +80,12 @@ class StatusChannel:
         self._ring.append(_Entry(status, line))
         self._published += 1
         log.debug("status %s: %s", status.level.value, status.message)
-        for wake in self._watchers:
-            wake()
+        if self._watchers:
+            # One-shot: a watcher is a session parked with nothing to send; one that is
+            # busy sending re-checks before it parks, so it costs nothing per publish.
+            watchers, self._watchers = self._watchers, set()
+            for wake in watchers:
+                wake()
         return status
 
     def _after(self, seq: int) -> tuple[list[_Entry], int]:

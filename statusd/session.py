@@ -198,6 +198,8 @@ class Session:
         """Return once ``take_pending()`` has something (or the session is closing)."""
         while not self.has_pending() and not self.closing:
             self._work = trio.Event()
+            if self._status_cursor is not None:
+                self._channel.watch(self._wake)
             await self._work.wait()
 
     def _wake(self) -> None:

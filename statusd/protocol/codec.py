@@ -185,8 +185,8 @@ converter.register_structure_hook_factory(attrs.has, _attrs_hook_factory)
 
 def format_timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with milliseconds: ``2026-11-23T10:30:00.123Z``."""
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat is C code; strftime plus an f-string cost several times more per message.
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -51,6 +51,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# json.loads/json.dumps with any non-default argument build a new decoder/encoder on
+# every call; these two are built once.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def loads(raw: bytes | str) -> Any:
     """Strict JSON: UTF-8 only, and no NaN/Infinity (which JSON does not have)."""
     if isinstance(raw, bytes | bytearray):
@@ -61,7 +67,7 @@ def loads(raw: bytes | str) -> Any:
     else:
         text = raw
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
         raise ParseError(f"invalid json: {exc}") from None
 
@@ -141,4 +147,4 @@ def request(method: str, params: Mapping[str, Any] | None, request_id: RequestId
 
 def encode_line(message: Any) -> bytes:
     """One compact JSON value and a ``\\n``: the Unix socket's frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"

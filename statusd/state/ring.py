@@ -67,6 +67,13 @@ class DropOldestRing(Generic[T]):
         wanted_from = max(seq + 1, 1)
         missed = max(0, first - wanted_from)
         start = max(wanted_from, first) - first
+        count = len(self._items) - start
+        if count <= start:
+            # islice walks the deque from the left: for a reader near the head of a large
+            # ring, take the newest items from the right instead, O(count) not O(len).
+            items = list(islice(reversed(self._items), count))
+            items.reverse()
+            return items, missed
         return list(islice(self._items, start, None)), missed
 
     def __len__(self) -> int:
