@@ -12,6 +12,7 @@ pings the watchdog from its own event loop, and serves on a socket systemd passe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import trio
 from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
+from statusd.download_job import DownloadService
 from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
 from statusd.state.status import Level
@@ -160,19 +162,23 @@ async def run(
     channel = streams.status
     if config.config_file is not None:
         channel.publish_status(Level.INFO, "Configuration loaded from file")
-    downloads = None
+    downloads = DownloadService(config)
     tasks = TaskManager(
         channel,
         streams.tasks,
         journal_path=config.state_dir / "tasks.jsonl",
-        factories={},
+        factories={
+            "download": lambda _task, saved: downloads.job(saved["spec"], saved["checkpoints"])
+        },
         max_running=config.max_running_tasks,
     )
     api = Api(config, streams, tasks, downloads)
     notifier = Notifier()
     # Socket activation; the WebSocket server is to take passed.websocket when it exists.
     passed = listen_sockets()
-    async with trio.open_nursery() as nursery:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(downloads.aclose)
+        nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(tasks.serve)
         unix = UnixServer(config, api, streams)
         await nursery.start(unix.serve, passed.unix)

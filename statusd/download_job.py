@@ -1,0 +1,218 @@
+"""Download tasks: ``tasks.download`` params in, a task's spec and its ``Job`` out.
+
+The job fetches its items in batches of ``batch_size`` ("Processing batch i of n"), a few
+items at a time, with the engine in ``statusd.downloads``. Every item's state (its chosen
+name and validator) and result is checkpointed in the task journal, so after a restart
+finished items are not fetched again and partial files resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from statusd.config import Config
+from statusd.downloads import (
+    DownloadItem,
+    DownloadSettings,
+    ItemResult,
+    ItemState,
+    download_item,
+    make_client,
+    remove_partial,
+)
+from statusd.errors import Forbidden, InvalidParams
+from statusd.http import HTTPClient
+from statusd.identity import Caller
+from statusd.names import validate_url
+from statusd.protocol.codec import converter, unstructure
+from statusd.state.status import Level
+from statusd.tasks import JobFailed, Reporter
+
+if TYPE_CHECKING:
+    from statusd.api import DownloadParams
+
+MAX_ITEMS = 10_000
+
+
+class DownloadService:
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        cap = config.downloads.max_file_bytes
+        self.settings = DownloadSettings(
+            max_attempts=config.downloads.max_attempts,
+            connect_timeout=config.downloads.connect_timeout,
+            read_timeout=config.downloads.read_timeout,
+            max_file_bytes=cap or None,
+        )
+        self._client: HTTPClient | None = None
+
+    @property
+    def client(self) -> HTTPClient:
+        if self._client is None:
+            self._client = make_client(self.settings)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close idle keep-alive connections (daemon shutdown)."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    def prepare(self, params: DownloadParams, caller: Caller) -> tuple[str, int, dict[str, Any]]:
+        if (params.urls is None) == (params.items is None):
+            raise InvalidParams("urls", "give either urls or items, not both or neither")
+        raw: list[dict[str, Any]]
+        field: str
+        if params.urls is not None:
+            raw = [{"url": url} for url in params.urls]
+            field = "urls"
+        else:
+            assert params.items is not None
+            raw = [unstructure(item) for item in params.items]
+            field = "items"
+        if not raw:
+            raise InvalidParams(field, "must not be empty")
+        if len(raw) > MAX_ITEMS:
+            raise InvalidParams(field, f"must have at most {MAX_ITEMS} entries, not {len(raw)}")
+        for index, entry in enumerate(raw):
+            where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
+            try:
+                validate_url(entry["url"])
+                DownloadItem(**entry)
+            except ValueError as exc:
+                path = where if "url" in str(exc) else f"items[{index}].sha256"
+                raise InvalidParams(path, str(exc)) from None
+        batch_size = params.batch_size or self._config.downloads.batch_size
+        if not 1 <= batch_size <= 1000:
+            raise InvalidParams("batch_size", f"must be from 1 to 1000, not {batch_size}")
+        dest = self._dest(params.dest, caller)
+        name = params.name or (raw[0]["url"] if len(raw) == 1 else f"Download {len(raw)} files")
+        spec = {"items": raw, "dest": str(dest), "batch_size": batch_size}
+        return name, len(raw), spec
+
+    def _dest(self, dest: str | None, caller: Caller) -> Path:
+        root = Path(os.path.realpath(self._config.download_dir))
+        if dest is None:
+            return root
+        if "\0" in dest:
+            raise InvalidParams("dest", "must not contain NUL")
+        path = Path(os.path.realpath(root / dest))
+        if not caller.admin and not path.is_relative_to(root):
+            raise Forbidden(
+                f"dest must be inside the download directory {root}",
+                {"field": "dest", "download_dir": str(root)},
+            )
+        return path
+
+    def job(self, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> DownloadJob:
+        return DownloadJob(self, spec, checkpoints)
+
+
+@attrs.define
+class DownloadJob:
+    service: DownloadService
+    spec: dict[str, Any]
+    checkpoints: list[dict[str, Any]]
+    items: list[DownloadItem] = attrs.field(init=False)
+    states: list[ItemState] = attrs.field(init=False)
+    results: list[ItemResult | None] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
+        self.states = [ItemState() for _ in self.items]
+        self.results = [None] * len(self.items)
+        for checkpoint in self.checkpoints:
+            index = checkpoint["item"]
+            if "state" in checkpoint:
+                self.states[index] = converter.structure(checkpoint["state"], ItemState)
+            if checkpoint.get("result") is not None:
+                self.results[index] = converter.structure(checkpoint["result"], ItemResult)
+
+    @property
+    def dest(self) -> Path:
+        return Path(self.spec["dest"])
+
+    async def run(self, reporter: Reporter) -> dict[str, Any] | None:
+        await trio.to_thread.run_sync(lambda: self.dest.mkdir(parents=True, exist_ok=True))
+        reporter.status(Level.INFO, "Starting download operations...")
+        size = self.spec["batch_size"]
+        count = len(self.items)
+        batches = math.ceil(count / size)
+        limiter = trio.CapacityLimiter(self.service._config.downloads.parallel_items)
+        reporter.update_progress(self._processed())
+        async with trio.open_nursery() as checkpoints:
+            for batch in range(batches):
+                indices = [
+                    i
+                    for i in range(batch * size, min(count, (batch + 1) * size))
+                    if self.results[i] is None
+                ]
+                if not indices:
+                    continue
+                reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
+                async with trio.open_nursery() as nursery:
+                    for index in indices:
+                        nursery.start_soon(self._fetch, index, limiter, reporter, checkpoints)
+                reporter.batch_update(batch + 1, batches)
+        result = self._result()
+        if result["failed"]:
+            raise JobFailed(f"{result['failed']} of {count} items failed", result)
+        reporter.status(Level.SUCCESS, "All downloads completed successfully")
+        return result
+
+    def _processed(self) -> int:
+        return sum(result is not None for result in self.results)
+
+    async def _fetch(
+        self,
+        index: int,
+        limiter: trio.CapacityLimiter,
+        reporter: Reporter,
+        checkpoints: trio.Nursery,
+    ) -> None:
+        item = self.items[index]
+        async with limiter:
+            reporter.update_progress(self._processed(), item.url)
+
+            def on_state(state: ItemState) -> None:
+                # Journal the chosen name and validator so a restart resumes this .part.
+                checkpoints.start_soon(
+                    reporter.checkpoint, {"item": index, "state": unstructure(state)}
+                )
+
+            result = await download_item(
+                self.service.client,
+                item,
+                self.dest,
+                self.service.settings,
+                self.states[index],
+                on_bytes=lambda delta, _total: reporter.add_bytes(delta),
+                on_state=on_state,
+            )
+        self.results[index] = result
+        await reporter.checkpoint(
+            {"item": index, "state": unstructure(self.states[index]), "result": unstructure(result)}
+        )
+        if result.error:
+            reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
+        reporter.update_progress(self._processed())
+
+    def _result(self) -> dict[str, Any]:
+        items = [
+            unstructure(result) if result is not None else {"url": item.url, "error": "not run"}
+            for item, result in zip(self.items, self.results, strict=True)
+        ]
+        failed = sum(1 for entry in items if entry.get("error"))
+        return {"items": items, "completed": len(items) - failed, "failed": failed}
+
+    async def discard(self) -> None:
+        for state, result in zip(self.states, self.results, strict=True):
+            if result is None:
+                await remove_partial(self.dest, state)
