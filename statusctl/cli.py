@@ -155,6 +155,108 @@ def run_watch(context: Context, _args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _task_line(task: Mapping[str, Any]) -> str:
+    progress = f"{task.get('progress', 0):5.1f}%"
+    items = f"{task.get('processed_items', 0)}/{task.get('total_items', 0)}"
+    return f"{task['id']}  {task['status']:<9} {progress} {items:>9}  {task.get('name', '')}"
+
+
+def download_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("urls", metavar="URL", nargs="+")
+    parser.add_argument("--dest", metavar="DIR", help="inside the download directory")
+    parser.add_argument("--name", metavar="NAME", help="file name (one URL only)")
+    parser.add_argument("--topic", metavar="TOPIC")
+    parser.add_argument("--sha256", metavar="HEX", help="expected digest (one URL only)")
+    parser.add_argument("--wait", action="store_true", help="follow the task until it ends")
+
+
+def run_download(context: Context, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    if args.name is not None or args.sha256 is not None:
+        if len(args.urls) != 1:
+            context.stderr.write("statusctl: --name and --sha256 take exactly one URL\n")
+            return EXIT_USAGE
+        item: dict[str, Any] = {"url": args.urls[0]}
+        if args.name is not None:
+            item["filename"] = args.name
+        if args.sha256 is not None:
+            item["sha256"] = args.sha256
+        params["items"] = [item]
+    else:
+        params["urls"] = list(args.urls)
+    for key in ("dest", "topic"):
+        if getattr(args, key) is not None:
+            params[key] = getattr(args, key)
+    if not args.wait:
+        result = context.call("tasks.download", params)
+        context.emit(result, [result["task_id"]])
+        return EXIT_OK
+    client = context.client()
+    client.call("subscribe", {"tasks": "all", "status": False})
+    task_id = client.call("tasks.download", params)["task_id"]
+    if not context.json:
+        context.line(task_id)
+    while True:
+        push = client.next_push()
+        update = push.params if isinstance(push.params, dict) else {}
+        if push.method != "task_update" or update.get("job_id") != task_id:
+            continue
+        if not context.json:
+            context.line(f"{update.get('status')}: {update.get('message')}")
+        if update.get("status") in ("completed", "error", "cancelled"):
+            task = client.call("tasks.get", {"task_id": task_id})
+            if context.json:
+                context.line(render.to_json(task))
+            return EXIT_OK if task["status"] == "completed" else EXIT_FAILED
+
+
+def tasks_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--status", choices=("pending", "running", "completed", "failed", "cancelled")
+    )
+
+
+def run_tasks(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("tasks.list", {} if args.status is None else {"status": args.status})
+    context.emit(result, [_task_line(task) for task in result["tasks"]])
+    return EXIT_OK
+
+
+def task_id_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task_id", metavar="ID")
+
+
+def run_task(context: Context, args: argparse.Namespace) -> int:
+    task = context.call("tasks.get", {"task_id": args.task_id})
+    lines = [f"{key}: {value}" for key, value in task.items() if key != "result"]
+    for item in (task.get("result") or {}).get("items", []):
+        lines.append(f"item: {item.get('url')} -> {item.get('path')} {item.get('error') or 'ok'}")
+    context.emit(task, lines)
+    return EXIT_OK
+
+
+def run_cancel(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("tasks.cancel", {"task_id": args.task_id})
+    context.emit(result, [f"cancelled {args.task_id}"])
+    return EXIT_OK
+
+
+def run_summary(context: Context, _args: argparse.Namespace) -> int:
+    result = context.call("tasks.summary")
+    context.emit(result, [f"{key}: {value}" for key, value in result.items()])
+    return EXIT_OK
+
+
+def cleanup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-age-hours", metavar="N", type=float, default=24.0)
+
+
+def run_cleanup(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("tasks.cleanup", {"max_age_hours": args.max_age_hours})
+    context.emit(result, [f"removed {result['removed']} tasks"])
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "show the daemon's version, uptime, socket and who you are to it", run_info),
     Command("publish", "publish a status message; prints its seq", run_publish, publish_arguments),
@@ -162,6 +264,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "watch", "print status messages as they come, until Ctrl-C", run_watch, watch_arguments
     ),
+    Command("download", "download URLs as one task", run_download, download_arguments),
+    Command("tasks", "list your tasks, newest first", run_tasks, tasks_arguments),
+    Command("task", "show one task", run_task, task_id_argument),
+    Command("cancel", "cancel a pending or running task", run_cancel, task_id_argument),
+    Command("summary", "count tasks by status", run_summary),
+    Command("cleanup", "forget finished tasks older than N hours", run_cleanup, cleanup_arguments),
 )
 
 
