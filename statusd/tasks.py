@@ -108,9 +108,8 @@ class Reporter:
         return f"Processed {task.processed_items} of {task.total_items}"
 
     def batch_update(self, batch: int, batches: int, **extra: Any) -> None:
-        self._manager.publish_status(
-            Level.INFO, f"Processing batch {batch} of {batches}", self._task
-        )
+        """Push the seed's ``batch_update`` when a batch is done (the job itself says
+        "Processing batch i of n" when one starts)."""
         self._manager.push(
             self._task,
             "batch_update",

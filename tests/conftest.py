@@ -152,7 +152,7 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"statusd exited early: {self.stderr()}")
-            if self.socket.exists() and _accepts(self.socket):
+            if self.socket.exists() and accepts_connections(self.socket):
                 return
             time.sleep(0.02)
         raise AssertionError("statusd did not become ready")
@@ -175,7 +175,7 @@ class DaemonProcess:
             self.process.wait(10)
 
 
-def _accepts(path: Path) -> bool:
+def accepts_connections(path: Path) -> bool:
     import socket
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:

@@ -29,7 +29,7 @@ from statusd.config import Config, default_config_path, default_socket_path, def
 from statusd.daemon import Daemon, run
 from statusd.errors import ConfigError
 from statusd.systemd import Notifier, listen_sockets, watchdog_timeout
-from tests.conftest import RawClient, blocking_call, make_config
+from tests.conftest import RawClient, accepts_connections, blocking_call, make_config
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "systemd"
 
@@ -450,15 +450,6 @@ def start_statusd(short_tmp: Path) -> Iterator[Callable[..., Statusd]]:
             process.wait(10)
 
 
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 def test_ready_reload_and_stopping_from_the_command(
     short_tmp: Path, notify_socket: NotifyListener, start_statusd: Callable[..., Statusd]
 ) -> None:
@@ -468,7 +459,7 @@ def test_ready_reload_and_stopping_from_the_command(
 
     def check_socket(message: Message) -> None:
         if message.fields.get("READY") == "1" and not accepts_at_ready:
-            accepts_at_ready.append(_accepts(short_tmp / "statusd.sock"))
+            accepts_at_ready.append(accepts_connections(short_tmp / "statusd.sock"))
 
     notify_socket.on_message = check_socket
     statusd = start_statusd("--config", str(config_file), NOTIFY_SOCKET=notify_socket.address)
