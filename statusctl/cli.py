@@ -257,6 +257,76 @@ def run_cleanup(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def notifications_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.usage = (
+        "%(prog)s [--unread] [--limit N]\n"
+        "       %(prog)s read (ID | --all)\n"
+        "       %(prog)s delete (ID | --read)"
+    )
+    parser.add_argument("--unread", action="store_true", help="only unread notifications")
+    parser.add_argument("--limit", metavar="N", type=int, help="at most N (default 50)")
+    actions = parser.add_subparsers(
+        metavar="{read,delete}", dest="action", help="without one: list them", prog=parser.prog
+    )
+    read = actions.add_parser("read", help="mark one notification (or all) read")
+    which = read.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", metavar="ID", type=int, nargs="?", help="the notification's id")
+    which.add_argument("--all", action="store_true", help="every notification")
+    delete = actions.add_parser("delete", help="delete one notification (or all read ones)")
+    which = delete.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", metavar="ID", type=int, nargs="?", help="the notification's id")
+    which.add_argument("--read", action="store_true", help="every read notification")
+
+
+def run_notifications(context: Context, args: argparse.Namespace) -> int:
+    if args.action is None:
+        params: dict[str, Any] = {}
+        if args.unread:
+            params["unread_only"] = True
+        if args.limit is not None:
+            params["limit"] = args.limit
+        result = context.call("notifications.list", params)
+        lines = [render.format_notification(n) for n in result["notifications"]]
+        context.emit(result, lines)
+        return EXIT_OK
+    if args.unread or args.limit is not None:
+        context.stderr.write(f"statusctl: --unread and --limit list; they do not {args.action}\n")
+        return EXIT_USAGE
+    if args.action == "read":
+        if args.all:
+            result = context.call("notifications.mark_all_read")
+            context.emit(result, [f"marked {result['count']} read"])
+        else:
+            result = context.call("notifications.mark_read", {"id": args.id})
+            context.emit(result, [f"marked {args.id} read"])
+    elif args.read:
+        result = context.call("notifications.delete_read")
+        context.emit(result, [f"deleted {result['count']} read notifications"])
+    else:
+        result = context.call("notifications.delete", {"id": args.id})
+        context.emit(result, [f"deleted {args.id}"])
+    return EXIT_OK
+
+
+def notify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--title", metavar="T", required=True)
+    parser.add_argument("--message", metavar="M", required=True)
+    parser.add_argument("--type", metavar="TYPE", default="system", help="default: system")
+    parser.add_argument("--user", metavar="USER", help="the recipient (default: everyone)")
+    parser.add_argument("--link", metavar="URL", help="what the notification points to")
+
+
+def run_notify(context: Context, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"type": args.type, "title": args.title, "message": args.message}
+    if args.user is not None:
+        params["username"] = args.user
+    if args.link is not None:
+        params["link"] = args.link
+    result = context.call("notifications.create", params)
+    context.emit(result, [str(result["notification_id"])])
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "show the daemon's version, uptime, socket and who you are to it", run_info),
     Command("publish", "publish a status message; prints its seq", run_publish, publish_arguments),
@@ -270,6 +340,18 @@ COMMANDS: tuple[Command, ...] = (
     Command("cancel", "cancel a pending or running task", run_cancel, task_id_argument),
     Command("summary", "count tasks by status", run_summary),
     Command("cleanup", "forget finished tasks older than N hours", run_cleanup, cleanup_arguments),
+    Command(
+        "notifications",
+        "list your notifications, newest first; read or delete them",
+        run_notifications,
+        notifications_arguments,
+    ),
+    Command(
+        "notify",
+        "send a notification to a user or everyone (admins)",
+        run_notify,
+        notify_arguments,
+    ),
 )
 
 

@@ -76,7 +76,12 @@ WRITE_FAILURE_GRACE = 1.0
 StrPath = str | os.PathLike[str]
 
 # Which stream a pushed method belongs to, for the ``dropped`` notices made here.
-_STREAMS = {"status": "status", "task_update": "tasks", "notification": "notifications"}
+_STREAMS = {
+    "status": "status",
+    "task_update": "tasks",
+    "notification": "notifications",
+    "unread_count": "notifications",
+}
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -218,10 +223,14 @@ def _decode_item(item: Any) -> _Reply | Push:
     raise _Garbled("the daemon sent a reply with neither result nor error")
 
 
-def _subscribe_params(status: bool, since: int | None) -> dict[str, Any]:
+def _subscribe_params(
+    status: bool, since: int | None, notifications: bool = False
+) -> dict[str, Any]:
     params: dict[str, Any] = {"status": status}
     if since is not None:
         params["since"] = since
+    if notifications:
+        params["notifications"] = True
     return params
 
 
@@ -361,14 +370,15 @@ class AsyncClient:
 
     @asynccontextmanager
     async def subscribe(
-        self, *, status: bool = True, since: int | None = None
+        self, *, status: bool = True, since: int | None = None, notifications: bool = False
     ) -> AsyncIterator[Subscription]:
         """Subscribe for the block's duration; iterate what it yields for the pushes.
 
         ``since`` asks for the status messages after that seq that the daemon still
         holds (a gap is reported as ``dropped``); without it, only new ones come.
+        ``notifications`` adds the caller's ``notification`` and ``unread_count`` pushes.
         """
-        result = await self.call("subscribe", _subscribe_params(status, since))
+        result = await self.call("subscribe", _subscribe_params(status, since, notifications))
         subscription = Subscription(str(result["subscription"]), self)
         self._subscriptions.add(subscription.id)
         try:
@@ -611,9 +621,11 @@ class Client:
                     raise item.error.copy()
                 # Otherwise: the answer to a call that timed out earlier.
 
-    def subscribe(self, *, status: bool = True, since: int | None = None) -> str:
+    def subscribe(
+        self, *, status: bool = True, since: int | None = None, notifications: bool = False
+    ) -> str:
         """Subscribe; returns the subscription id. Read the pushes with ``next_push``."""
-        result = self.call("subscribe", _subscribe_params(status, since))
+        result = self.call("subscribe", _subscribe_params(status, since, notifications))
         subscription = str(result["subscription"])
         self._subscriptions.add(subscription)
         return subscription

@@ -91,12 +91,37 @@ def format_history_gap(count: int) -> str:
     return f"({_count_of(count, 'status')} before these {verb} no longer held)"
 
 
+def format_notification(notification: Mapping[str, Any]) -> str:
+    """``   12 * 2026-11-25T12:00:00.123Z  task_completed  Title: message  <link>``
+
+    ``*`` marks an unread one; a system-wide one ends with ``(everyone)``.
+    """
+    mark = " " if notification.get("read") else "*"
+    stamp = notification.get("created_at", "-")
+    kind = one_line(str(notification.get("type", "?")))
+    line = f"{notification.get('id', '?')!s:>5} {mark} {stamp}  {kind}  "
+    line += one_line(str(notification.get("title", "")))
+    message = notification.get("message")
+    if message:
+        line += f": {one_line(str(message))}"
+    link = notification.get("link")
+    if link:
+        line += f"  <{one_line(str(link))}>"
+    if notification.get("username", "") is None:
+        line += "  (everyone)"
+    return line
+
+
 def format_push(method: str, params: Any) -> str:
     """One line for anything ``watch`` receives."""
     if method == "status" and isinstance(params, Mapping):
         return format_status(params)
     if method == "dropped":
         return format_dropped(params)
+    if method == "notification" and isinstance(params, Mapping):
+        return f"notification: {format_notification(params)}"
+    if method == "unread_count" and isinstance(params, Mapping):
+        return f"unread notifications: {params.get('count', '?')}"
     # A stream this statusctl does not know yet still shows up, raw.
     return f"{one_line(method)}: {to_json(params)}"
 

@@ -21,6 +21,7 @@ from statusd.channel import StatusChannel
 from statusd.config import Config
 from statusd.errors import (
     Conflict,
+    Forbidden,
     InternalError,
     InvalidParams,
     MethodNotFound,
@@ -29,9 +30,11 @@ from statusd.errors import (
 )
 from statusd.events import Streams
 from statusd.identity import Caller
+from statusd.notifications import NotificationService
 from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
 from statusd.session import Session
+from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.status import Level
 from statusd.state.tasks import TaskInfo, TaskStatus
 from statusd.tasks import Job, TaskManager
@@ -72,6 +75,7 @@ class SubscribeParams:
     status: bool | None = None
     tasks: Literal["all"] | list[str] | None = None
     topic: str | None = None
+    notifications: bool | None = None
     since: int | None = attrs.field(default=None, validator=_non_negative)
 
 
@@ -112,6 +116,43 @@ class UnsubscribeParams:
     subscription: str
 
 
+def _notification_field(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    check_field(attribute.name, value)
+
+
+def _limit(_instance: object, _attribute: attrs.Attribute[Any], value: int) -> None:
+    check_limit(value)
+
+
+# ``username`` on the notification methods: an admin's way to any user's inbox (CONTRACT:
+# "an admin sees all"); for others it may only name themselves.
+@attrs.frozen
+class ListNotificationsParams:
+    unread_only: bool = False
+    limit: int = attrs.field(default=DEFAULT_LIMIT, validator=_limit)
+    username: str | None = attrs.field(default=None, validator=_notification_field)
+
+
+@attrs.frozen
+class InboxParams:
+    username: str | None = attrs.field(default=None, validator=_notification_field)
+
+
+@attrs.frozen
+class NotificationIdParams:
+    id: int
+    username: str | None = attrs.field(default=None, validator=_notification_field)
+
+
+@attrs.frozen
+class CreateNotificationParams:
+    type: str = attrs.field(validator=_notification_field)
+    title: str = attrs.field(validator=_notification_field)
+    message: str = attrs.field(validator=_notification_field)
+    username: str | None = attrs.field(default=None, validator=_notification_field)
+    link: str | None = attrs.field(default=None, validator=_notification_field)
+
+
 Handler = Callable[[Session, Any], Awaitable[Any]]
 
 
@@ -137,6 +178,7 @@ class Api:
     streams: Streams
     tasks: TaskManager
     downloads: DownloadService | None = None
+    notifications: NotificationService | None = None
     started_at: datetime = attrs.Factory(lambda: datetime.now(UTC))
     _started_clock: float = attrs.Factory(trio.current_time)
     _methods: dict[str, Method] = attrs.field(init=False)
@@ -154,6 +196,13 @@ class Api:
             "tasks.cancel": Method(TaskIdParams, self.tasks_cancel),
             "tasks.summary": Method(NoParams, self.tasks_summary),
             "tasks.cleanup": Method(CleanupParams, self.tasks_cleanup),
+            "notifications.list": Method(ListNotificationsParams, self.notifications_list),
+            "notifications.unread_count": Method(InboxParams, self.notifications_unread_count),
+            "notifications.mark_read": Method(NotificationIdParams, self.notifications_mark_read),
+            "notifications.mark_all_read": Method(InboxParams, self.notifications_mark_all_read),
+            "notifications.delete": Method(NotificationIdParams, self.notifications_delete),
+            "notifications.delete_read": Method(InboxParams, self.notifications_delete_read),
+            "notifications.create": Method(CreateNotificationParams, self.notifications_create),
         }
 
     @property
@@ -242,12 +291,17 @@ class Api:
             tasks = frozenset(params.tasks)
         elif params.tasks == "all":
             tasks = "all"
-        streams_named = tasks is not None or params.topic is not None
+        notifications = bool(params.notifications)
+        streams_named = tasks is not None or params.topic is not None or notifications
         status = params.status if params.status is not None else not streams_named
         if not (status or streams_named):
             raise InvalidParams("status", "a subscription needs at least one stream")
         subscription = session.subscribe(
-            status=status, since=params.since, tasks=tasks, topic=params.topic
+            status=status,
+            since=params.since,
+            tasks=tasks,
+            topic=params.topic,
+            notifications=notifications,
         )
         return {"subscription": subscription.id}
 
@@ -317,3 +371,84 @@ class Api:
         owner = None if session.caller.admin else session.caller.username
         removed = await self.tasks.cleanup_old_tasks(params.max_age_hours, owner=owner)
         return {"removed": removed}
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def _notifications(self) -> NotificationService:
+        if self.notifications is None:
+            raise InternalError("notifications are not available")
+        return self.notifications
+
+    def _inbox(self, caller: Caller, username: str | None) -> str:
+        """Whose inbox a call works on: the caller's own, or (admins only) the one named."""
+        if username is None or username == caller.username:
+            return caller.username
+        if not caller.admin:
+            raise Forbidden(
+                "username: only an admin may use another user's notifications",
+                {"field": "username"},
+            )
+        return username
+
+    def _not_found(self, notification_id: int) -> NotFound:
+        # Someone else's notification is "not found" too, so ids cannot be probed.
+        return NotFound(
+            f"notification {notification_id} not found",
+            {"field": "id", "id": notification_id},
+        )
+
+    async def notifications_list(
+        self, session: Session, params: ListNotificationsParams
+    ) -> dict[str, Any]:
+        service = self._notifications()
+        user = self._inbox(session.caller, params.username)
+        notifications = service.get_user_notifications(user, params.unread_only, params.limit)
+        return {
+            "notifications": notifications,
+            "count": len(notifications),
+            "unread": service.get_unread_count(user),
+        }
+
+    async def notifications_unread_count(
+        self, session: Session, params: InboxParams
+    ) -> dict[str, int]:
+        user = self._inbox(session.caller, params.username)
+        return {"count": self._notifications().get_unread_count(user)}
+
+    async def notifications_mark_read(
+        self, session: Session, params: NotificationIdParams
+    ) -> dict[str, bool]:
+        user = self._inbox(session.caller, params.username)
+        if not await self._notifications().mark_notification_as_read(params.id, user):
+            raise self._not_found(params.id)
+        return {"success": True}
+
+    async def notifications_mark_all_read(
+        self, session: Session, params: InboxParams
+    ) -> dict[str, int]:
+        user = self._inbox(session.caller, params.username)
+        return {"count": await self._notifications().mark_all_notifications_as_read(user)}
+
+    async def notifications_delete(
+        self, session: Session, params: NotificationIdParams
+    ) -> dict[str, bool]:
+        user = self._inbox(session.caller, params.username)
+        if not await self._notifications().delete_notification(params.id, user):
+            raise self._not_found(params.id)
+        return {"success": True}
+
+    async def notifications_delete_read(
+        self, session: Session, params: InboxParams
+    ) -> dict[str, int]:
+        user = self._inbox(session.caller, params.username)
+        return {"count": await self._notifications().delete_read_notifications(user)}
+
+    async def notifications_create(
+        self, session: Session, params: CreateNotificationParams
+    ) -> dict[str, int]:
+        if not session.caller.admin:
+            raise Forbidden("notifications.create is for admins only")
+        notification_id = await self._notifications().create_notification(
+            params.username, params.type, params.title, params.message, params.link
+        )
+        return {"notification_id": notification_id}

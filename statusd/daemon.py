@@ -28,6 +28,7 @@ from statusd.config import Config
 from statusd.download_job import DownloadService
 from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
+from statusd.notifications import open_notifications
 from statusd.state.status import Level
 from statusd.systemd import (
     Notifier,
@@ -178,6 +179,12 @@ async def run(
     passed = listen_sockets()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(downloads.aclose)
+        # Entered before the nursery, so it is closed after every task in there has ended.
+        notifications = await stack.enter_async_context(
+            open_notifications(config.state_dir / "notifications.jsonl", streams.notifications)
+        )
+        api.notifications = notifications
+        tasks.on_finished = notifications.notify_task_finished
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(tasks.serve)
         unix = UnixServer(config, api, streams)

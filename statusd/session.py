@@ -38,6 +38,7 @@ class Subscription:
     # "all", a set of task ids, or None for no task stream (a topic may still match).
     tasks: str | frozenset[str] | None = None
     topic: str | None = None
+    notifications: bool = False
 
     @property
     def wants_tasks(self) -> bool:
@@ -112,13 +113,20 @@ class Session:
         since: int | None = None,
         tasks: str | frozenset[str] | None = None,
         topic: str | None = None,
+        notifications: bool = False,
     ) -> Subscription:
         subscription = Subscription(
-            f"sub-{next(_subscription_ids)}", status=status, tasks=tasks, topic=topic
+            f"sub-{next(_subscription_ids)}",
+            status=status,
+            tasks=tasks,
+            topic=topic,
+            notifications=notifications,
         )
         self._subscriptions[subscription.id] = subscription
         if subscription.wants_tasks:
             self._streams.tasks.add(self)
+        if notifications:
+            self._streams.notifications.add(self)
         if status:
             start = self._channel.last_seq if since is None else since
             # Already streaming: keep the cursor, so no message is ever sent twice.
@@ -136,6 +144,8 @@ class Session:
             self._stop_status()
         if not any(s.wants_tasks for s in self._subscriptions.values()):
             self._streams.tasks.discard(self)
+        if not any(s.notifications for s in self._subscriptions.values()):
+            self._streams.notifications.discard(self)
         return True
 
     def wants_task(self, task: TaskInfo) -> bool:
@@ -214,6 +224,7 @@ class Session:
             self._channel.unwatch(self._wake)
         self._subscriptions.clear()
         self._streams.tasks.discard(self)
+        self._streams.notifications.discard(self)
         self._work.set()
         self._room.set()
 

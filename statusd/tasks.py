@@ -23,7 +23,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +64,8 @@ class Job(Protocol):
 
 
 JobFactory = Callable[[TaskInfo, dict[str, Any]], Job]
+# Called once a task's outcome is known, before it is journalled (see ``_finish``).
+OnFinished = Callable[[TaskInfo, TaskStatus], Awaitable[None]]
 
 
 def _now() -> datetime:
@@ -148,6 +150,7 @@ class TaskManager:
         factories: dict[str, JobFactory] | None = None,
         max_running: int = DEFAULT_MAX_RUNNING,
         now: Callable[[], datetime] = _now,
+        on_finished: OnFinished | None = None,
     ) -> None:
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, not {max_running}")
@@ -158,6 +161,7 @@ class TaskManager:
         self._factories = dict(factories or {})
         self._max_running = max_running
         self._now = now
+        self.on_finished = on_finished
         self._entries: dict[str, _Entry] = {}
         self._queue: deque[str] = deque()
         self._running = 0
@@ -356,6 +360,13 @@ class TaskManager:
         task = entry.task
         task.result = result
         task.error = error if status is not TaskStatus.COMPLETED else None
+        if self.on_finished is not None:
+            # Before the end is journalled: a crash in between re-runs the task and calls
+            # the hook again (it must be idempotent); after it, the hook's work could be lost.
+            try:
+                await self.on_finished(task, status)
+            except Exception:
+                log.exception("task %s: the on_finished hook failed", task.id)
         await self._transition(entry, status)
         if status is TaskStatus.COMPLETED:
             self.push(task, "completed", "Task completed", results=result)

@@ -1,0 +1,368 @@
+"""The notification service: the seed's ``create_notification`` and friends over a journal.
+
+Owns ``notifications.jsonl`` (a ``JsonLinesStore``) and the pure ``NotificationIndex``
+(``statusd/state/notifications.py``, which holds the rules). Every change is appended and
+fsynced first and applied to memory right after, with no checkpoint in between; the store
+returns appends in journal order, so memory always equals what a replay of the journal
+gives, and what a client was told is what a restart finds. A write that fails is never
+acknowledged: the caller gets -32603, memory is unchanged, and the daemon goes on. Reads
+(lists, counts) never touch the disk.
+
+The journal is compacted in the background when dead records outweigh live ones (as the
+task journal is); while a snapshot is written, new changes wait, so none can fall between
+the snapshot and the rewrite.
+
+Task ends become notifications through ``notify_task_finished``, the hook the task
+manager calls *before* it journals the end: a crash in between re-runs the task (its
+checkpoints make that quick) and the hook is called again, and the notification's key
+(``task:<id>:<status>``) makes the second call a no-op. So the notification is written
+exactly once, never lost.
+
+Depends on the store, the pure index and the event feed; knows nothing of sockets or
+sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from statusd.errors import InternalError, StartupError
+from statusd.events import NotificationFeed
+from statusd.protocol.codec import format_timestamp
+from statusd.state.notifications import (
+    DEFAULT_LIMIT,
+    MAX_MESSAGE_CHARS,
+    MAX_TITLE_CHARS,
+    IndexStatistics,
+    JournalError,
+    NotificationIndex,
+    NotificationRecord,
+    check_field,
+    create_record,
+    cut,
+    delete_read_record,
+    delete_record,
+    read_all_record,
+    read_record,
+)
+from statusd.state.tasks import TaskInfo, TaskStatus
+from statusd.store import JsonLinesStore, StoreError, open_store
+
+log = logging.getLogger(__name__)
+
+COMPACT_MIN_RECORDS = 1000
+TASK_LINK_PREFIX = "statusd://tasks/"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@attrs.frozen
+class NotificationStatistics:
+    index: IndexStatistics
+    journal_records: int
+    compactions: int
+    failed_writes: int
+
+
+class NotificationService:
+    """Notifications for every user, durable in a journal. Open with ``open_notifications``."""
+
+    def __init__(
+        self,
+        feed: NotificationFeed,
+        store: JsonLinesStore | None = None,
+        *,
+        index: NotificationIndex | None = None,
+        journal_records: int = 0,
+        compact_min_records: int = COMPACT_MIN_RECORDS,
+        now: Callable[[], datetime] = _now,
+    ) -> None:
+        if compact_min_records < 1:
+            raise ValueError(f"compact_min_records must be >= 1, not {compact_min_records}")
+        self._feed = feed
+        self._store = store
+        self._index = NotificationIndex() if index is None else index
+        self._now = now
+        self._journal_records = journal_records
+        self._compact_min_records = compact_min_records
+        self._compact_at = compact_min_records
+        self._compact_wanted = trio.Event()
+        self._compacting = False
+        self._resumed = trio.Event()
+        self._writers = 0
+        self._idle = trio.Event()
+        self._compactions = 0
+        self._failed_writes = 0
+
+    # -- the seed's operations -------------------------------------------------------------
+
+    async def create_notification(
+        self,
+        username: str | None,
+        type: str,
+        title: str,
+        message: str,
+        link: str | None = None,
+        *,
+        key: str | None = None,
+    ) -> int:
+        """Store a notification for ``username`` (None: everyone); returns its id.
+
+        With ``key``, a second create with the same key (while the first exists) returns
+        the first's id and stores nothing.
+        """
+        for field, value in (
+            ("username", username),
+            ("type", type),
+            ("title", title),
+            ("message", message),
+            ("link", link),
+        ):
+            check_field(field, value)
+        async with self._writing():
+            if key is not None:
+                existing = self._index.by_key(key)
+                if existing is not None:
+                    return existing
+            record: NotificationRecord = {
+                "id": self._index.new_id(),
+                "username": username,
+                "type": type,
+                "title": title,
+                "message": message,
+                "link": link,
+                "created_at": format_timestamp(self._now()),
+            }
+            await self._append(create_record(record, key))
+            self._index.add(record, key)
+        log.info("notification %d created for %s", record["id"], username or "everyone")
+        self._feed.publish_new(record, self._index.unread_count)
+        return record["id"]
+
+    def get_user_notifications(
+        self, username: str, unread_only: bool = False, limit: int = DEFAULT_LIMIT
+    ) -> list[dict[str, Any]]:
+        """The user's inbox (own and system-wide), newest first, as wire dicts."""
+        return self._index.newest_first(username, unread_only=unread_only, limit=limit)
+
+    def get_unread_count(self, username: str) -> int:
+        return self._index.unread_count(username)
+
+    def can_see(self, username: str, notification_id: int) -> bool:
+        return self._index.visible(username, notification_id) is not None
+
+    async def mark_notification_as_read(self, notification_id: int, username: str) -> bool:
+        """Mark one notification of the user's inbox read; False if it is not in it."""
+        async with self._writing():
+            if not self.can_see(username, notification_id):
+                return False
+            if self._index.is_read(username, notification_id):
+                return True
+            await self._append(read_record(username, notification_id))
+            self._index.mark_read(username, notification_id)
+        self._feed.publish_count(username, self._index.unread_count(username))
+        return True
+
+    async def mark_all_notifications_as_read(self, username: str) -> int:
+        """Mark the whole inbox read; returns how many were unread."""
+        async with self._writing():
+            if not self._index.unread_count(username):
+                return 0
+            upto = self._index.newest
+            await self._append(read_all_record(username, upto))
+            count = self._index.mark_all_read(username, upto)
+        self._feed.publish_count(username, self._index.unread_count(username))
+        return count
+
+    async def delete_notification(self, notification_id: int, username: str) -> bool:
+        """Delete one notification of the user's inbox (a system-wide one only for that
+        user); False if it is not in it."""
+        async with self._writing():
+            if not self.can_see(username, notification_id):
+                return False
+            await self._append(delete_record(username, notification_id))
+            self._index.delete(username, notification_id)
+        self._feed.publish_count(username, self._index.unread_count(username))
+        return True
+
+    async def delete_read_notifications(self, username: str) -> int:
+        """Delete every read notification of the inbox; returns how many."""
+        async with self._writing():
+            if not self._index.read_count(username):
+                return 0
+            upto = self._index.newest
+            await self._append(delete_read_record(username, upto))
+            count = self._index.delete_read(username, upto)
+        self._feed.publish_count(username, self._index.unread_count(username))
+        return count
+
+    # -- task ends -------------------------------------------------------------------------
+
+    async def notify_task_finished(self, task: TaskInfo, status: TaskStatus) -> None:
+        """The task manager's ``on_finished`` hook: tell the task's owner how it ended."""
+        type_, title, message = task_end_text(task, status)
+        await self.create_notification(
+            task.owner,
+            type_,
+            title,
+            message,
+            TASK_LINK_PREFIX + task.id,
+            key=f"task:{task.id}:{status.value}",
+        )
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Hold off compaction while a change is checked, journalled and applied."""
+        while self._compacting:
+            await self._resumed.wait()
+        self._writers += 1
+        try:
+            yield
+        finally:
+            self._writers -= 1
+            if not self._writers:
+                self._idle.set()
+        if self._store is not None and self._journal_records >= max(
+            self._compact_at, 2 * self._index.live_records
+        ):
+            self._compact_wanted.set()
+
+    async def _append(self, record: dict[str, Any]) -> None:
+        if self._store is None:
+            return
+        try:
+            # Shielded: once the record may be on disk, memory must follow it.
+            with trio.CancelScope(shield=True):
+                await self._store.append(record)
+        except StoreError as exc:
+            self._failed_writes += 1
+            log.error("notification change not stored: %s", exc)
+            raise InternalError(
+                f"could not store the change: {_reason(exc)}; nothing was changed"
+            ) from exc
+        self._journal_records += 1
+
+    async def _compact(self) -> None:
+        assert self._store is not None
+        self._compacting = True
+        self._resumed = trio.Event()
+        try:
+            while self._writers:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            live = self._index.live_records
+            try:
+                await self._store.compact(self._index.snapshot())
+            except (OSError, StoreError) as exc:
+                # Keep the journal as it is and try again once it has grown some more.
+                log.error("could not compact %s: %s", self._store.path, exc)
+                self._compact_at = self._journal_records + max(self._compact_min_records, live)
+            else:
+                log.info(
+                    "compacted %s: %d records -> %d",
+                    self._store.path,
+                    self._journal_records,
+                    live,
+                )
+                self._journal_records = live
+                self._compact_at = self._compact_min_records
+                self._compactions += 1
+        finally:
+            self._compacting = False
+            self._resumed.set()
+
+    async def _compaction_loop(self) -> None:
+        while True:
+            await self._compact_wanted.wait()
+            self._compact_wanted = trio.Event()
+            await self._compact()
+
+    def statistics(self) -> NotificationStatistics:
+        return NotificationStatistics(
+            self._index.statistics(),
+            self._journal_records,
+            self._compactions,
+            self._failed_writes,
+        )
+
+
+def _reason(exc: StoreError) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[0].lower() + cause.strerror[1:]
+    return "write failed"
+
+
+def task_end_text(task: TaskInfo, status: TaskStatus) -> tuple[str, str, str]:
+    """(type, title, message) of the notification for a task that ended with ``status``."""
+    name = task.name
+    total = task.total_items
+    if status is TaskStatus.COMPLETED:
+        type_, title = "task_completed", f"Task completed: {name}"
+        message = f"{task.processed_items} of {total} items done."
+    elif status is TaskStatus.FAILED:
+        type_, title = "task_failed", f"Task failed: {name}"
+        failed = (task.result or {}).get("failed")
+        if isinstance(failed, int) and not isinstance(failed, bool):
+            message = f"{failed} of {total} items failed."
+        else:
+            message = f"Failed: {task.error or 'unknown error'}."
+    else:
+        type_, title = "task_cancelled", f"Task cancelled: {name}"
+        message = f"Cancelled after {task.processed_items} of {total} items."
+    return type_, cut(title, MAX_TITLE_CHARS), cut(message, MAX_MESSAGE_CHARS)
+
+
+@asynccontextmanager
+async def open_notifications(
+    path: Path | None,
+    feed: NotificationFeed,
+    *,
+    compact_min_records: int = COMPACT_MIN_RECORDS,
+    now: Callable[[], datetime] = _now,
+) -> AsyncIterator[NotificationService]:
+    """Load the journal at ``path`` (None: keep nothing on disk) and run the service until
+    the block ends; the journal is closed after everything inside has finished."""
+    store: JsonLinesStore | None = None
+    records: list[Any] = []
+    if path is not None:
+        store, report = await open_store(path)
+        records = report.records
+    try:
+        index = NotificationIndex()
+        try:
+            await trio.to_thread.run_sync(index.replay, records)
+        except JournalError as exc:
+            raise StartupError(
+                f"{path}: {exc}. Move the file aside to start with no notifications."
+            ) from None
+        service = NotificationService(
+            feed,
+            store,
+            index=index,
+            journal_records=len(records),
+            compact_min_records=compact_min_records,
+            now=now,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service._compaction_loop)
+            try:
+                yield service
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if store is not None:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
