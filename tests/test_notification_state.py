@@ -278,6 +278,10 @@ def test_unknown_or_malformed_records_are_refused_with_their_number() -> None:
         index.replay([create_record(_record(1, None)), {"op": "explode"}])
     with pytest.raises(JournalError, match=r"record 1: malformed 'read' record"):
         NotificationIndex().replay([{"op": "read", "id": 1}])
+    with pytest.raises(JournalError, match=r"record 1: malformed create record: KeyError\('id'\)"):
+        NotificationIndex().replay([{"op": "create", "notification": {"username": None}}])
+    with pytest.raises(JournalError, match=r"record 1: malformed 'create' record"):
+        NotificationIndex().replay([{"op": "create"}])
     with pytest.raises(JournalError, match="notification 1 already exists"):
         NotificationIndex().replay([create_record(_record(1, None))] * 2)
 

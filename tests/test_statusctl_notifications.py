@@ -14,6 +14,7 @@ import pytest
 
 from statusctl import render
 from statusctl.cli import main
+from statusctl.client import Client
 from tests.conftest import run_as_nobody
 
 NOBODY_GROUP = grp.getgrgid(65534).gr_name
@@ -138,6 +139,16 @@ def test_as_a_command(socket_path: Path) -> None:
         check=False,
     )
     assert (done.returncode, done.stdout) == (0, "")
+
+
+def test_the_client_subscribes_to_notifications(socket_path: Path) -> None:
+    with Client(socket_path) as watcher, Client(socket_path) as admin:
+        watcher.subscribe(status=False, notifications=True)
+        admin.call("notifications.create", {"type": "t", "title": "hello", "message": ""})
+        push = watcher.next_push(timeout=10)
+        assert (push.method, push.params["title"]) == ("notification", "hello")
+        push = watcher.next_push(timeout=10)
+        assert (push.method, push.params) == ("unread_count", {"count": 1})
 
 
 def test_rendering() -> None:

@@ -473,12 +473,18 @@ class NotificationIndex:
 
     def replay(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Apply a whole journal; raises ``JournalError`` naming the record number."""
-        apply = self.apply
+        add, apply = self.add, self.apply
         for number, record in enumerate(records, 1):
             try:
-                apply(record)
+                # Creates are nearly all of a journal: skip the dispatch for them.
+                if record.get("op") == "create" and "notification" in record:
+                    add(record["notification"], record.get("key"))
+                else:
+                    apply(record)
             except JournalError as exc:
                 raise JournalError(f"record {number}: {exc}") from None
+            except (KeyError, TypeError) as exc:
+                raise JournalError(f"record {number}: malformed create record: {exc!r}") from None
 
     def _restore_inbox(self, record: Mapping[str, Any]) -> None:
         inbox = self._inbox(record["user"])
