@@ -336,23 +336,26 @@ async def open_notifications(
     """Load the journal at ``path`` (None: keep nothing on disk) and run the service until
     the block ends; the journal is closed after everything inside has finished."""
     store: JsonLinesStore | None = None
-    records: list[Any] = []
+    index = NotificationIndex()
+    journal_records = 0
     if path is not None:
         store, report = await open_store(path)
-        records = report.records
     try:
-        index = NotificationIndex()
-        try:
-            await trio.to_thread.run_sync(index.replay, records)
-        except JournalError as exc:
-            raise StartupError(
-                f"{path}: {exc}. Move the file aside to start with no notifications."
-            ) from None
+        if store is not None:
+            journal_records = len(report.records)
+            try:
+                await trio.to_thread.run_sync(index.replay, report.records)
+            except JournalError as exc:
+                raise StartupError(
+                    f"{path}: {exc}. Move the file aside to start with no notifications."
+                ) from None
+            # The index holds what it needs; the records' wrappers are garbage now.
+            del report
         service = NotificationService(
             feed,
             store,
             index=index,
-            journal_records=len(records),
+            journal_records=journal_records,
             compact_min_records=compact_min_records,
             now=now,
         )

@@ -121,16 +121,9 @@ def test_notify_is_for_admins(socket_path: Path) -> None:
     )
 
 
-def test_as_a_command(socket_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "statusctl", "--socket", str(socket_path), "notifications", "-h"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0
-    assert "statusctl notifications read (ID | --all)" in done.stdout
+def test_as_a_command(socket_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["notifications", "-h"]) == 0
+    assert "statusctl notifications read (ID | --all)" in capsys.readouterr().out
     done = subprocess.run(
         [sys.executable, "-m", "statusctl", "--socket", str(socket_path), "notifications"],
         capture_output=True,
