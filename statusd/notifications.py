@@ -15,8 +15,8 @@ the snapshot and the rewrite.
 Task ends become notifications through ``notify_task_finished``, the hook the task
 manager calls *before* it journals the end: a crash in between re-runs the task (its
 checkpoints make that quick) and the hook is called again, and the notification's key
-(``task:<id>:<status>``) makes the second call a no-op. So the notification is written
-exactly once, never lost.
+(``task:<id>:<status>``) makes the second call a no-op. So a task-end notification is
+never lost, and never doubled for the same outcome.
 
 Depends on the store, the pure index and the event feed; knows nothing of sockets or
 sessions.
@@ -50,6 +50,7 @@ from statusd.state.notifications import (
     cut,
     delete_read_record,
     delete_record,
+    one_line,
     read_all_record,
     read_record,
 )
@@ -307,7 +308,7 @@ def _reason(exc: StoreError) -> str:
 
 def task_end_text(task: TaskInfo, status: TaskStatus) -> tuple[str, str, str]:
     """(type, title, message) of the notification for a task that ended with ``status``."""
-    name = task.name
+    name = one_line(task.name)  # a title is one line; a task's name may be anything
     total = task.total_items
     if status is TaskStatus.COMPLETED:
         type_, title = "task_completed", f"Task completed: {name}"

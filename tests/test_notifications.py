@@ -312,6 +312,8 @@ def test_task_end_texts() -> None:
     )
     long = _task(name="x" * 300)
     assert len(task_end_text(long, TaskStatus.COMPLETED)[1]) == 255
+    odd = _task(name="two\nlines\x1b[31m")
+    assert task_end_text(odd, TaskStatus.COMPLETED)[1] == "Task completed: two lines [31m"
 
 
 async def test_the_task_hook_notifies_once_per_outcome() -> None:

@@ -112,6 +112,11 @@ def check_limit(limit: int) -> None:
         raise InvalidParams("limit", f"must be between 1 and {MAX_LIMIT}, not {limit}")
 
 
+def one_line(text: str) -> str:
+    """``text`` with each control character (newlines too) replaced by a space."""
+    return _CONTROL.sub(" ", text)
+
+
 def cut(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters with ``...`` (for text the daemon writes itself)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
