@@ -14,7 +14,7 @@ import trio.testing
 
 from statusd.channel import StatusChannel
 from statusd.daemon import Daemon
-from statusd.errors import InternalError, InvalidParams
+from statusd.errors import InternalError, InvalidParams, StartupError
 from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.notifications import (
@@ -188,7 +188,7 @@ async def test_a_damaged_journal_stops_start_up(tmp_path: Path) -> None:
     store, _ = await open_store(path)
     await store.append({"op": "teleport"})
     await store.aclose()
-    with pytest.raises(Exception, match="record 1: unknown op 'teleport'") as caught:
+    with pytest.raises(StartupError, match="record 1: unknown op 'teleport'") as caught:
         async with open_notifications(path, Streams(StatusChannel()).notifications):
             pass  # pragma: no cover
     assert "Move the file aside" in str(caught.value)
