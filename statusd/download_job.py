@@ -123,17 +123,22 @@ class DownloadJob:
     items: list[DownloadItem] = attrs.field(init=False)
     states: list[ItemState] = attrs.field(init=False)
     results: list[ItemResult | None] = attrs.field(init=False)
+    # Each item's size as its server announced it (or as it ended); None while unknown.
+    sizes: list[int | None] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
+        self.sizes = [None] * len(self.items)
         for checkpoint in self.checkpoints:
             index = checkpoint["item"]
             if "state" in checkpoint:
                 self.states[index] = converter.structure(checkpoint["state"], ItemState)
             if checkpoint.get("result") is not None:
-                self.results[index] = converter.structure(checkpoint["result"], ItemResult)
+                result = converter.structure(checkpoint["result"], ItemResult)
+                self.results[index] = result
+                self.sizes[index] = result.bytes
 
     @property
     def dest(self) -> Path:
@@ -146,21 +151,23 @@ class DownloadJob:
         count = len(self.items)
         batches = math.ceil(count / size)
         limiter = trio.CapacityLimiter(self.service._config.downloads.parallel_items)
+        # After a restart, count the finished items again; unfinished ones report what
+        # they hold on disk as they resume.
+        reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
         reporter.update_progress(self._processed())
-        async with trio.open_nursery() as checkpoints:
-            for batch in range(batches):
-                indices = [
-                    i
-                    for i in range(batch * size, min(count, (batch + 1) * size))
-                    if self.results[i] is None
-                ]
-                if not indices:
-                    continue
-                reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
-                async with trio.open_nursery() as nursery:
-                    for index in indices:
-                        nursery.start_soon(self._fetch, index, limiter, reporter, checkpoints)
-                reporter.batch_update(batch + 1, batches)
+        for batch in range(batches):
+            indices = [
+                i
+                for i in range(batch * size, min(count, (batch + 1) * size))
+                if self.results[i] is None
+            ]
+            if not indices:
+                continue
+            reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
+            async with trio.open_nursery() as nursery:
+                for index in indices:
+                    nursery.start_soon(self._fetch, index, limiter, reporter)
+            reporter.batch_update(batch + 1, batches)
         result = self._result()
         if result["failed"]:
             raise JobFailed(f"{result['failed']} of {count} items failed", result)
@@ -175,17 +182,15 @@ class DownloadJob:
         index: int,
         limiter: trio.CapacityLimiter,
         reporter: Reporter,
-        checkpoints: trio.Nursery,
     ) -> None:
         item = self.items[index]
         async with limiter:
             reporter.update_progress(self._processed(), item.url)
 
-            def on_state(state: ItemState) -> None:
-                # Journal the chosen name and validator so a restart resumes this .part.
-                checkpoints.start_soon(
-                    reporter.checkpoint, {"item": index, "state": unstructure(state)}
-                )
+            async def on_state(state: ItemState) -> None:
+                # The engine writes nothing under a name or validator before this returns,
+                # so the journal always knows whose NAME.part is on disk.
+                await reporter.checkpoint({"item": index, "state": unstructure(state)})
 
             result = await download_item(
                 self.service.client,
@@ -193,16 +198,28 @@ class DownloadJob:
                 self.dest,
                 self.service.settings,
                 self.states[index],
-                on_bytes=lambda delta, _total: reporter.add_bytes(delta),
+                on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
                 on_state=on_state,
             )
         self.results[index] = result
+        self._set_size(reporter, index, result.bytes)
         await reporter.checkpoint(
             {"item": index, "state": unstructure(self.states[index]), "result": unstructure(result)}
         )
         if result.error:
             reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
         reporter.update_progress(self._processed())
+
+    def _on_bytes(self, reporter: Reporter, index: int, delta: int, total: int | None) -> None:
+        if total is not None and self.sizes[index] != total:
+            self._set_size(reporter, index, total)
+        reporter.add_bytes(delta)
+
+    def _set_size(self, reporter: Reporter, index: int, size: int) -> None:
+        """bytes_total is known once every item's size is (a single file: at its head)."""
+        self.sizes[index] = size
+        if all(known is not None for known in self.sizes):
+            reporter.set_bytes_total(sum(known or 0 for known in self.sizes))
 
     def _result(self) -> dict[str, Any]:
         items = [

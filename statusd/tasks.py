@@ -93,6 +93,9 @@ class Reporter:
             self._task.bytes_total = total
         self._maybe_push()
 
+    def set_bytes_done(self, done: int) -> None:
+        self._task.bytes_done = done
+
     def set_bytes_total(self, total: int | None) -> None:
         self._task.bytes_total = total
 
