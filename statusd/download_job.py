@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from statusd.config import Config
+from statusd.config import Config, DownloadsConfig
 from statusd.downloads import (
     DownloadItem,
     DownloadSettings,
@@ -43,14 +43,15 @@ MAX_ITEMS = 10_000
 class DownloadService:
     def __init__(self, config: Config) -> None:
         self._config = config
-        cap = config.downloads.max_file_bytes
-        self.settings = DownloadSettings(
-            max_attempts=config.downloads.max_attempts,
-            connect_timeout=config.downloads.connect_timeout,
-            read_timeout=config.downloads.read_timeout,
-            max_file_bytes=cap or None,
-        )
+        self.settings = _settings(config.downloads)
         self._client: HTTPClient | None = None
+
+    def configure(self, downloads: DownloadsConfig) -> None:
+        """New ``[downloads]`` settings (SIGHUP): items that start from now on use them;
+        ``parallel_items`` applies to tasks that start from now on, ``batch_size`` to
+        tasks created from now on."""
+        self._config = attrs.evolve(self._config, downloads=downloads)
+        self.settings = _settings(downloads)
 
     @property
     def client(self) -> HTTPClient:
@@ -113,6 +114,15 @@ class DownloadService:
 
     def job(self, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> DownloadJob:
         return DownloadJob(self, spec, checkpoints)
+
+
+def _settings(downloads: DownloadsConfig) -> DownloadSettings:
+    return DownloadSettings(
+        max_attempts=downloads.max_attempts,
+        connect_timeout=downloads.connect_timeout,
+        read_timeout=downloads.read_timeout,
+        max_file_bytes=downloads.max_file_bytes or None,
+    )
 
 
 @attrs.define

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
 
@@ -119,3 +120,28 @@ async def test_unknown_task_is_not_found(daemon: Daemon, connect: Any) -> None:
     client = await connect()
     response = await client.request("tasks.get", {"task_id": "nope"})
     assert response["error"]["code"] == -32001
+
+
+async def test_download_settings_change_on_reload(
+    daemon: Daemon, connect: Any, http_server: HTTPTestServer
+) -> None:
+    """``[downloads]`` applies live on SIGHUP: here the size cap and the batch size."""
+    url = http_server.route("/five-k.bin", serve_data(b"x" * 5000))
+    new = attrs.evolve(
+        daemon.config,
+        downloads=attrs.evolve(daemon.config.downloads, max_file_bytes=1000, batch_size=1),
+    )
+    assert await daemon.reload(lambda: new)
+    assert daemon.config.downloads == new.downloads
+    client = await connect()
+    await client.call("subscribe", {"tasks": "all", "status": True})
+    task_id = (await client.call("tasks.download", {"urls": [url, url]}))["task_id"]
+    task = await wait_for_end(client, task_id)
+    assert task["status"] == "failed"
+    assert [item["error"] for item in task["result"]["items"]] == [
+        "file exceeds the size cap of 1000 bytes"
+    ] * 2
+    # batch_size 1: two batches; the status messages went by before the end.
+    recent = await client.call("status.recent")
+    messages = [message["message"] for message in recent["messages"]]
+    assert "Processing batch 2 of 2" in messages
