@@ -135,14 +135,28 @@ class DownloadJob:
     results: list[ItemResult | None] = attrs.field(init=False)
     # Each item's size as its server announced it (or as it ended); None while unknown.
     sizes: list[int | None] = attrs.field(init=False)
+    held: list[int] = attrs.field(init=False)  # bytes each item holds now (on_bytes)
+    # Items journalled as done while their NAME.part was still linked to NAME: the part
+    # is removed right after, and a later record says so ("settled"); a restart removes
+    # the parts of those the journal does not know as settled.
+    unsettled: set[int] = attrs.field(init=False)
+    _settled: list[int] = attrs.field(init=False)  # settled, not yet journalled as such
+    _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
         self.sizes = [None] * len(self.items)
+        self.held = [0] * len(self.items)
+        self.unsettled = set()
+        self._settled = []
+        self._journalled = {}
         for checkpoint in self.checkpoints:
+            self.unsettled.difference_update(checkpoint.get("settled", ()))
             index = checkpoint["item"]
+            if checkpoint.get("settle"):
+                self.unsettled.add(index)
             if "state" in checkpoint:
                 self.states[index] = converter.structure(checkpoint["state"], ItemState)
             if checkpoint.get("result") is not None:
@@ -161,6 +175,8 @@ class DownloadJob:
         count = len(self.items)
         batches = math.ceil(count / size)
         limiter = trio.CapacityLimiter(self.service._config.downloads.parallel_items)
+        for index in sorted(self.unsettled):
+            await remove_partial(self.dest, self.states[index])
         # After a restart, count the finished items again; unfinished ones report what
         # they hold on disk as they resume.
         reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
@@ -200,7 +216,12 @@ class DownloadJob:
             async def on_state(state: ItemState) -> None:
                 # The engine writes nothing under a name or validator before this returns,
                 # so the journal always knows whose NAME.part is on disk.
-                await reporter.checkpoint({"item": index, "state": unstructure(state)})
+                record: dict[str, Any] = {"item": index, "state": unstructure(state)}
+                if state.done:
+                    # The result goes with "done": one journal write fewer per item.
+                    result = self._journalled[index] = self._done_result(index, state)
+                    record |= {"result": unstructure(result), "settle": True}
+                await self._checkpoint(reporter, record)
 
             result = await download_item(
                 self.service.client,
@@ -213,16 +234,33 @@ class DownloadJob:
             )
         self.results[index] = result
         self._set_size(reporter, index, result.bytes)
-        await reporter.checkpoint(
-            {"item": index, "state": unstructure(self.states[index]), "result": unstructure(result)}
-        )
+        if self._journalled.pop(index, None) == result:
+            self._settled.append(index)  # journalled with the next record
+        else:
+            state = unstructure(self.states[index])
+            await self._checkpoint(
+                reporter, {"item": index, "state": state, "result": unstructure(result)}
+            )
         if result.error:
             reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
         reporter.update_progress(self._processed())
 
+    def _done_result(self, index: int, state: ItemState) -> ItemResult:
+        """What ``download_item`` returns for an item that reports ``done`` (the engine
+        has checked the item's sha256, if any, before it does)."""
+        item = self.items[index]
+        path = str(self.dest / (state.name or ""))
+        return ItemResult(item.url, path, self.held[index], item.sha256, None)
+
+    async def _checkpoint(self, reporter: Reporter, record: dict[str, Any]) -> None:
+        if self._settled:
+            record["settled"], self._settled = self._settled, []
+        await reporter.checkpoint(record)
+
     def _on_bytes(self, reporter: Reporter, index: int, delta: int, total: int | None) -> None:
         if total is not None and self.sizes[index] != total:
             self._set_size(reporter, index, total)
+        self.held[index] += delta
         reporter.add_bytes(delta)
 
     def _set_size(self, reporter: Reporter, index: int, size: int) -> None:

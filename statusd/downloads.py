@@ -34,7 +34,8 @@ concurrency, journal) and knows nothing of HTTP. What one call guarantees:
   stays, for a resume after a daemon restart; a user's cancel removes it with
   ``remove_partial``.
 - **progress**: ``on_bytes(delta, total)`` after every piece received; the sum of all
-  deltas is always the amount of data the item holds, so a restart from zero reports a
+  deltas is always the amount of data the item holds (when ``on_state`` hears ``done``:
+  the file's size), so a restart from zero reports a
   negative delta, a resume reports the bytes already on disk, and a failure takes back
   what it reported. ``total`` is the file's full size when the server said it.
 
@@ -202,8 +203,12 @@ async def download_item(
 
 
 async def remove_partial(dest: Path, state: ItemState) -> bool:
-    """Remove the item's ``NAME.part`` (after a user's cancel); True if there was one."""
-    if state.name is None or state.done:
+    """Remove the item's ``NAME.part`` (after a user's cancel); True if there was one.
+    A finished item keeps its file; only a part still linked to it goes."""
+    if state.name is None:
+        return False
+    if state.done:
+        await _in_thread(_settle_done, os.fspath(dest), state.name)
         return False
     return await _in_thread(_unlink_quietly, _join(os.fspath(dest), _part_name(state.name)))
 
@@ -418,11 +423,11 @@ class _Download:
         assert self.state.name is not None
         path = _join(self.dest, self.state.name)
         size = await _in_thread(_file_size, path)
+        self._report(size or 0)
         self.state.done = True
         await self.on_state(self.state)
         await _in_thread(_unlink_quietly, _join(self.dest, _part_name(self.state.name)))
         self.has_part = False
-        self._report(size or 0)
         return ItemResult(self.item.url, str(path), size or 0, self.item.sha256, None)
 
     async def _receive(self, response: Response, offset: int) -> ItemResult:

@@ -915,3 +915,11 @@ async def test_done_journalled_but_part_left_is_tidied(
     assert listing(dest) == ["tidy.bin"]
     assert recorder.held == len(DATA)
     assert http_server.requests_for("/tidy.bin") == []
+
+
+async def test_remove_partial_keeps_a_finished_file(dest: Path) -> None:
+    """A cancel that came while the journal was taking "done": the part is still linked."""
+    (dest / "kept.bin").write_bytes(DATA)
+    os.link(dest / "kept.bin", dest / "kept.bin.part")
+    assert not await remove_partial(dest, ItemState("kept.bin", '"v1"', True))
+    assert listing(dest) == ["kept.bin"]
