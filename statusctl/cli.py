@@ -11,6 +11,10 @@ are turned into exit statuses in one place, ``main``:
 ``--json`` prints exactly one JSON document on stdout (the method's result, or the error
 object when the daemon answered with one); ``watch --json`` prints one per line.
 
+``watch`` and ``download --wait`` show task progress as bars redrawn in place when stdout
+is a terminal (``TaskDisplay``; the bar lines themselves are ``render.progress_line``), and
+as one plain line per update otherwise.
+
 The blocking ``Client`` is used rather than trio: a command is a request or two, and a
 blocked ``recv`` turns Ctrl-C into ``KeyboardInterrupt`` with no extra machinery.
 """
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +33,14 @@ from typing import Any, TextIO
 import attrs
 
 from statusctl import __version__, render
-from statusctl.client import SOCKET_ENV, Client, DaemonUnreachable, RemoteError, resolve_socket_path
+from statusctl.client import (
+    SOCKET_ENV,
+    Client,
+    DaemonUnreachable,
+    Push,
+    RemoteError,
+    resolve_socket_path,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -133,26 +146,186 @@ def run_status(context: Context, args: argparse.Namespace) -> int:
 
 
 def watch_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--task",
+        metavar="ID",
+        help="follow one task and end with it: exit 0 completed, 1 failed or cancelled",
+    )
+    which.add_argument("--topic", metavar="TOPIC", help="the tasks of this topic only")
     parser.add_argument(
-        "--status-only",
-        action="store_true",
-        help="status messages only (today the only stream there is)",
+        "--status-only", action="store_true", help="status messages only, no task updates"
     )
 
 
-def run_watch(context: Context, _args: argparse.Namespace) -> int:
+def run_watch(context: Context, args: argparse.Namespace) -> int:
     client = context.client()
-    client.subscribe(status=True)
+    params: dict[str, Any] = {"status": True}
+    if args.task is not None:
+        params["tasks"] = [args.task]
+    elif args.topic is not None:
+        params["topic"] = args.topic
+    elif not args.status_only:
+        params["tasks"] = "all"
+    display = TaskDisplay(context)
+    follow = _Follow(context, display, args.task, args.topic, args.status_only)
     try:
+        client.call("subscribe", params)
+        if args.task is not None:
+            # Subscribed first, so nothing between this answer and the next push is lost.
+            task = client.call("tasks.get", {"task_id": args.task})
+            if task["status"] in FINAL_STATUSES:
+                context.emit(task, [_task_line(task)])
+                return EXIT_OK if task["status"] == "completed" else EXIT_FAILED
+            display.show(task)
+        elif args.topic is not None:
+            follow.topic_tasks.update(
+                task["id"]
+                for task in client.call("tasks.list")["tasks"]
+                if task.get("topic") == args.topic
+            )
         while True:
-            push = client.next_push()
-            if context.json:
-                context.line(render.to_json(push.to_wire()))
-            else:
-                context.line(render.format_push(push.method, push.params))
+            ended = follow.push(client.next_push())
+            if ended is not None:
+                return ended
     except KeyboardInterrupt:
         # Ctrl-C is how a watch is meant to end.
         return EXIT_OK
+    finally:
+        display.close()
+
+
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+_FINAL_UPDATES = ("completed", "error", "cancelled")
+
+
+@attrs.define
+class _Follow:
+    """What ``watch`` (and ``download --wait``) does with each push: filter, print, and
+    say when the task followed has ended."""
+
+    context: Context
+    display: TaskDisplay
+    task_id: str | None
+    topic: str | None
+    status_only: bool
+    pushes_as_json: bool = True
+    topic_tasks: set[str] = attrs.Factory(set)  # ids of the topic's tasks seen so far
+
+    def push(self, push: Push) -> int | None:
+        """Handle one push; the exit status once the followed task has ended."""
+        params = push.params if isinstance(push.params, dict) else {}
+        if push.method == "task_update":
+            job_id = params.get("job_id")
+            if self.topic is not None and params.get("topic") == self.topic:
+                self.topic_tasks.add(str(job_id))
+            if self.task_id is not None and job_id != self.task_id:
+                return None
+            if not self.status_only:
+                self._print(push, lambda: self.display.update(params))
+            if self.task_id is not None and params.get("status") in _FINAL_UPDATES:
+                return EXIT_OK if params.get("status") == "completed" else EXIT_FAILED
+        elif push.method == "status":
+            if self._wanted_status(params):
+                self._print(push, lambda: self.display.message(render.format_status(params)))
+        else:
+            line = render.format_push(push.method, push.params)
+            self._print(push, lambda: self.display.message(line))
+        return None
+
+    def _wanted_status(self, message: Mapping[str, Any]) -> bool:
+        if self.task_id is not None:
+            return bool(message.get("operation_id") == self.task_id)
+        if self.topic is not None:
+            return message.get("operation_id") in self.topic_tasks
+        return True
+
+    def _print(self, push: Push, show: Callable[[], None]) -> None:
+        if self.context.json:
+            if self.pushes_as_json:
+                self.context.line(render.to_json(push.to_wire()))
+        else:
+            show()
+
+
+class TaskDisplay:
+    """Task progress on stdout: on a terminal, one bar per active task, redrawn in place
+    below the lines printed so far; elsewhere one plain line per update."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self._live = not context.json and _is_terminal(context.stdout)
+        self._tasks: dict[str, dict[str, Any]] = {}  # active ones, in order of arrival
+        self._rates: dict[str, render.RateMeter] = {}
+        self._drawn = 0  # bar lines now on the screen below the cursor's line
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def show(self, task: Mapping[str, Any]) -> None:
+        """Start a bar from a TaskInfo (``tasks.get``); nothing when not live."""
+        if self._live:
+            self._tasks[str(task["id"])] = dict(task)
+            self._redraw([])
+
+    def update(self, update: Mapping[str, Any]) -> None:
+        if not self._live:
+            self._context.line(render.format_task_update(update))
+            return
+        job_id = str(update.get("job_id"))
+        state = self._tasks.get(job_id)
+        if state is None:
+            state = self._tasks[job_id] = self._task_info(job_id)
+        state.update(update)
+        permanent: list[str] = []
+        if update.get("status") in _FINAL_UPDATES:
+            # The last bar stays on the screen as an ordinary line.
+            del self._tasks[job_id]
+            self._rates.pop(job_id, None)
+            permanent.append(render.progress_line(state, self._width()))
+        self._redraw(permanent)
+
+    def message(self, line: str) -> None:
+        if self._live:
+            self._redraw([line])
+        else:
+            self._context.line(line)
+
+    def close(self) -> None:
+        self._drawn = 0  # bars left on the screen stay, as the last word
+
+    def _task_info(self, job_id: str) -> dict[str, Any]:
+        # A job_update carries no task name; one lookup per task gets it for the bar.
+        try:
+            task: dict[str, Any] = self._context.call("tasks.get", {"task_id": job_id})
+        except RemoteError:
+            return {"id": job_id}
+        return task
+
+    def _width(self) -> int:
+        # One column short: writing the last column makes some terminals wrap.
+        return max(20, shutil.get_terminal_size().columns - 1)
+
+    def _redraw(self, permanent: list[str]) -> None:
+        width = self._width()
+        now = time.monotonic()
+        out = [f"\x1b[{self._drawn}A" if self._drawn else "", "\r\x1b[J"]
+        out += [line + "\n" for line in permanent]
+        for job_id, state in self._tasks.items():
+            meter = self._rates.setdefault(job_id, render.RateMeter())
+            rate = meter.sample(now, float(state.get("bytes_done") or 0))
+            out.append(render.progress_line(state, width, rate) + "\n")
+        self._drawn = len(self._tasks)
+        self._context.stdout.write("".join(out))
+        self._context.stdout.flush()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _task_line(task: Mapping[str, Any]) -> str:
@@ -196,18 +369,17 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
     task_id = client.call("tasks.download", params)["task_id"]
     if not context.json:
         context.line(task_id)
-    while True:
-        push = client.next_push()
-        update = push.params if isinstance(push.params, dict) else {}
-        if push.method != "task_update" or update.get("job_id") != task_id:
-            continue
-        if not context.json:
-            context.line(f"{update.get('status')}: {update.get('message')}")
-        if update.get("status") in ("completed", "error", "cancelled"):
-            task = client.call("tasks.get", {"task_id": task_id})
-            if context.json:
-                context.line(render.to_json(task))
-            return EXIT_OK if task["status"] == "completed" else EXIT_FAILED
+    display = TaskDisplay(context)
+    follow = _Follow(context, display, task_id, None, False, pushes_as_json=False)
+    try:
+        display.show(client.call("tasks.get", {"task_id": task_id}))
+        while (ended := follow.push(client.next_push())) is None:
+            pass
+    finally:
+        display.close()
+    if context.json:
+        context.line(render.to_json(client.call("tasks.get", {"task_id": task_id})))
+    return ended
 
 
 def tasks_arguments(parser: argparse.ArgumentParser) -> None:
@@ -332,7 +504,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("publish", "publish a status message; prints its seq", run_publish, publish_arguments),
     Command("status", "show recent status messages, oldest first", run_status, status_arguments),
     Command(
-        "watch", "print status messages as they come, until Ctrl-C", run_watch, watch_arguments
+        "watch",
+        "print status messages and task progress as they come, until Ctrl-C",
+        run_watch,
+        watch_arguments,
     ),
     Command("download", "download URLs as one task", run_download, download_arguments),
     Command("tasks", "list your tasks, newest first", run_tasks, tasks_arguments),

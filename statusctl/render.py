@@ -9,6 +9,7 @@ escape sequences to the reader's terminal.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -168,3 +169,143 @@ def format_info(info: Mapping[str, Any]) -> list[str]:
 def format_error(code: int, message: str) -> str:
     """``error -32602: level: must be one of ...``"""
     return f"error {code}: {one_line(message)}"
+
+
+# -- tasks and progress bars ----------------------------------------------------------------
+
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+_FINAL_TASK_STATUSES = ("completed", "failed", "cancelled")
+_MIN_BAR = 10  # a bar narrower than this says nothing; other fields go first
+_MAX_BAR = 40
+_MIN_NAME = 12  # a name is not cut shorter than this while fields can go instead
+_RATE_WINDOW = 5.0  # seconds of samples a rate is measured over
+_MAX_RATE_SAMPLES = 64
+
+
+def format_bytes(count: int | float) -> str:
+    """``1536`` -> ``1.5 KiB``; under 1 KiB, ``512 B``."""
+    value = float(count)
+    for unit in _BYTE_UNITS:
+        if abs(value) < 1024 or unit == _BYTE_UNITS[-1]:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_rate(bytes_per_second: float) -> str:
+    return f"{format_bytes(bytes_per_second)}/s"
+
+
+def _number(value: Any, default: float = 0) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return default
+
+
+def task_fraction(task: Mapping[str, Any]) -> float:
+    """How far a task (TaskInfo or job_update) is, 0.0 to 1.0: by bytes when the total
+    is known (a single large file moves smoothly), else by the daemon's item progress."""
+    status = task.get("task_status", task.get("status"))
+    if status == "completed":
+        return 1.0
+    done = _number(task.get("bytes_done"))
+    total = _number(task.get("bytes_total"))
+    if total > 0:
+        return min(1.0, max(0.0, done / total))
+    return min(1.0, max(0.0, _number(task.get("progress")) / 100))
+
+
+def _cut(text: str, width: int) -> str:
+    if width <= 0:
+        return ""
+    if len(text) <= width:
+        return text
+    return text[: width - 3] + "..." if width > 3 else text[:width]
+
+
+def progress_line(task: Mapping[str, Any], width: int, rate: float | None = None) -> str:
+    """One terminal line for a task (TaskInfo or job_update), at most ``width`` columns:
+
+    ``name [=========>         ]  45.2%  3/10  12.0 MiB/26.5 MiB  4.1 MiB/s  file.iso``
+
+    Fields leave from the right as the terminal narrows (current item, rate, bytes), then
+    the name is cut; the bar keeps at least 10 columns while there is room for it.
+    """
+    fraction = task_fraction(task)
+    name = one_line(str(task.get("name") or task.get("job_id") or task.get("id") or "task"))
+    items = (
+        f"{int(_number(task.get('processed', task.get('processed_items'))))}"
+        f"/{int(_number(task.get('total', task.get('total_items'))))}"
+    )
+    done, total = task.get("bytes_done"), task.get("bytes_total")
+    size = ""
+    if _number(done) > 0 or _number(total) > 0:
+        size = format_bytes(_number(done))
+        if _number(total) > 0:
+            size += f"/{format_bytes(_number(total))}"
+    status = str(task.get("task_status", task.get("status", "")))
+    tail = [f"{fraction * 100:5.1f}%", items, size]
+    if status in _FINAL_TASK_STATUSES or status == "pending":
+        tail.append(status)
+    elif rate is not None:
+        tail.append(format_rate(rate))
+    current = task.get("current_item")
+    if current and status not in _FINAL_TASK_STATUSES:
+        tail.append(one_line(str(current)))
+    fields = [field for field in tail if field]
+    shortest_name = min(len(name), _MIN_NAME)
+    # Optional fields leave from the right until a shortened name and a minimal bar fit.
+    while len(fields) > 2 and shortest_name + 3 + _MIN_BAR + 2 + len("  ".join(fields)) > width:
+        fields.pop()
+    fixed = "  ".join(fields)
+    room = width - len(fixed) - 2 - 3  # "  " before the fields, " [" and "]" around the bar
+    if room - shortest_name < _MIN_BAR:
+        # Too narrow for a bar: how far it is matters more than the whole name.
+        return _cut(f"{_cut(name, max(_MIN_NAME, width - len(fixed) - 2))}  {fixed}", width)
+    bar_width = min(_MAX_BAR, max(_MIN_BAR, room - len(name)))
+    name = _cut(name, room - bar_width)
+    filled = int(fraction * bar_width)
+    bar = ("=" * filled + ">").ljust(bar_width)[:bar_width]
+    return f"{name} [{bar}]  {fixed}"
+
+
+def format_task_update(update: Mapping[str, Any]) -> str:
+    """A ``task_update`` push as one plain line, for logs and pipes:
+
+    ``t2026...-ab12cd34  progress      45.2%  3/10  12.0 MiB  Processed 3 of 10``
+    """
+    fraction = task_fraction(update)
+    items = f"{update.get('processed', 0)}/{update.get('total', 0)}"
+    parts = [
+        one_line(str(update.get("job_id", "?"))),
+        f"{one_line(str(update.get('status', '?'))):<12} {fraction * 100:5.1f}%",
+        items,
+    ]
+    if _number(update.get("bytes_done")) > 0:
+        parts.append(format_bytes(_number(update.get("bytes_done"))))
+    parts.append(one_line(str(update.get("message", ""))))
+    return "  ".join(parts)
+
+
+class RateMeter:
+    """Bytes per second of one task, over the last few seconds of its updates.
+
+    Pure: the caller passes the clock reading (``time.monotonic()`` in statusctl).
+    """
+
+    def __init__(self, window: float = _RATE_WINDOW) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, float]] = deque(maxlen=_MAX_RATE_SAMPLES)
+
+    def sample(self, now: float, bytes_done: float) -> float | None:
+        """Record ``bytes_done`` at ``now``; the rate, once two samples span some time."""
+        if self._samples and bytes_done < self._samples[-1][1]:
+            self._samples.clear()  # a restart from zero: earlier samples mean nothing now
+        self._samples.append((now, bytes_done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self._window:
+            self._samples.popleft()
+        first_time, first_bytes = self._samples[0]
+        span = now - first_time
+        if span < 0.2:
+            return None
+        return max(0.0, (bytes_done - first_bytes) / span)

@@ -57,6 +57,7 @@ class Daemon:
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
     notifier: Notifier = attrs.Factory(Notifier)
+    downloads: DownloadService | None = None
 
     @property
     def channel(self) -> StatusChannel:
@@ -119,6 +120,8 @@ class Daemon:
         logging.getLogger().setLevel(effective.log_level.upper())
         self.unix.max_connections = effective.max_connections
         self.tasks.max_running = effective.max_running_tasks
+        if self.downloads is not None:
+            self.downloads.configure(effective.downloads)
         # The WebSocket server reads allowed_origins from here at each handshake.
         self.config = effective
         self.channel.publish_status(Level.INFO, "Configuration reloaded")
@@ -134,6 +137,7 @@ def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
         log_level=new.log_level,
         max_connections=new.max_connections,
         max_running_tasks=new.max_running_tasks,
+        downloads=new.downloads,
         websocket=attrs.evolve(old.websocket, allowed_origins=new.websocket.allowed_origins),
         config_file=new.config_file,
     )
@@ -189,7 +193,7 @@ async def run(
         await nursery.start(tasks.serve)
         unix = UnixServer(config, api, streams)
         await nursery.start(unix.serve, passed.unix)
-        daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier)
+        daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier, downloads=downloads)
         channel.publish_status(Level.INFO, "System ready")
         notifier.ready(daemon.status_line())
         if notifier.enabled:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from statusd.config import Config
+from statusd.config import Config, DownloadsConfig
 from statusd.downloads import (
     DownloadItem,
     DownloadSettings,
@@ -43,14 +43,15 @@ MAX_ITEMS = 10_000
 class DownloadService:
     def __init__(self, config: Config) -> None:
         self._config = config
-        cap = config.downloads.max_file_bytes
-        self.settings = DownloadSettings(
-            max_attempts=config.downloads.max_attempts,
-            connect_timeout=config.downloads.connect_timeout,
-            read_timeout=config.downloads.read_timeout,
-            max_file_bytes=cap or None,
-        )
+        self.settings = _settings(config.downloads)
         self._client: HTTPClient | None = None
+
+    def configure(self, downloads: DownloadsConfig) -> None:
+        """New ``[downloads]`` settings (SIGHUP): items that start from now on use them;
+        ``parallel_items`` applies to tasks that start from now on, ``batch_size`` to
+        tasks created from now on."""
+        self._config = attrs.evolve(self._config, downloads=downloads)
+        self.settings = _settings(downloads)
 
     @property
     def client(self) -> HTTPClient:
@@ -115,6 +116,15 @@ class DownloadService:
         return DownloadJob(self, spec, checkpoints)
 
 
+def _settings(downloads: DownloadsConfig) -> DownloadSettings:
+    return DownloadSettings(
+        max_attempts=downloads.max_attempts,
+        connect_timeout=downloads.connect_timeout,
+        read_timeout=downloads.read_timeout,
+        max_file_bytes=downloads.max_file_bytes or None,
+    )
+
+
 @attrs.define
 class DownloadJob:
     service: DownloadService
@@ -123,17 +133,36 @@ class DownloadJob:
     items: list[DownloadItem] = attrs.field(init=False)
     states: list[ItemState] = attrs.field(init=False)
     results: list[ItemResult | None] = attrs.field(init=False)
+    # Each item's size as its server announced it (or as it ended); None while unknown.
+    sizes: list[int | None] = attrs.field(init=False)
+    held: list[int] = attrs.field(init=False)  # bytes each item holds now (on_bytes)
+    # Items journalled as done while their NAME.part was still linked to NAME: the part
+    # is removed right after, and a later record says so ("settled"); a restart removes
+    # the parts of those the journal does not know as settled.
+    unsettled: set[int] = attrs.field(init=False)
+    _settled: list[int] = attrs.field(init=False)  # settled, not yet journalled as such
+    _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
+        self.sizes = [None] * len(self.items)
+        self.held = [0] * len(self.items)
+        self.unsettled = set()
+        self._settled = []
+        self._journalled = {}
         for checkpoint in self.checkpoints:
+            self.unsettled.difference_update(checkpoint.get("settled", ()))
             index = checkpoint["item"]
+            if checkpoint.get("settle"):
+                self.unsettled.add(index)
             if "state" in checkpoint:
                 self.states[index] = converter.structure(checkpoint["state"], ItemState)
             if checkpoint.get("result") is not None:
-                self.results[index] = converter.structure(checkpoint["result"], ItemResult)
+                result = converter.structure(checkpoint["result"], ItemResult)
+                self.results[index] = result
+                self.sizes[index] = result.bytes
 
     @property
     def dest(self) -> Path:
@@ -146,21 +175,25 @@ class DownloadJob:
         count = len(self.items)
         batches = math.ceil(count / size)
         limiter = trio.CapacityLimiter(self.service._config.downloads.parallel_items)
+        for index in sorted(self.unsettled):
+            await remove_partial(self.dest, self.states[index])
+        # After a restart, count the finished items again; unfinished ones report what
+        # they hold on disk as they resume.
+        reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
         reporter.update_progress(self._processed())
-        async with trio.open_nursery() as checkpoints:
-            for batch in range(batches):
-                indices = [
-                    i
-                    for i in range(batch * size, min(count, (batch + 1) * size))
-                    if self.results[i] is None
-                ]
-                if not indices:
-                    continue
-                reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
-                async with trio.open_nursery() as nursery:
-                    for index in indices:
-                        nursery.start_soon(self._fetch, index, limiter, reporter, checkpoints)
-                reporter.batch_update(batch + 1, batches)
+        for batch in range(batches):
+            indices = [
+                i
+                for i in range(batch * size, min(count, (batch + 1) * size))
+                if self.results[i] is None
+            ]
+            if not indices:
+                continue
+            reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
+            async with trio.open_nursery() as nursery:
+                for index in indices:
+                    nursery.start_soon(self._fetch, index, limiter, reporter)
+            reporter.batch_update(batch + 1, batches)
         result = self._result()
         if result["failed"]:
             raise JobFailed(f"{result['failed']} of {count} items failed", result)
@@ -175,17 +208,20 @@ class DownloadJob:
         index: int,
         limiter: trio.CapacityLimiter,
         reporter: Reporter,
-        checkpoints: trio.Nursery,
     ) -> None:
         item = self.items[index]
         async with limiter:
             reporter.update_progress(self._processed(), item.url)
 
-            def on_state(state: ItemState) -> None:
-                # Journal the chosen name and validator so a restart resumes this .part.
-                checkpoints.start_soon(
-                    reporter.checkpoint, {"item": index, "state": unstructure(state)}
-                )
+            async def on_state(state: ItemState) -> None:
+                # The engine writes nothing under a name or validator before this returns,
+                # so the journal always knows whose NAME.part is on disk.
+                record: dict[str, Any] = {"item": index, "state": unstructure(state)}
+                if state.done:
+                    # The result goes with "done": one journal write fewer per item.
+                    result = self._journalled[index] = self._done_result(index, state)
+                    record |= {"result": unstructure(result), "settle": True}
+                await self._checkpoint(reporter, record)
 
             result = await download_item(
                 self.service.client,
@@ -193,16 +229,45 @@ class DownloadJob:
                 self.dest,
                 self.service.settings,
                 self.states[index],
-                on_bytes=lambda delta, _total: reporter.add_bytes(delta),
+                on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
                 on_state=on_state,
             )
         self.results[index] = result
-        await reporter.checkpoint(
-            {"item": index, "state": unstructure(self.states[index]), "result": unstructure(result)}
-        )
+        self._set_size(reporter, index, result.bytes)
+        if self._journalled.pop(index, None) == result:
+            self._settled.append(index)  # journalled with the next record
+        else:
+            state = unstructure(self.states[index])
+            await self._checkpoint(
+                reporter, {"item": index, "state": state, "result": unstructure(result)}
+            )
         if result.error:
             reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
         reporter.update_progress(self._processed())
+
+    def _done_result(self, index: int, state: ItemState) -> ItemResult:
+        """What ``download_item`` returns for an item that reports ``done`` (the engine
+        has checked the item's sha256, if any, before it does)."""
+        item = self.items[index]
+        path = str(self.dest / (state.name or ""))
+        return ItemResult(item.url, path, self.held[index], item.sha256, None)
+
+    async def _checkpoint(self, reporter: Reporter, record: dict[str, Any]) -> None:
+        if self._settled:
+            record["settled"], self._settled = self._settled, []
+        await reporter.checkpoint(record)
+
+    def _on_bytes(self, reporter: Reporter, index: int, delta: int, total: int | None) -> None:
+        if total is not None and self.sizes[index] != total:
+            self._set_size(reporter, index, total)
+        self.held[index] += delta
+        reporter.add_bytes(delta)
+
+    def _set_size(self, reporter: Reporter, index: int, size: int) -> None:
+        """bytes_total is known once every item's size is (a single file: at its head)."""
+        self.sizes[index] = size
+        if all(known is not None for known in self.sizes):
+            reporter.set_bytes_total(sum(known or 0 for known in self.sizes))
 
     def _result(self) -> dict[str, Any]:
         items = [

@@ -13,7 +13,10 @@ concurrency, journal) and knows nothing of HTTP. What one call guarantees:
 - **durability**: the data is fdatasynced before the link, and the directory after it, before
   the item is reported done.
 - **resume**: ``ItemState`` (name and validator) is handed to ``on_state`` whenever it
-  changes and before any data is written under it; the caller persists it. With a
+  changes, and ``on_state`` is awaited before any data is written under it, so a caller
+  that journals it there durably never loses a part file to a crash. ``done`` is reported
+  while NAME.part is still linked to NAME (when there is an ``on_state``): a crash before
+  the caller has it finds the pair and finishes, rather than fetch NAME.1. With a
   ``NAME.part`` of N bytes and a validator, a retry (or a call after a restart) asks for
   ``Range: bytes=N-`` with ``If-Range``. A 206 from byte N with the same validator is
   appended; a 200 means the server sent the whole entity, so the part is emptied and
@@ -31,7 +34,8 @@ concurrency, journal) and knows nothing of HTTP. What one call guarantees:
   stays, for a resume after a daemon restart; a user's cancel removes it with
   ``remove_partial``.
 - **progress**: ``on_bytes(delta, total)`` after every piece received; the sum of all
-  deltas is always the amount of data the item holds, so a restart from zero reports a
+  deltas is always the amount of data the item holds (when ``on_state`` hears ``done``:
+  the file's size), so a restart from zero reports a
   negative delta, a resume reports the bytes already on disk, and a failure takes back
   what it reported. ``total`` is the file's full size when the server said it.
 
@@ -57,7 +61,7 @@ import queue
 import re
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -170,7 +174,7 @@ def _ignore_bytes(delta: int, total: int | None) -> None:
     pass
 
 
-def _ignore_state(state: ItemState) -> None:
+async def _ignore_state(state: ItemState) -> None:
     pass
 
 
@@ -182,10 +186,12 @@ async def download_item(
     state: ItemState,
     *,
     on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
-    on_state: Callable[[ItemState], None] = _ignore_state,
+    on_state: Callable[[ItemState], Awaitable[None]] = _ignore_state,
 ) -> ItemResult:
     """Download ``item`` into the directory ``dest`` (created if missing).
 
+    ``on_state`` is awaited, and nothing is written under a name or validator before it
+    returns: a caller that journals the state durably there can always resume.
     Never raises for a failed download (see ``ItemResult.error``); ``trio.Cancelled``
     propagates at once, also while a server hangs.
     """
@@ -197,8 +203,12 @@ async def download_item(
 
 
 async def remove_partial(dest: Path, state: ItemState) -> bool:
-    """Remove the item's ``NAME.part`` (after a user's cancel); True if there was one."""
-    if state.name is None or state.done:
+    """Remove the item's ``NAME.part`` (after a user's cancel); True if there was one.
+    A finished item keeps its file; only a part still linked to it goes."""
+    if state.name is None:
+        return False
+    if state.done:
+        await _in_thread(_settle_done, os.fspath(dest), state.name)
         return False
     return await _in_thread(_unlink_quietly, _join(os.fspath(dest), _part_name(state.name)))
 
@@ -302,7 +312,7 @@ class _Download:
         settings: DownloadSettings,
         state: ItemState,
         on_bytes: Callable[[int, int | None], None],
-        on_state: Callable[[ItemState], None],
+        on_state: Callable[[ItemState], Awaitable[None]],
     ) -> None:
         self.client = client
         self.item = item
@@ -317,6 +327,12 @@ class _Download:
         self.hashing = settings.sha256_always or item.sha256 is not None
         self.base = state.name or FALLBACK_NAME  # what numbered names are made from
         self.part: _Part | None = None
+        self.has_part = False  # whether NAME.part is this download's, to remove on failure
+        # A caller that journals the state hears of ``done`` while NAME.part is still
+        # linked to NAME: a crash before the journal has it then finds the pair on the next
+        # run (``_finished_earlier``) instead of fetching the file again as NAME.1. Without
+        # a journal the part goes in the same thread hop as the link.
+        self.keep_part_until_done = on_state is not _ignore_state
         # The body being received: the buffer being filled, how full, the file position.
         self.buffer = bytearray()
         self.filled = 0
@@ -324,8 +340,9 @@ class _Download:
 
     async def run(self) -> ItemResult:
         if self.state.done and self.state.name is not None:
-            size = await _in_thread(_file_size, _join(self.dest, self.state.name))
+            size = await _in_thread(_settle_done, self.dest, self.state.name)
             if size is not None:
+                self._report(size)
                 return ItemResult(
                     self.item.url, _join(self.dest, self.state.name), size, self.item.sha256, None
                 )
@@ -346,8 +363,9 @@ class _Download:
                 return await self._failed(str(exc))
 
     async def _failed(self, message: str) -> ItemResult:
-        if self.state.name is not None:
+        if self.state.name is not None and self.has_part:
             await _in_thread(_unlink_quietly, _join(self.dest, _part_name(self.state.name)))
+            self.has_part = False
         self._report(0)
         return ItemResult(self.item.url, None, 0, None, message)
 
@@ -360,11 +378,17 @@ class _Download:
     async def _attempt(self) -> ItemResult:
         offset = 0
         if self.allow_range and self.state.name is not None:
-            offset, finished = await _in_thread(_inspect_part, self.dest, self.state.name)
+            size, finished = await _in_thread(_inspect_part, self.dest, self.state.name)
             if finished:
                 return await self._finished_earlier()
-            if self.state.validator is None:
-                offset = 0  # nothing to check a resumed answer against: start again
+            if size is None:
+                # Named (and journalled) but never created, or gone: claim a name afresh,
+                # with O_EXCL, rather than write into a NAME.part someone else may hold.
+                self.state.name = None
+            else:
+                self.has_part = True
+                # Without a validator nothing can check a resumed answer: start again.
+                offset = size if self.state.validator is not None else 0
         self.allow_range = True
         headers = []
         if offset > 0:
@@ -398,11 +422,12 @@ class _Download:
         """A crash came between linking NAME and removing NAME.part: finish that."""
         assert self.state.name is not None
         path = _join(self.dest, self.state.name)
-        await _in_thread(_unlink_quietly, _join(self.dest, _part_name(self.state.name)))
         size = await _in_thread(_file_size, path)
-        self.state.done = True
-        self.on_state(self.state)
         self._report(size or 0)
+        self.state.done = True
+        await self.on_state(self.state)
+        await _in_thread(_unlink_quietly, _join(self.dest, _part_name(self.state.name)))
+        self.has_part = False
         return ItemResult(self.item.url, str(path), size or 0, self.item.sha256, None)
 
     async def _receive(self, response: Response, offset: int) -> ItemResult:
@@ -443,16 +468,17 @@ class _Download:
                 self.base = self._first_candidate(response)
                 self.state.name = self.base
                 self.state.validator = validator
-                self.on_state(self.state)
+                await self.on_state(self.state)
             else:
                 # Resuming, or starting again: empty or hash the part *before* a new
                 # validator is reported, so it only ever holds that entity's prefix.
                 self.part = await self._file_work(
                     _open_part, self.dest, self.state.name, start, self.hashing
                 )
+                self.has_part = True
                 if validator != self.state.validator:
                     self.state.validator = validator
-                    self.on_state(self.state)
+                    await self.on_state(self.state)
             self._report(start)
             return await self._stream(response, start)
         finally:
@@ -544,9 +570,10 @@ class _Download:
                 _create_part, self.dest, self.state.name, self.base, self.hashing
             )
             if isinstance(created, _Taken):
-                self._rename(created.free)
+                await self._rename(created.free)
             else:
                 self.part = created
+                self.has_part = True
         return self.part
 
     async def _keep(self) -> None:
@@ -559,9 +586,9 @@ class _Download:
         part = _join(self.dest, _part_name(self.state.name or FALLBACK_NAME))
         return _Fail(_file_error(exc, part))
 
-    def _rename(self, free: str) -> None:
+    async def _rename(self, free: str) -> None:
         self.state.name = free
-        self.on_state(self.state)
+        await self.on_state(self.state)
 
     async def _complete(self) -> ItemResult:
         data = memoryview(self.buffer)[: self.filled]
@@ -577,6 +604,7 @@ class _Download:
                     self.base,
                     self.item.sha256,
                     self.hashing,
+                    self.keep_part_until_done,
                     sync_directory=self.dest,
                 )
             except OSError as exc:
@@ -584,15 +612,20 @@ class _Download:
                     _file_error(exc, _join(self.dest, _part_name(self.state.name)))
                 ) from exc
             if isinstance(outcome, _Taken):
-                self._rename(outcome.free)
+                await self._rename(outcome.free)
                 continue
             break
         self.part = None  # closed by _finish
         if outcome.final is None:
+            self.has_part = False  # _finish removed it
             raise _Fail(f"sha256 mismatch: expected {self.item.sha256}, got {outcome.digest}")
+        part_name = _part_name(self.state.name)
         self.state.name = outcome.final
         self.state.done = True
-        self.on_state(self.state)
+        await self.on_state(self.state)
+        if self.keep_part_until_done:
+            await _in_thread(_unlink_quietly, _join(self.dest, part_name))
+        self.has_part = False
         path = _join(self.dest, outcome.final)
         return ItemResult(self.item.url, str(path), self.position, outcome.digest, None)
 
@@ -923,12 +956,12 @@ async def _in_thread(work: Callable[..., _T], *args: Any) -> _T:
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _inspect_part(dest: str, name: str) -> tuple[int, bool]:
-    """(size of NAME.part or 0, whether NAME.part is already linked as NAME)."""
+def _inspect_part(dest: str, name: str) -> tuple[int | None, bool]:
+    """(size of NAME.part or None if there is none, whether it is already linked as NAME)."""
     try:
         info = os.lstat(_join(dest, _part_name(name)))
     except FileNotFoundError:
-        return 0, False
+        return None, False
     try:
         final = os.lstat(_join(dest, name))
     except FileNotFoundError:
@@ -1025,27 +1058,36 @@ def _finish(
     base: str,
     sha256: str | None,
     hashing: bool,
+    keep_part: bool,
 ) -> _Finished | _Taken:
     """Write the last batch (creating NAME.part first if there is none), fsync, check the
-    digest, link NAME.part to a free final name and remove NAME.part. The pool fsyncs the
-    directory before anyone hears of it."""
+    digest, link NAME.part to a free final name and (unless ``keep_part``) remove
+    NAME.part. The pool fsyncs the directory before anyone hears of it. A NAME.part
+    created here is removed again on failure."""
+    created = part is None
     if part is None:
-        created = _create_part(dest, name, base, hashing)
-        if isinstance(created, _Taken):
-            return created
-        part = created
+        new = _create_part(dest, name, base, hashing)
+        if isinstance(new, _Taken):
+            return new
+        part = new
     part_path = _join(dest, _part_name(name))
     try:
-        _write_data(part, data)
-        os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
-    finally:
-        part.close()
-    digest: str | None = None if part.hasher is None else part.hasher.hexdigest()
-    if sha256 is not None and digest != sha256:
-        _unlink_quietly(part_path)
-        return _Finished(None, digest)
-    final = _link_free(part_path, dest, name, base)
-    os.unlink(part_path)
+        try:
+            _write_data(part, data)
+            os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
+        finally:
+            part.close()
+        digest: str | None = None if part.hasher is None else part.hasher.hexdigest()
+        if sha256 is not None and digest != sha256:
+            _unlink_quietly(part_path)
+            return _Finished(None, digest)
+        final = _link_free(part_path, dest, name, base)
+    except OSError:
+        if created:
+            _unlink_quietly(part_path)
+        raise
+    if not keep_part:
+        os.unlink(part_path)
     return _Finished(final, digest)
 
 
@@ -1072,6 +1114,21 @@ def _fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _settle_done(dest: str, name: str) -> int | None:
+    """The size of finished NAME (None if it is gone), removing a NAME.part still linked
+    to it (a crash after the journal had ``done`` and before the part was removed)."""
+    try:
+        final = os.lstat(_join(dest, name))
+    except FileNotFoundError:
+        return None
+    part_path = _join(dest, _part_name(name))
+    with contextlib.suppress(FileNotFoundError):
+        part = os.lstat(part_path)
+        if (part.st_ino, part.st_dev) == (final.st_ino, final.st_dev):
+            os.unlink(part_path)
+    return final.st_size
 
 
 def _unlink_quietly(path: str) -> bool:

@@ -79,6 +79,7 @@ class Reporter:
         self._manager = manager
         self._task = task
         self._last_push = -math.inf
+        self._trailing_push = False
 
     @property
     def task_id(self) -> str:
@@ -95,15 +96,33 @@ class Reporter:
             self._task.bytes_total = total
         self._maybe_push()
 
+    def set_bytes_done(self, done: int) -> None:
+        self._task.bytes_done = done
+
     def set_bytes_total(self, total: int | None) -> None:
         self._task.bytes_total = total
 
     def _maybe_push(self) -> None:
         # Progress is throttled per task; state changes and batches are always pushed.
+        # What a throttled call reported goes out at the end of the interval, so a
+        # transfer that stalls is not shown where it was a moment before.
         now = trio.current_time()
         if now - self._last_push >= PROGRESS_INTERVAL:
-            self._last_push = now
-            self._manager.push(self._task, "progress", self.progress_message())
+            self._push_progress(now)
+        elif not self._trailing_push:
+            self._trailing_push = True
+            self._manager.start_soon(self._push_later, self._last_push + PROGRESS_INTERVAL)
+
+    def _push_progress(self, now: float) -> None:
+        self._last_push = now
+        self._manager.push(self._task, "progress", self.progress_message())
+
+    async def _push_later(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        self._trailing_push = False
+        now = trio.current_time()
+        if self._task.status is TaskStatus.RUNNING and now - self._last_push >= PROGRESS_INTERVAL:
+            self._push_progress(now)
 
     def progress_message(self) -> str:
         task = self._task
@@ -401,6 +420,11 @@ class TaskManager:
             log.exception("task %s: could not journal the change to %s", task.id, status.value)
 
     # -- events ----------------------------------------------------------------------------
+
+    def start_soon(self, function: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """Run a small background job (a delayed progress push) beside the tasks."""
+        if self._nursery is not None:
+            self._nursery.start_soon(function, *args)
 
     def push(self, task: TaskInfo, status: str, message: str, **extra: Any) -> None:
         timestamp = format_timestamp(self._now())

@@ -17,7 +17,7 @@ Use::
 
 A handler is ``async def handler(request, responder)``; the helpers below build the usual
 ones (``serve_data``, ``status``, ``redirect``, ``cut_off``, ``hang_before_head``,
-``hang_after_head``, ``sequence``).
+``hang_after_head``, ``held``, ``sequence``).
 """
 
 from __future__ import annotations
@@ -294,6 +294,22 @@ def hang_after_head(data: bytes, sent: int = 0, *, etag: str | None = '"v1"') ->
         await responder.send_head(200, headers)
         await responder.send_raw(data[:sent])
         await responder.hang()
+
+    return handler
+
+
+def held(data: bytes, at: int, release: trio.Event, *, etag: str | None = '"v1"') -> Handler:
+    """Announce ``data``, send its first ``at`` bytes, then the rest once ``release`` is
+    set: a transfer the test lets finish when it has seen what it wants mid-way."""
+
+    async def handler(request: Request, responder: Responder) -> None:
+        headers = [("Content-Length", str(len(data)))]
+        if etag is not None:
+            headers.append(("ETag", etag))
+        await responder.send_head(200, headers)
+        await responder.send_raw(data[:at])
+        await release.wait()
+        await responder.send_raw(data[at:])
 
     return handler
 

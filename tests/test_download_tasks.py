@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
 
+from statusd.channel import StatusChannel
 from statusd.daemon import Daemon
+from statusd.download_job import DownloadService
+from statusd.events import Streams
+from statusd.store import load
+from statusd.tasks import TaskManager
+from tests.conftest import make_config
 from tests.http_servers import (
     HTTPTestServer,
     hang_after_head,
@@ -119,3 +128,85 @@ async def test_unknown_task_is_not_found(daemon: Daemon, connect: Any) -> None:
     client = await connect()
     response = await client.request("tasks.get", {"task_id": "nope"})
     assert response["error"]["code"] == -32001
+
+
+async def test_download_settings_change_on_reload(
+    daemon: Daemon, connect: Any, http_server: HTTPTestServer
+) -> None:
+    """``[downloads]`` applies live on SIGHUP: here the size cap and the batch size."""
+    url = http_server.route("/five-k.bin", serve_data(b"x" * 5000))
+    new = attrs.evolve(
+        daemon.config,
+        downloads=attrs.evolve(daemon.config.downloads, max_file_bytes=1000, batch_size=1),
+    )
+    assert await daemon.reload(lambda: new)
+    assert daemon.config.downloads == new.downloads
+    client = await connect()
+    await client.call("subscribe", {"tasks": "all", "status": True})
+    task_id = (await client.call("tasks.download", {"urls": [url, url]}))["task_id"]
+    task = await wait_for_end(client, task_id)
+    assert task["status"] == "failed"
+    assert [item["error"] for item in task["result"]["items"]] == [
+        "file exceeds the size cap of 1000 bytes"
+    ] * 2
+    # batch_size 1: two batches; the status messages went by before the end.
+    recent = await client.call("status.recent")
+    messages = [message["message"] for message in recent["messages"]]
+    assert "Processing batch 2 of 2" in messages
+
+
+async def test_the_journal_has_two_records_per_item(
+    daemon: Daemon, connect: Any, http_server: HTTPTestServer
+) -> None:
+    """One before the first byte (name and validator), one with "done" and the result;
+    that the part is gone rides on a later record ("settled")."""
+    urls = [http_server.route(f"/j{n}.bin", serve_data(bytes([n]) * 5000)) for n in range(3)]
+    client = await connect()
+    await client.call("subscribe", {"tasks": "all"})
+    task_id = (await client.call("tasks.download", {"urls": urls, "batch_size": 1}))["task_id"]
+    assert (await wait_for_end(client, task_id))["status"] == "completed"
+    records = load(daemon.config.state_dir / "tasks.jsonl").records
+    checkpoints = [record["data"] for record in records if record["op"] == "checkpoint"]
+    assert [(c["item"], c["state"]["done"], "result" in c) for c in checkpoints] == [
+        (0, False, False),
+        (0, True, True),
+        (1, False, False),
+        (1, True, True),
+        (2, False, False),
+        (2, True, True),
+    ]
+    assert [c.get("settled") for c in checkpoints] == [None, None, [0], None, [1], None]
+    assert checkpoints[1]["result"] == {
+        "url": urls[0],
+        "path": str(daemon.config.download_dir / "j0.bin"),
+        "bytes": 5000,
+        "sha256": None,
+        "error": None,
+    }
+
+
+async def test_a_restart_removes_parts_of_items_done_but_not_settled(
+    nursery: trio.Nursery, tmp_path: Path, http_server: HTTPTestServer
+) -> None:
+    """A crash between journalling "done" and removing NAME.part: the next run removes
+    the part (still linked to the file) and fetches nothing."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "a.bin").write_bytes(b"a" * 100)
+    os.link(dest / "a.bin", dest / "a.bin.part")
+    url = http_server.route("/a.bin", serve_data(b"a" * 100))
+    state = {"name": "a.bin", "validator": '"v1"', "done": True}
+    result = {"url": url, "path": str(dest / "a.bin"), "bytes": 100, "sha256": None, "error": None}
+    spec = {"items": [{"url": url}], "dest": str(dest), "batch_size": 10}
+    streams = Streams(StatusChannel())
+    manager = TaskManager(streams.status, streams.tasks, journal_path=None)
+    await nursery.start(manager.serve)
+    service = DownloadService(make_config(tmp_path))
+    job = service.job(spec, [{"item": 0, "state": state, "result": result, "settle": True}])
+    task_id = await manager.create_task("t", 1, kind="download", owner="alice")
+    manager.run_task(task_id, job)
+    task = await manager.wait_finished(task_id)
+    assert task.status.value == "completed"
+    assert task.bytes_done == 100
+    assert sorted(path.name for path in dest.iterdir()) == ["a.bin"]
+    assert http_server.requests_for("/a.bin") == []

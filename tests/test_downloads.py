@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from statusd.downloads import (
@@ -83,7 +84,7 @@ class Recorder:
         self.deltas.append(delta)
         self.totals.add(total)
 
-    def on_state(self, state: ItemState) -> None:
+    async def on_state(self, state: ItemState) -> None:
         self.states.append(attrs.evolve(state))
 
     @property
@@ -782,3 +783,143 @@ async def test_a_full_disk_fails_the_item_and_nothing_else(
     assert (
         await fetch(client, http_server.route("/thin.bin", serve_data(b"ok")), dest)
     ).error is None
+
+
+# -- what a journal sees (on_state) ----------------------------------------------------------
+
+
+@attrs.define
+class DiskCheckingRecorder(Recorder):
+    """Checks, at every ``on_state``, what is on disk under the state reported: nothing
+    (or an emptied part) under a new name or validator, and the part still linked to the
+    finished file under ``done``, so a journal written there is never behind the disk."""
+
+    dest: Path = Path("/nonexistent")
+    problems: list[str] = attrs.Factory(list)
+
+    async def on_state(self, state: ItemState) -> None:
+        await super().on_state(state)
+        assert state.name is not None
+        part = self.dest / f"{state.name}.part"
+        if state.done:
+            final = self.dest / state.name
+            if not (part.exists() and os.path.samefile(part, final)):
+                self.problems.append(f"{state}: part not linked to the finished file")
+        elif part.exists() and part.stat().st_size > 0:
+            self.problems.append(f"{state}: {part.stat().st_size} bytes already written")
+        await trio.lowlevel.checkpoint()  # a real journal waits for its fsync here
+
+
+def _moving_etag(request: Request) -> str:
+    return f'"v{request.number}"'
+
+
+@pytest.mark.parametrize(
+    ("handler", "settings", "taken"),
+    [
+        (serve_data(DATA), FAST, False),
+        (serve_data(DATA), SMALL_CHUNKS, False),
+        (serve_data(DATA), FAST, True),
+        (serve_data(DATA), SMALL_CHUNKS, True),
+        (
+            sequence(cut_off(DATA, 100_000), serve_data(DATA, etag=_moving_etag)),
+            SMALL_CHUNKS,
+            False,
+        ),
+    ],
+    ids=["one-buffer", "writer", "one-buffer-name-taken", "writer-name-taken", "new-validator"],
+)
+async def test_state_is_reported_before_anything_is_written_under_it(
+    http_server: HTTPTestServer,
+    client: HTTPClient,
+    dest: Path,
+    handler: Any,
+    settings: DownloadSettings,
+    taken: bool,
+) -> None:
+    if taken:
+        (dest / "j.bin").write_bytes(b"someone else's")
+    url = http_server.route("/j.bin", handler)
+    recorder = DiskCheckingRecorder(dest=dest)
+    result = await fetch(client, url, dest, settings, recorder=recorder)
+    assert result.error is None
+    assert recorder.problems == []
+    assert [state.name for state in recorder.states][-1] == ("j.1.bin" if taken else "j.bin")
+    assert recorder.states[-1].done
+    assert sorted(listing(dest)) == (["j.1.bin", "j.bin"] if taken else ["j.bin"])
+
+
+async def test_the_engine_waits_for_on_state(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/wait.bin", serve_data(DATA))
+    reported = trio.Event()
+    journalled = trio.Event()
+
+    async def on_state(state: ItemState) -> None:
+        if not state.done:
+            reported.set()
+            await journalled.wait()
+
+    async def download() -> None:
+        await download_item(client, DownloadItem(url), dest, FAST, ItemState(), on_state=on_state)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(download)
+            await reported.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert listing(dest) == []  # the whole body is in memory, waiting for the journal
+            journalled.set()
+    assert (dest / "wait.bin").read_bytes() == DATA
+
+
+async def test_a_failure_leaves_another_downloads_part_alone(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """The name is chosen before the part is created (O_EXCL): a failure before that
+    must not remove a NAME.part that belongs to another download."""
+    (dest / "shared.bin.part").write_bytes(b"another download's data")
+    url = http_server.route("/shared.bin", serve_data(DATA, chunked=True))
+    settings = attrs.evolve(FAST, max_file_bytes=1000)
+    result = await fetch(client, url, dest, settings)
+    assert result.error == "file exceeds the size cap of 1000 bytes"
+    assert (dest / "shared.bin.part").read_bytes() == b"another download's data"
+
+
+async def test_a_journalled_name_whose_part_never_appeared_is_claimed_afresh(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """A crash between journalling a name and creating its part: meanwhile another file
+    took the name, which stays untouched."""
+    (dest / "gap.bin").write_bytes(b"came later")
+    url = http_server.route("/gap.bin", serve_data(DATA))
+    result = await fetch(client, url, dest, state=ItemState("gap.bin", '"v1"'))
+    assert result.path == str(dest / "gap.1.bin")
+    assert (dest / "gap.bin").read_bytes() == b"came later"
+    assert http_server.requests_for("/gap.bin")[0].headers.get("range") is None
+
+
+async def test_done_journalled_but_part_left_is_tidied(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """A crash after the journal had ``done`` and before the part was removed."""
+    (dest / "tidy.bin").write_bytes(DATA)
+    os.link(dest / "tidy.bin", dest / "tidy.bin.part")
+    url = http_server.route("/tidy.bin", serve_data(DATA))
+    recorder = Recorder()
+    result = await fetch(
+        client, url, dest, state=ItemState("tidy.bin", '"v1"', True), recorder=recorder
+    )
+    assert result.path == str(dest / "tidy.bin")
+    assert listing(dest) == ["tidy.bin"]
+    assert recorder.held == len(DATA)
+    assert http_server.requests_for("/tidy.bin") == []
+
+
+async def test_remove_partial_keeps_a_finished_file(dest: Path) -> None:
+    """A cancel that came while the journal was taking "done": the part is still linked."""
+    (dest / "kept.bin").write_bytes(DATA)
+    os.link(dest / "kept.bin", dest / "kept.bin.part")
+    assert not await remove_partial(dest, ItemState("kept.bin", '"v1"', True))
+    assert listing(dest) == ["kept.bin"]

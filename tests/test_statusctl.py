@@ -202,7 +202,7 @@ async def test_daemon_error_is_exit_4(daemon: Daemon) -> None:
         ["frobnicate"],
         ["publish", "info"],
         ["status", "--since", "soon"],
-        ["watch", "--task", "1"],
+        ["watch", "--task", "1", "--topic", "x"],
     ],
 )
 def test_usage_errors_are_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -220,6 +220,29 @@ async def test_progress_pushes_are_throttled(
     assert len(pushed) == 2
 
 
+async def test_a_throttled_progress_goes_out_at_the_end_of_the_interval(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    """A job that reports a burst and then stalls is shown where it stalled, not where
+    the burst began."""
+    manager, streams = make_manager(None)
+    await nursery.start(manager.serve)
+    session = Session(Caller(1, "alice", False), streams)
+    session.subscribe(tasks="all")
+    job = FakeJob(total=5)
+    task_id = await manager.create_task("t", 5, owner="alice")
+    manager.run_task(task_id, job)
+    await job.started.wait()
+    await trio.sleep(1)
+    import json
+
+    updates = [json.loads(line)["params"] for line in session.take_pending()]
+    # "Task started", the first of the burst, and the rest of it at the interval's end.
+    assert [update["processed"] for update in updates] == [0, 0, 5]
+    job.release.set()
+    await manager.wait_finished(task_id)
+
+
 async def test_task_updates_reach_only_allowed_subscribers(nursery: trio.Nursery) -> None:
     manager, streams = make_manager(None)
     await nursery.start(manager.serve)
