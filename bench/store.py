@@ -55,12 +55,26 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from statusd.store import encode_record, open_store  # noqa: E402
+from statusd.store import open_store  # noqa: E402
 
-WORDS = (
-    "backup disk quota download finished failed restarted weekly report server job user "
-    "update retry mirror archive"
-).split()
+WORDS = [
+    "backup",
+    "disk",
+    "quota",
+    "download",
+    "finished",
+    "failed",
+    "restarted",
+    "weekly",
+    "report",
+    "server",
+    "job",
+    "user",
+    "update",
+    "retry",
+    "mirror",
+    "archive",
+]
 USERS = ("alice", "bob", "carol", None)
 UNSEALED_TAIL = 3000  # records appended after the last seal in the "after a crash" file
 SCHEMA = (
@@ -430,12 +444,13 @@ def report(
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         for name, runs in ready.runs.items():
-            sealed = _median([r.sealed for r in runs])
+            sealed = _median([r.sealed for r in runs]) / (1 << 20)
+            rss = _median([r.rss for r in runs]) / (1 << 20)
             lines.append(
                 f"| {name} | {_median([r.wall_s for r in runs]):.2f} "
                 f"| {_median([r.import_s for r in runs]):.2f} "
                 f"| {_median([r.open_s for r in runs]):.2f} "
-                f"| {sealed / (1 << 20):,.1f} MiB | {_median([r.rss for r in runs]) / (1 << 20):,.0f} "
+                f"| {sealed:,.1f} MiB | {rss:,.0f} "
                 f"| {', '.join(f'{r.wall_s:.2f}' for r in runs)} |"
             )
         clean = _median([r.wall_s for r in ready.runs["statusd, closed cleanly"]])
