@@ -367,7 +367,7 @@ def _cpu_model() -> str:
 def filesystem(directory: Path) -> str:
     """``device type mountpoint`` of the filesystem holding ``directory``."""
     done = subprocess.run(
-        ["df", "-T", "--output=source,fstype,target", str(directory)],
+        ["df", "--output=source,fstype,target", str(directory)],
         capture_output=True,
         text=True,
         check=False,

@@ -181,12 +181,13 @@ def _load(path: Path, loads: Loads) -> _Loaded:
     end = _zeros_start(data)
     sealed, crc = _sealed_prefix(data, end)
     records: list[Any] = []
-    if sealed:
-        try:
-            records = _decode_sealed(data, sealed, loads)
-        except ValueError:  # cannot happen to a file we wrote; check it line by line
-            sealed, crc = 0, 0
-    good_end = _check_lines(path, data, sealed, records, end)
+    with _collector_paused():
+        if sealed:
+            try:
+                records = _decode_sealed(data, sealed, loads)
+            except ValueError:  # cannot happen to a file we wrote; check it line by line
+                sealed, crc = 0, 0
+        good_end = _check_lines(path, data, sealed, records, end)
     crc = zlib.crc32(memoryview(data)[sealed:good_end], crc)
     cut = len(data) - good_end
     if cut:
@@ -247,16 +248,17 @@ def _decode_sealed(data: bytes, end: int, loads: Loads) -> list[Any]:
     """Every record before ``end``, where every line is known good: one decode of the
     lines as a JSON array (many times faster than a ``loads`` per line)."""
     text = b"".join((b"[", memoryview(data)[: end - 1], b"]")).replace(b"\n", b",")
-    with _collector_paused():
-        lines: list[dict[str, Any]] = loads(text)
-        del text
-        return [line["rec"] for line in lines if "rec" in line]
+    lines: list[dict[str, Any]] = loads(text)
+    del text
+    return [line["rec"] for line in lines if "rec" in line]
 
 
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a million records are made: none of them
-    is garbage, but each full collection would walk them all (4 s of 7 for 1M records)."""
+    is garbage, but each full collection would walk them all (4 s of 7 for 1M records).
+    The collector is process-wide: of two pauses at once (two stores opened together),
+    the first to end enables it again, so one may end early; none leaves it off."""
     enabled = gc.isenabled()
     gc.disable()
     try:
