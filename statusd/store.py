@@ -30,12 +30,13 @@ Rules (they are what makes an acknowledged write safe):
   skip it silently;
 - compaction writes a temporary file in the same directory, fsyncs it, renames it over the
   store, reopens it and fsyncs the directory; temporary files left by a crash are removed
-  on open. Whatever step a crash interrupts, the store is the old file or the new one.
-
-Appends write into space reserved ahead with zeros (``PREALLOCATE`` bytes at a time), so
-most syncs flush data only and need not commit a new file size (a quarter to a third
-cheaper on ext4). A clean close cuts the reserve off; after a crash, the zeros at the end
-are cut on open like a torn tail.
+  on open. Whatever step a crash interrupts, the store is the old file or the new one;
+- appends extend the file (``O_APPEND``) rather than overwrite space reserved ahead, though
+  a sync that need not commit a new size is a quarter cheaper: the filesystem commits the
+  new size only after the data (ext4 ``data=ordered``, XFS), so a crash leaves a prefix of
+  the last batch, a torn tail. Pages overwritten in place may reach the disk in any order,
+  and a crash could then leave good lines after a hole, which is indistinguishable from
+  damage.
 
 Blocking file work runs in ``trio.to_thread.run_sync``, one call per batch. This module
 knows nothing of what the records mean (tasks, notifications): it depends on trio, attrs
@@ -72,8 +73,6 @@ TEMP_SUFFIX = ".compact-tmp"
 # Bytes of appends after which the next batch also writes a seal: what a crash leaves to
 # be checked line by line on the next open.
 SEAL_EVERY = 1 << 20
-# Zeros written past the end at a time, so that appends overwrite instead of growing the file.
-PREALLOCATE = 1 << 20
 
 # One encoder for every record: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
@@ -178,8 +177,7 @@ def _load(path: Path, loads: Loads) -> _Loaded:
         data = path.read_bytes()
     except FileNotFoundError:
         return _Loaded(LoadReport([], 0, removed), 0, 0, 0)
-    end = _zeros_start(data)
-    sealed, crc = _sealed_prefix(data, end)
+    sealed, crc = _sealed_prefix(data)
     records: list[Any] = []
     with _collector_paused():
         if sealed:
@@ -187,49 +185,24 @@ def _load(path: Path, loads: Loads) -> _Loaded:
                 records = _decode_sealed(data, sealed, loads)
             except ValueError:  # cannot happen to a file we wrote; check it line by line
                 sealed, crc = 0, 0
-        good_end = _check_lines(path, data, sealed, records, end)
+        good_end = _check_lines(path, data, sealed, records)
     crc = zlib.crc32(memoryview(data)[sealed:good_end], crc)
     cut = len(data) - good_end
     if cut:
         with path.open("r+b") as handle:
             handle.truncate(good_end)
             os.fsync(handle.fileno())
-        if end > good_end:
-            log.warning(
-                "%s: cut a torn tail of %d bytes left by an interrupted write",
-                path,
-                end - good_end,
-            )
-        if len(data) > end:
-            log.info(
-                "%s: cut %d bytes of zeros at the end (space reserved for appends)",
-                path,
-                len(data) - end,
-            )
+        log.warning("%s: cut a torn tail of %d bytes left by an interrupted write", path, cut)
     return _Loaded(LoadReport(records, cut, removed, sealed), good_end, crc, sealed)
 
 
-def _zeros_start(data: bytes) -> int:
-    """Where the run of zero bytes at the end of ``data`` starts (no line we write ends
-    with one)."""
-    end = len(data)
-    block = 1 << 16
-    while end > 0:
-        chunk = data[max(0, end - block) : end]
-        stripped = chunk.rstrip(b"\0")
-        end -= len(chunk) - len(stripped)
-        if stripped:
-            break
-    return end
-
-
-def _sealed_prefix(data: bytes, limit: int) -> tuple[int, int]:
-    """``(end, crc)``: the end of the last seal line before ``limit`` whose claim holds, and
-    the CRC32 of the bytes before that end; ``(0, 0)`` when there is none."""
-    at = limit
+def _sealed_prefix(data: bytes) -> tuple[int, int]:
+    """``(end, crc)``: the end of the last seal line whose claim holds, and the CRC32 of
+    the bytes before that end; ``(0, 0)`` when there is none."""
+    at = len(data)
     while (at := data.rfind(_SEAL, 0, at)) >= 0:
         start = at - _REC_AT
-        end = data.find(b"\n", at, limit)
+        end = data.find(b"\n", at)
         if start < 0 or (start > 0 and data[start - 1] != 0x0A) or end < 0:
             continue  # inside a record, or torn: an earlier seal may hold
         try:
@@ -268,15 +241,15 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _check_lines(path: Path, data: bytes, offset: int, records: list[Any], limit: int) -> int:
-    """Check the lines from ``offset`` to ``limit`` one by one, adding their records to
-    ``records``; return where the good lines end. Raise ``CorruptStore`` if a bad line has
-    good ones after it."""
+def _check_lines(path: Path, data: bytes, offset: int, records: list[Any]) -> int:
+    """Check the lines from ``offset`` one by one, adding their records to ``records``;
+    return where the good lines end. Raise ``CorruptStore`` if a bad line has good ones
+    after it."""
     good_end = offset
     first_bad: int | None = None
-    while offset < limit:
-        end = data.find(b"\n", offset, limit)
-        line_end = end if end >= 0 else limit
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        line_end = end if end >= 0 else len(data)
         try:
             if end < 0:
                 raise ValueError("no newline")
@@ -314,7 +287,6 @@ class JsonLinesStore:
         self.path = path
         self._fd = fd
         self._size = loaded.size
-        self._allocated = loaded.size  # the file's real size: the reserve is zeros
         self._crc = loaded.crc
         self._sealed = loaded.sealed
         self._lock = trio.Lock()  # FIFO: batches commit in arrival order
@@ -378,39 +350,22 @@ class JsonLinesStore:
         if size - self._sealed >= SEAL_EVERY:
             seal = _seal_line(size, crc)
             crc = zlib.crc32(seal, crc)
-        if seal:
-            data += seal
-        end = start + len(data)
-        allocated = self._allocated
         try:
-            _pwrite_all(self._fd, data, start)
-            if end > allocated:
-                allocated = self._reserve(end)
+            _write_all(self._fd, data + seal if seal else data)
             os.fdatasync(self._fd)
         except OSError:
             self._cut_back(start)
             raise
         if seal:
-            self._sealed = end
-        self._size = end
-        self._allocated = max(allocated, end)
+            self._sealed = size + len(seal)
+        self._size = size + len(seal)
         self._crc = crc
-
-    def _reserve(self, end: int) -> int:
-        """Write zeros after ``end``; return the file's size. Without room, go on without."""
-        try:
-            _pwrite_all(self._fd, bytes(PREALLOCATE), end)
-        except OSError:
-            os.ftruncate(self._fd, end)
-            return end
-        return end + PREALLOCATE
 
     def _cut_back(self, size: int) -> None:
         """Never leave an unacknowledged record behind for the next open to find."""
         try:
             os.ftruncate(self._fd, size)
             os.fdatasync(self._fd)
-            self._allocated = size
         except OSError as exc:
             # The file may now hold bytes we did not acknowledge; appending after them would
             # bury them mid-file. The next open treats them as a crash before the
@@ -456,14 +411,14 @@ class JsonLinesStore:
             temp.unlink(missing_ok=True)
             raise
         try:
-            new_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+            new_fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError as exc:
             # Our descriptor is the old, now unlinked file: appends there would be lost.
             self._broken = f"cannot reopen after compaction ({exc}); restart to recover"
             raise
         os.close(self._fd)
         self._fd = new_fd
-        self._size = self._sealed = self._allocated = len(data)
+        self._size = self._sealed = len(data)
         self._crc = zlib.crc32(data)
         # The rename is durable only once the directory entry is.
         _fsync_directory(self.path.parent)
@@ -482,11 +437,9 @@ class JsonLinesStore:
 
     def _seal_and_close(self) -> None:
         try:
-            if self._broken is None and self._allocated > self._size:
-                self._cut_back(self._size)  # the reserve
             if self._broken is None and self._size > self._sealed:
                 try:
-                    _pwrite_all(self._fd, _seal_line(self._size, self._crc), self._size)
+                    _write_all(self._fd, _seal_line(self._size, self._crc))
                     os.fdatasync(self._fd)
                 except OSError:
                     # Every record is already durable; only the seal is missing.
@@ -502,14 +455,6 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -522,9 +467,7 @@ def _open_sync(path: Path, loads: Loads) -> tuple[JsonLinesStore, LoadReport]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     loaded = _load(path, loads)
     created = not path.exists()
-    # Not O_APPEND: appends go to a known offset, into the reserve (pwrite ignores the
-    # offset of an O_APPEND file).
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if created:
         _fsync_directory(path.parent)
     return JsonLinesStore(path, fd, loaded), loaded.report
