@@ -420,6 +420,7 @@ class JsonLinesStore:
         self._fd = new_fd
         self._size = self._sealed = len(data)
         self._crc = zlib.crc32(data)
+        self._broken = None  # whatever went wrong before, the file is now exactly ``data``
         # The rename is durable only once the directory entry is.
         _fsync_directory(self.path.parent)
 

@@ -576,8 +576,12 @@ async def test_a_store_that_cannot_reopen_after_compaction_stops_appends(
     monkeypatch.undo()
     with pytest.raises(StoreError, match="cannot reopen after compaction"):
         await store.append({"id": "lost?"})
-    await store.aclose()
     assert load(path).records == RECORDS[4:]
+    # A compaction that works rewrites the whole file: appends are safe again.
+    await store.compact(RECORDS[5:])
+    await store.append({"id": "after"})
+    await store.aclose()
+    assert load(path).records == [*RECORDS[5:], {"id": "after"}]
 
 
 def test_leftover_compaction_temp_files_are_removed(tmp_path: Path) -> None:
