@@ -238,7 +238,7 @@ def _decode_sealed(data: bytes, end: int, loads: Loads) -> list[Any]:
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a million records are made: none of them
-    is garbage, but each full collection would walk them all (4 s of 7 for 1M records).
+    is garbage, but each full collection would walk them all (6 s of 9 for 1.3M lines).
     The collector is process-wide: of two pauses at once (two stores opened together),
     the first to end enables it again, so one may end early; none leaves it off."""
     enabled = gc.isenabled()
