@@ -271,9 +271,9 @@ def _check_lines(path: Path, data: bytes, offset: int, records: list[Any]) -> in
             if first_bad is not None:
                 number = data.count(b"\n", 0, first_bad) + 1
                 raise CorruptStore(
-                    f"{path}: record {number} at byte {first_bad} is damaged and good records "
-                    "follow it; this is not a torn write. Move the file aside to start empty, "
-                    "or repair it."
+                    f"{path}: line {number} (byte {first_bad}) is damaged and good lines "
+                    "follow it, so it is not a torn write: move the file aside to start "
+                    "empty, or repair it"
                 )
             if kind == _REC:
                 records.append(record)

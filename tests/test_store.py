@@ -202,8 +202,12 @@ async def test_a_flipped_byte_before_good_records_refuses_to_open(
         damaged = bytearray(full)
         damaged[(starts[index] + starts[index + 1]) // 2] ^= 0x01
         path.write_bytes(damaged)
-        expected = f"{path}: record {index + 1} at byte {starts[index]} is damaged"
-        with pytest.raises(CorruptStore, match=re.escape(expected)):
+        expected = (
+            f"{path}: line {index + 1} (byte {starts[index]}) is damaged and good lines "
+            "follow it, so it is not a torn write: move the file aside to start empty, "
+            "or repair it"
+        )
+        with pytest.raises(CorruptStore, match=f"^{re.escape(expected)}$"):
             await open_store(path)
         assert path.read_bytes() == damaged  # nothing cut, nothing appended
 
@@ -644,3 +648,19 @@ def test_a_killed_writer_loses_no_acknowledged_record(tmp_path: Path, seal_every
         numbers = [record["n"] for record in load(path).records]
         assert len(numbers) == len(set(numbers))
         assert acknowledged <= set(numbers)
+
+
+def test_the_daemon_refuses_to_start_on_a_damaged_journal(daemon_process: Any) -> None:
+    """End to end: a real ``python -m statusd`` with a damaged tasks.jsonl exits with the
+    store's message instead of starting without the damaged record."""
+    process = daemon_process()
+    state = process.directory / "state"
+    state.mkdir(mode=0o700)
+    journal = state / "tasks.jsonl"
+    damaged = bytearray(write_records(journal, RECORDS))
+    damaged[10] ^= 0x01  # inside the first line's checksum
+    journal.write_bytes(damaged)
+    process.start(wait=False)
+    assert process.wait() == 1
+    assert f"{journal}: line 1 (byte 0) is damaged and good lines follow it" in process.stderr()
+    assert journal.read_bytes() == damaged
