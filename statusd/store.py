@@ -21,7 +21,8 @@ Rules (they are what makes an acknowledged write safe):
   the next one (group commit), and batches commit in arrival order;
 - a failed write or sync is never acknowledged: the file is cut back to its last good
   length and the error goes to every appender of that batch; if even the cut fails, the
-  store refuses further appends (a restart's load will find and cut the damage);
+  store refuses further appends (a restart then finds what a crash before the
+  acknowledgement would have left);
 - an append, once called, is not interrupted by cancellation: it returns only after its
   batch has been committed or has failed, so "cancelled" never means "maybe written later";
 - on open, bad lines after the last good one are a torn tail (a crash mid-append) and are
@@ -39,8 +40,8 @@ Rules (they are what makes an acknowledged write safe):
   damage.
 
 Blocking file work runs in ``trio.to_thread.run_sync``, one call per batch. This module
-knows nothing of what the records mean (tasks, notifications): it depends on trio, attrs
-and the stdlib only.
+knows nothing of what the records mean (tasks, notifications): it depends on trio, attrs,
+the stdlib and ``statusd.errors`` only.
 """
 
 from __future__ import annotations
