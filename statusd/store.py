@@ -383,13 +383,16 @@ class JsonLinesStore:
             self._broken = f"a failed write could not be cut back ({exc}); restart to recover"
             log.exception("%s: could not cut back a failed write", self.path)
 
-    async def compact(self, records: Iterable[Any]) -> None:
+    async def compact(self, records: Iterable[Any], *, encode_in_thread: bool = False) -> None:
         """Replace the file's contents with ``records`` atomically.
 
-        ``records`` are encoded now, before anything else can run: appends that started
-        before this call are written before the rewrite, later ones after it.
+        Appends made before this call are written before the rewrite, later ones after it.
+        ``records`` are encoded now, on the event loop (~6 us each: a million records hold
+        it for seconds), unless ``encode_in_thread``: then they are encoded in the worker
+        thread, and must not change until this returns (make them for the snapshot).
         """
-        data = b"".join(map(encode_record, records))
+        items = list(records)
+        data = b"" if encode_in_thread else _encode_all(items)
         if self._closed:
             raise StoreError(f"{self.path}: store is closed")
         # Lines queued before this call are committed (by their appenders, ahead of us in
@@ -400,10 +403,16 @@ class JsonLinesStore:
                 if self._closed:
                     raise StoreError(f"{self.path}: store is closed")
                 try:
-                    await trio.to_thread.run_sync(self._rewrite, data)
+                    if encode_in_thread:
+                        await trio.to_thread.run_sync(self._encode_and_rewrite, items)
+                    else:
+                        await trio.to_thread.run_sync(self._rewrite, data)
                 except OSError as exc:
                     raise StoreError(f"{self.path}: compaction failed: {exc}") from exc
         self._compactions += 1
+
+    def _encode_and_rewrite(self, records: list[Any]) -> None:
+        self._rewrite(_encode_all(records))
 
     def _rewrite(self, data: bytes) -> None:
         crc = zlib.crc32(data)
@@ -458,6 +467,10 @@ class JsonLinesStore:
                     self._cut_back(self._size)
         finally:
             os.close(self._fd)
+
+
+def _encode_all(records: list[Any]) -> bytes:
+    return b"".join(map(encode_record, records))
 
 
 def _write_all(fd: int, data: bytes) -> None:

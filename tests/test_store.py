@@ -17,6 +17,7 @@ import sys
 import threading
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -468,12 +469,15 @@ async def test_a_full_disk_fails_the_append_and_nothing_else(mount_tmpfs: Any) -
 # -- compaction -----------------------------------------------------------------------------
 
 
-async def test_compaction_replaces_contents_and_appends_continue(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_thread", [False, True], ids=["encode now", "encode in thread"])
+async def test_compaction_replaces_contents_and_appends_continue(
+    tmp_path: Path, in_thread: bool
+) -> None:
     path = tmp_path / "store.jsonl"
     store, _ = await open_store(path)
     for record in RECORDS:
         await store.append(record)
-    await store.compact(RECORDS[3:])
+    await store.compact(iter(RECORDS[3:]), encode_in_thread=in_thread)
     await store.append({"id": "after"})
     assert store.statistics().compactions == 1
     await store.aclose()
@@ -482,8 +486,9 @@ async def test_compaction_replaces_contents_and_appends_continue(tmp_path: Path)
     assert not list(tmp_path.glob("*" + TEMP_SUFFIX))
 
 
+@pytest.mark.parametrize("in_thread", [False, True], ids=["encode now", "encode in thread"])
 async def test_appends_around_a_compaction_are_neither_lost_nor_doubled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_thread: bool
 ) -> None:
     """An append queued before ``compact`` is called lands before the rewrite (and is in
     the snapshot); one made after it lands after the rewrite, even though both waited
@@ -498,7 +503,7 @@ async def test_appends_around_a_compaction_are_neither_lost_nor_doubled(
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(store.append, {"id": "before"})
         await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(store.compact, snapshot)
+        nursery.start_soon(partial(store.compact, snapshot, encode_in_thread=in_thread))
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(store.append, {"id": "after"})
         await trio.testing.wait_all_tasks_blocked()
