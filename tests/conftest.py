@@ -252,3 +252,31 @@ def blocking_call(path: Path, method: str, params: dict[str, Any] | None = None)
                 break
             data += chunk
     return json.loads(data)
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Any]:
+    """``mount_tmpfs(size)`` mounts a tmpfs of ``size`` (``"1m"``, ``"256k"``) in a fresh
+    directory and returns it; every mount is undone after the test. A full disk needs
+    one: skips with the reason when not root or when mounting is not allowed here."""
+    mounted: list[Path] = []
+
+    def _mount(size: str) -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
+        mountpoint = tmp_path / f"tmpfs-{len(mounted)}"
+        mountpoint.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(mountpoint)
+        return mountpoint
+
+    yield _mount
+    for mountpoint in mounted:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 from hashlib import sha256
 from pathlib import Path
@@ -750,24 +748,10 @@ async def test_client_streams_and_reads(http_server: HTTPTestServer, client: HTT
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def small_tmpfs(mount_tmpfs: Any) -> Path:
     """A 1 MiB tmpfs, mounted for the test and always unmounted after it."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    path: Path = mount_tmpfs("1m")
+    return path
 
 
 @pytest.mark.parametrize("size", [len(DATA) * 14, len(BIG)], ids=["4 MB", "6 MiB direct"])
