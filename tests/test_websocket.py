@@ -474,6 +474,12 @@ async def test_hundred_subscribers_get_the_same_stream_in_order(
     await daemon.wait_stopped()
 
 
+@attrs.define
+class _Target:
+    seq: int = 0
+    reached: trio.Event = attrs.Factory(trio.Event)
+
+
 async def test_stalled_subscriber_gets_dropped_notice_while_others_keep_up(
     nursery: trio.Nursery, short_tmp: Any
 ) -> None:
@@ -488,19 +494,31 @@ async def test_stalled_subscriber_gets_dropped_notice_while_others_keep_up(
     count = 3000
     joined: list[str] = []
 
+    # The highest seq each healthy client has seen; the publisher waits for all of them
+    # after each burst, so "healthy" means healthy even on a loaded machine.
+    seen: dict[int, int] = {}
+    caught_up = _Target()
+
     def joined_one(name: str) -> None:
         joined.append(name)
         if len(joined) == 4:
             ready.set()
 
-    async def healthy() -> list[Any]:
+    def saw(index: int, seq: int) -> None:
+        seen[index] = seq
+        if len(seen) == 3 and min(seen.values()) >= caught_up.seq:
+            caught_up.reached.set()
+
+    async def healthy(index: int) -> list[Any]:
         async with websockets.connect(url, additional_headers=headers) as ws:
             await ws.send(subscribe)
-            got: list[Any] = []
+            got = values(await asyncio.wait_for(ws.recv(), TIMEOUT))
+            trio.from_thread.run_sync(joined_one, "healthy", trio_token=trio_token)
             while not any(v.get("params", {}).get("message") == "END" for v in got[-5:]):
                 got.extend(values(await asyncio.wait_for(ws.recv(), TIMEOUT)))
-                if len(got) == 1:
-                    trio.from_thread.run_sync(joined_one, "healthy", trio_token=trio_token)
+                trio.from_thread.run_sync(
+                    saw, index, got[-1]["params"]["seq"], trio_token=trio_token
+                )
             return got
 
     async def stalled() -> list[Any]:
@@ -520,7 +538,7 @@ async def test_stalled_subscriber_gets_dropped_notice_while_others_keep_up(
             return got
 
     async def everyone() -> list[list[Any]]:
-        return list(await asyncio.gather(healthy(), healthy(), healthy(), stalled()))
+        return list(await asyncio.gather(healthy(0), healthy(1), healthy(2), stalled()))
 
     result: list[Any] = []
 
@@ -533,10 +551,13 @@ async def test_stalled_subscriber_gets_dropped_notice_while_others_keep_up(
             await ready.wait()
         first = daemon.channel.last_seq + 1
         for n in range(count):
-            daemon.channel.publish_status(Level.INFO, f"message {n} " + "x" * 150)
+            message = daemon.channel.publish_status(Level.INFO, f"message {n} " + "x" * 150)
             if n % 20 == 19:
-                # Each healthy writer has flushed to its socket before the next burst.
-                await trio.testing.wait_all_tasks_blocked()
+                assert message is not None
+                caught_up.seq, caught_up.reached = message.seq, trio.Event()
+                if len(seen) < 3 or min(seen.values()) < message.seq:
+                    with trio.fail_after(TIMEOUT):
+                        await caught_up.reached.wait()
         daemon.channel.publish_status(Level.INFO, "END")
         published.set()
     *good, slow = result[0]
@@ -725,16 +746,33 @@ def test_host_name(header: str, name: str | None) -> None:
     assert rules.host_name(header) == name
 
 
-def test_frames_coalesce_in_order_and_splice_batches() -> None:
+def test_payloads_coalesce_in_order_and_splice_batches() -> None:
     lines = [b'{"a":1}\n', b'[{"id":1},{"id":2}]\n', b'{"b":2}\n']
-    assert rules.frames(lines, coalesce=False) == ['{"a":1}', '[{"id":1},{"id":2}]', '{"b":2}']
-    assert rules.frames(lines, coalesce=True) == ['[{"a":1},{"id":1},{"id":2},{"b":2}]']
-    assert rules.frames(lines[:1], coalesce=True) == ['{"a":1}']
+    assert rules.payloads(lines, coalesce=False) == [b'{"a":1}', b'[{"id":1},{"id":2}]', b'{"b":2}']
+    # Elements keep their newline inside an array: JSON whitespace, and no copy per line.
+    assert rules.payloads(lines, coalesce=True) == [b'[{"a":1}\n,{"id":1},{"id":2},{"b":2}\n]']
+    assert rules.payloads(lines[:1], coalesce=True) == [b'{"a":1}']
     big = [b'{"n":"' + b"x" * 100 + b'"}\n'] * 5
-    split = rules.frames(big, coalesce=True, limit=250)
-    decoded = [json.loads(frame) for frame in split]
+    decoded = [json.loads(p) for p in rules.payloads(big, coalesce=True, limit=250)]
     assert [len(v) for v in decoded[:2]] == [2, 2]
-    assert decoded[2] == {"n": "x" * 100}
+    assert decoded[2:] == [{"n": "x" * 100}]
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_frames_are_what_wsproto_reads(size: int, coalesce: bool) -> None:
+    """Our frame bytes, parsed by wsproto as a client would: the same messages come out."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    line = json.dumps({"text": "é" * (size // 2)}, ensure_ascii=False).encode() + b"\n"
+    lines = [line, b'{"short":true}\n']
+    reader = FrameProtocol(client=True, extensions=[])
+    reader.receive_bytes(rules.encode_frames(lines, coalesce, rules.FrameCache()))
+    got = []
+    for frame in reader.received_frames():
+        assert isinstance(frame.payload, str)
+        got.extend(values(frame.payload))
+    assert got == [json.loads(line), {"short": True}]
 
 
 def test_parse_seed_messages() -> None:
@@ -767,3 +805,24 @@ def test_bearer_token_and_routes() -> None:
     assert isinstance(rules.route("/ws/progress/"), rules.Refusal)
     assert not rules.route("/ws?coalesce=0").coalesce  # type: ignore[union-attr]
     assert rules.normalize_origin("HTTP://LocalHost:80/") == "http://localhost"
+
+
+async def test_serves_on_a_socket_systemd_passed(ws_daemon: Daemon, nursery: trio.Nursery) -> None:
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    number = listening.getsockname()[1]
+    assert ws_daemon.api.tokens is not None
+    server = transport.WebSocketServer(
+        ws_daemon.api, ws_daemon.streams, ws_daemon.api.tokens, lambda: ws_daemon.config
+    )
+    await nursery.start(server.serve, listening.detach())
+    assert server.address == f"127.0.0.1:{number}"
+    token = (await make_token(ws_daemon))["token"]
+
+    def session() -> Any:
+        with connect(f"ws://127.0.0.1:{number}/ws?token={token}", open_timeout=TIMEOUT) as ws:
+            return RpcClient(ws).call("tasks.summary")["total"]
+
+    assert await in_thread(session) == 0
+    await server.shutdown(1.0)

@@ -122,38 +122,97 @@ def route(target: str) -> Route | Refusal:
 
 # -- frames ----------------------------------------------------------------------------------
 
+_TEXT = 0x81  # FIN + text opcode
+_SHORT_HEADERS = [bytes((_TEXT, size)) for size in range(126)]
 
-def frames(lines: Sequence[bytes], coalesce: bool, limit: int = MAX_FRAME_BYTES) -> list[str]:
-    """Text frames for a session's pending lines (each ends with ``\\n``), in order.
 
-    Without ``coalesce``, or with one line, one frame per line. With it, the lines go out
-    as JSON arrays of up to ``limit`` bytes; a batch answer (itself an array) is spliced in
-    flat, so an array frame is always a flat list of JSON-RPC objects.
+def text_frame_header(size: int) -> bytes:
+    """The header of an unmasked, unfragmented text frame of ``size`` payload bytes
+    (RFC 6455 section 5.2). Server frames carry no mask, so a message's frame is the same
+    bytes for every client. wsproto would build the same header, but only from a ``str``
+    it encodes and copies again; the daemon's messages are UTF-8 bytes already."""
+    if size < 126:
+        return _SHORT_HEADERS[size]
+    if size < 65536:
+        return bytes((_TEXT, 126)) + size.to_bytes(2, "big")
+    return bytes((_TEXT, 127)) + size.to_bytes(8, "big")
+
+
+def payloads(lines: Sequence[bytes], coalesce: bool, limit: int = MAX_FRAME_BYTES) -> list[bytes]:
+    """The text payloads for a session's pending lines (each ends with ``\\n``), in order.
+
+    Without ``coalesce``, or with one line, one payload per line, its newline cut. With it,
+    the lines go out as JSON arrays of up to ``limit`` bytes. Inside an array each element
+    keeps its newline (whitespace, which JSON allows between values), so the array is one
+    C-speed join of the shared lines; a batch answer (itself an array) is spliced in flat,
+    so an array frame is always a flat list of JSON-RPC objects.
     """
     if not coalesce or len(lines) == 1:
-        return [line[:-1].decode() for line in lines]
-    out: list[str] = []
-    group: list[bytes] = []
+        return [line[:-1] for line in lines]
+    joined = b",".join(lines)
+    # Every line ends with a newline and JSON strings cannot hold a raw one, so a batch
+    # answer starts the text or follows "\\n,".
+    if len(joined) + 2 <= limit and not (joined.startswith(b"[") or b"\n,[" in joined):
+        return [b"[" + joined + b"]"]
+    out: list[bytes] = []
+    start = 0
     size = 0
-    for line in lines:
-        if group and size + len(line) > limit:
-            out.append(_array(group))
-            group, size = [], 0
-        group.append(line)
+    for index, line in enumerate(lines):
+        if index > start and size + len(line) > limit:
+            out.append(_array(lines[start:index]))
+            start, size = index, 0
         size += len(line)
-    if group:
-        out.append(_array(group))
+    out.append(_array(lines[start:]))
     return out
 
 
-def _array(group: list[bytes]) -> str:
+def _array(group: Sequence[bytes]) -> bytes:
     if len(group) == 1:
-        return group[0][:-1].decode()
-    # memoryview slices: no copy of each line before the one join.
-    parts = [
-        memoryview(line)[1:-2] if line.startswith(b"[") else memoryview(line)[:-1] for line in group
-    ]
-    return (b"[" + b",".join(parts) + b"]").decode()
+        return group[0][:-1]
+    parts = [line[1:-2] if line.startswith(b"[") else line for line in group]
+    return b"[" + b",".join(parts) + b"]"
+
+
+class FrameCache:
+    """Each single message's frame, built once for every client it goes to.
+
+    Keyed by the line itself: the daemon hands every subscriber the same ``bytes`` object,
+    whose hash Python computes once, so a hit costs a dict lookup. At ``capacity`` entries
+    the cache starts afresh (what is current is rebuilt once; what is old is never asked
+    for again).
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, not {capacity}")
+        self._capacity = capacity
+        self._frames: dict[bytes, bytes] = {}
+
+    def frame(self, line: bytes) -> bytes:
+        frame = self._frames.get(line)
+        if frame is None:
+            if len(self._frames) >= self._capacity:
+                self._frames.clear()
+            frame = text_frame_header(len(line) - 1) + line[:-1]
+            self._frames[line] = frame
+        return frame
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+
+def encode_frames(
+    lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int = MAX_FRAME_BYTES
+) -> bytes:
+    """Everything pending, as the bytes of consecutive text frames, for one write."""
+    if not coalesce or len(lines) == 1:
+        frame = cache.frame
+        return b"".join([frame(line) for line in lines])
+    framed: list[bytes] = []
+    for payload in payloads(lines, True, limit):
+        framed.append(text_frame_header(len(payload)))
+        framed.append(payload)
+    return b"".join(framed)
 
 
 # -- the seed's messages ---------------------------------------------------------------------
