@@ -187,13 +187,14 @@ class ServerProcess:
     log: Path
     websocket: str | None = None  # "127.0.0.1:PORT" when subscribers use the WebSocket
     token: str | None = None
+    ws_query: str = "&coalesce=1"  # pending messages as one JSON array; "": one per frame
 
     @property
     def subscriber_endpoint(self) -> str:
         """Where subscribers connect: the Unix socket, or the WebSocket URL with a token."""
         if self.websocket is None:
             return self.socket
-        return f"ws://{self.websocket}/ws?token={self.token}"
+        return f"ws://{self.websocket}/ws?token={self.token}{self.ws_query}"
 
     def mint_token(self) -> None:
         """A read token for the WebSocket subscribers, asked for over the Unix socket."""
@@ -703,6 +704,7 @@ class Options:
     statusd_source: Path
     servers: tuple[str, ...]
     phases: tuple[str, ...]
+    ws_coalesce: bool = True
 
     def messages_for(self, server: str, subscribers: int) -> int:
         if server in ("statusd", "statusd-ws"):
@@ -825,6 +827,8 @@ def _server(name: str, phase: str, opts: Options, directory: Path) -> Iterator[S
         server.wait_ready()
         if server.websocket is not None:
             server.mint_token()
+            if not opts.ws_coalesce:
+                server.ws_query = ""
         yield server
     finally:
         server.stop()
@@ -1113,6 +1117,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=("throughput", "latency"),
         help="which phases to run (default: throughput,latency)",
     )
+    parser.add_argument(
+        "--ws-one-message-per-frame",
+        action="store_true",
+        help="WebSocket subscribers take /ws's default, one message per frame, instead of "
+        "asking for several pending messages as one JSON array (/ws?coalesce=1)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smaller run, under ~30 s")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--socket", help=argparse.SUPPRESS)
@@ -1142,6 +1152,7 @@ def options_from(args: argparse.Namespace) -> Options:
         statusd_source=args.statusd_source.resolve(),
         servers=args.servers,
         phases=args.phases,
+        ws_coalesce=not args.ws_one_message_per_frame,
     )
 
 

@@ -419,6 +419,40 @@ async def test_stopping_the_daemon_closes_with_going_away(ws_daemon: Daemon) -> 
 # -- fan-out ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("query", "frames"), [("", 5), ("&coalesce=1", 1)])
+async def test_coalescing_is_asked_for(ws_daemon: Daemon, query: str, frames: int) -> None:
+    token = (await make_token(ws_daemon))["token"]
+    subscribed = trio.Event()
+    trio_token = trio.lowlevel.current_trio_token()
+
+    def session() -> list[Any]:
+        with connect(f"ws://{address(ws_daemon)}/ws?token={token}{query}") as ws:
+            RpcClient(ws).call("subscribe", {"status": True})
+            trio.from_thread.run_sync(subscribed.set, trio_token=trio_token)
+            received: list[str | bytes] = []
+            while len([v for frame in received for v in values(frame)]) < 5:
+                received.append(ws.recv(TIMEOUT))
+            return received
+
+    async with trio.open_nursery() as nursery:
+        result: list[Any] = []
+
+        async def run_session() -> None:
+            result.append(await in_thread(session))
+
+        nursery.start_soon(run_session)
+        await subscribed.wait()
+        # Published with no checkpoint in between: the writer finds all five at once.
+        for n in range(5):
+            ws_daemon.channel.publish_status(Level.INFO, f"burst {n}")
+    received = result[0]
+    assert len(received) == frames
+    messages = [v["params"]["message"] for frame in received for v in values(frame)]
+    assert messages == [f"burst {n}" for n in range(5)]
+    if frames == 1:
+        assert isinstance(json.loads(received[0]), list)
+
+
 async def test_hundred_subscribers_get_the_same_stream_in_order(
     nursery: trio.Nursery, short_tmp: Any
 ) -> None:
@@ -803,7 +837,8 @@ def test_bearer_token_and_routes() -> None:
     assert rules.route("/ws/bulk-process/t%201") == rules.Route("job", "t 1", {})
     assert rules.route("/ws/progress/news/") == rules.Route("topic", "news", {})
     assert isinstance(rules.route("/ws/progress/"), rules.Refusal)
-    assert not rules.route("/ws?coalesce=0").coalesce  # type: ignore[union-attr]
+    assert rules.route("/ws?coalesce=1").coalesce  # type: ignore[union-attr]
+    assert not rules.route("/ws").coalesce  # type: ignore[union-attr]
     assert rules.normalize_origin("HTTP://LocalHost:80/") == "http://localhost"
 
 

@@ -100,8 +100,8 @@ class Route:
 
     @property
     def coalesce(self) -> bool:
-        """Several pending messages in one frame (``/ws`` only; ``?coalesce=0`` turns it off)."""
-        return self.kind == "rpc" and self.query.get("coalesce", ["1"])[0] not in ("0", "false")
+        """Several pending messages in one frame, as a JSON array: ``/ws?coalesce=1``."""
+        return self.kind == "rpc" and self.query.get("coalesce", ["0"])[0] in ("1", "true")
 
 
 def route(target: str) -> Route | Refusal:
