@@ -419,36 +419,28 @@ async def test_stopping_the_daemon_closes_with_going_away(ws_daemon: Daemon) -> 
 # -- fan-out ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("query", "frames"), [("", 5), ("&coalesce=1", 1)])
+@pytest.mark.parametrize(("query", "frames"), [("", 6), ("&coalesce=1", 1)])
 async def test_coalescing_is_asked_for(ws_daemon: Daemon, query: str, frames: int) -> None:
     token = (await make_token(ws_daemon))["token"]
-    subscribed = trio.Event()
-    trio_token = trio.lowlevel.current_trio_token()
+    before = ws_daemon.channel.last_seq
+    for n in range(5):
+        ws_daemon.channel.publish_status(Level.INFO, f"burst {n}")
 
     def session() -> list[Any]:
         with connect(f"ws://{address(ws_daemon)}/ws?token={token}{query}") as ws:
-            RpcClient(ws).call("subscribe", {"status": True})
-            trio.from_thread.run_sync(subscribed.set, trio_token=trio_token)
+            # The answer and the five held messages are pending at once.
+            request = {"jsonrpc": "2.0", "method": "subscribe", "id": 1}
+            ws.send(json.dumps({**request, "params": {"status": True, "since": before}}))
             received: list[str | bytes] = []
-            while len([v for frame in received for v in values(frame)]) < 5:
+            while len([v for frame in received for v in values(frame)]) < 6:
                 received.append(ws.recv(TIMEOUT))
             return received
 
-    async with trio.open_nursery() as nursery:
-        result: list[Any] = []
-
-        async def run_session() -> None:
-            result.append(await in_thread(session))
-
-        nursery.start_soon(run_session)
-        await subscribed.wait()
-        # Published with no checkpoint in between: the writer finds all five at once.
-        for n in range(5):
-            ws_daemon.channel.publish_status(Level.INFO, f"burst {n}")
-    received = result[0]
+    received = await in_thread(session)
     assert len(received) == frames
-    messages = [v["params"]["message"] for frame in received for v in values(frame)]
-    assert messages == [f"burst {n}" for n in range(5)]
+    messages = [v for frame in received for v in values(frame)]
+    assert messages[0]["id"] == 1
+    assert [v["params"]["message"] for v in messages[1:]] == [f"burst {n}" for n in range(5)]
     if frames == 1:
         assert isinstance(json.loads(received[0]), list)
 

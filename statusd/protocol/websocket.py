@@ -205,6 +205,8 @@ def encode_frames(
     lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int = MAX_FRAME_BYTES
 ) -> bytes:
     """Everything pending, as the bytes of consecutive text frames, for one write."""
+    if not lines:
+        return b""
     if not coalesce or len(lines) == 1:
         frame = cache.frame
         return b"".join([frame(line) for line in lines])
