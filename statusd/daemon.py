@@ -85,9 +85,10 @@ class Daemon:
             return "stopping"
         tasks = self.tasks.statistics()
         watchers = self.channel.statistics().watchers
+        websocket = self.websocket.connections if self.websocket is not None else 0
         return (
             f"tasks: {tasks['running']} running, {tasks['queued']} pending; "
-            f"clients: {self.unix.connections}; "
+            f"clients: {self.unix.connections + websocket}; "
             f"subscribers: {watchers} status, {self.streams.tasks.subscribers} tasks"
         )
 

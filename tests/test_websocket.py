@@ -853,3 +853,18 @@ async def test_serves_on_a_socket_systemd_passed(ws_daemon: Daemon, nursery: tri
 
     assert await in_thread(session) == 0
     await server.shutdown(1.0)
+
+
+async def test_reload_and_status_line_know_the_websocket(ws_daemon: Daemon) -> None:
+    server = ws_daemon.websocket
+    assert server is not None
+    token = (await make_token(ws_daemon))["token"]
+    sock, head = await in_thread(raw_handshake, port(ws_daemon), f"/ws?token={token}")
+    assert b" 101 " in head
+    await trio.testing.wait_all_tasks_blocked()
+    assert "clients: 1;" in ws_daemon.status_line()
+    sock.close()
+    await server.wait_connections_at_most(0)
+    changed = attrs.evolve(ws_daemon.config, max_connections=3)
+    assert await ws_daemon.reload(lambda: changed)
+    assert server.max_connections == 3
