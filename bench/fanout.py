@@ -935,6 +935,17 @@ def report(results: Results, opts: Options, command: str) -> str:
         f"{opts.client_processes} client process(es); median of {opts.repeats} run(s)",
         f"- latency: {opts.rate:,.0f} msg/s for {opts.duration:g} s, publish -> receive over "
         f"all subscribers (CLOCK_MONOTONIC); median of {opts.repeats} run(s)",
+    ]
+    if "statusd-ws" in opts.servers:
+        frames = "one message per frame" if not opts.ws_coalesce else "`/ws?coalesce=1`"
+        lines.append(
+            f"- statusd-ws: the same daemon with `--websocket 127.0.0.1:PORT`; subscribers on "
+            f"`/ws` with a read token, {frames}, frames read by hand (no client library); "
+            "the publisher stays on the Unix socket"
+        )
+    if not {"statusd", "baseline"} & set(opts.servers):
+        return "\n".join(lines + websocket_report(results, opts))
+    lines += [
         "",
         "## Throughput (deliveries/s = messages received by all subscribers / first publish "
         "-> last receive)",

@@ -142,6 +142,7 @@ async def test_refusals(ws_daemon: Daemon) -> None:
                 ws_daemon, token, additional_headers={"Origin": "https://evil.example"}
             ),
             "path": refused(ws_daemon, token, "/nope"),
+            "path_query_token": refused(ws_daemon, None, f"/nope?token={token}"),
         }
 
     results = await in_thread(attempts)
@@ -167,6 +168,7 @@ async def test_refusals(ws_daemon: Daemon) -> None:
     assert results["host"][0] == 403
     assert "rebound.example" in results["host"][1]
     assert results["path"][0] == 404
+    assert results["path_query_token"][0] == 404
     # No refused handshake ran anything or counted as a connection.
     assert ws_daemon.channel.last_seq == 1
     assert ws_daemon.websocket is not None

@@ -104,6 +104,10 @@ class Route:
         return self.kind == "rpc" and self.query.get("coalesce", ["0"])[0] in ("1", "true")
 
 
+def query_of(target: str) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(target).query)
+
+
 def route(target: str) -> Route | Refusal:
     parts = urlsplit(target)
     query = parse_qs(parts.query)

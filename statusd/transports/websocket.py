@@ -196,6 +196,7 @@ class WebSocketServer:
             # trio-websocket's reader fails on some malformed handshakes (a Host that is
             # not ASCII): that costs this connection, never the server.
             log.warning("WebSocket connection failed: %r", exc)
+            log.debug("WebSocket connection failure", exc_info=True)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -222,8 +223,7 @@ class WebSocketServer:
         if refusal is not None:
             return refusal
         target = rules.route(request.path)
-        query = target.query if isinstance(target, rules.Route) else {}
-        token = rules.bearer_token(request.headers, query)
+        token = rules.bearer_token(request.headers, rules.query_of(request.path))
         if token is None:
             return rules.Refusal(401, "a token is required: Authorization: Bearer T, or ?token=T")
         record = self._tokens.verify(token)
