@@ -870,3 +870,54 @@ async def test_reload_and_status_line_know_the_websocket(ws_daemon: Daemon) -> N
     changed = attrs.evolve(ws_daemon.config, max_connections=3)
     assert await ws_daemon.reload(lambda: changed)
     assert server.max_connections == 3
+
+
+async def test_seed_sessions_get_bare_updates_and_seed_drop_notices() -> None:
+    """The seed's endpoints share Session and TaskFeed with /ws; only the shapes differ."""
+    from datetime import UTC, datetime
+
+    from statusd.channel import StatusChannel
+    from statusd.events import Streams
+    from statusd.identity import Caller
+    from statusd.session import Session
+    from statusd.state.tasks import TaskInfo, TaskStatus, job_update
+
+    streams = Streams(StatusChannel())
+    caller = Caller(0, "root", True)
+    seed = Session(caller, streams, transport="websocket", seed=True, max_pushes=2)
+    rpc = Session(caller, streams, transport="websocket", max_pushes=2)
+    for session in (seed, rpc):
+        session.subscribe(tasks=frozenset({"t1"}))
+    task = TaskInfo("t1", "n", "download", "root", TaskStatus.RUNNING, datetime.now(UTC))
+    for n in range(3):
+        streams.tasks.publish(task, job_update(task, "progress", "now", f"step {n}"))
+    seed_out = [json.loads(line) for line in seed.take_pending()]
+    rpc_out = [json.loads(line) for line in rpc.take_pending()]
+    assert seed_out[0] == {"type": "dropped", "stream": "tasks", "count": 1}
+    assert [m["message"] for m in seed_out[1:]] == ["step 1", "step 2"]
+    assert all(m["type"] == "job_update" for m in seed_out[1:])
+    assert rpc_out[0]["method"] == "dropped"
+    assert [m["params"]["message"] for m in rpc_out[1:]] == ["step 1", "step 2"]
+
+
+async def test_progress_endpoint_errors_keep_the_connection(ws_daemon: Daemon) -> None:
+    token = (await make_token(ws_daemon))["token"]
+
+    def session() -> list[Any]:
+        with open_ws(ws_daemon, token, "/ws/progress/news") as ws:
+            assert json.loads(ws.recv(TIMEOUT))["type"] == "connected"
+            answers = []
+            for message in ('{"type":"get_status"}', '{"type":"subscribe_job"}', "[1]", "{"):
+                ws.send(message)
+                answers.append(json.loads(ws.recv(TIMEOUT)))
+            ws.send('{"type":"ping"}')
+            answers.append(json.loads(ws.recv(TIMEOUT)))
+            return answers
+
+    *errors, pong = await in_thread(session)
+    assert [e["type"] for e in errors] == ["error"] * 4
+    assert "get_status needs a job_id" in errors[0]["message"]
+    assert "subscribe_job needs a job_id" in errors[1]["message"]
+    assert "JSON object" in errors[2]["message"]
+    assert "not valid JSON" in errors[3]["message"]
+    assert pong["type"] == "pong"
