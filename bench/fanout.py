@@ -1,6 +1,8 @@
 """Fan-out benchmark: statusd against a naive plain-trio server, side by side, in one run.
 
-Not a test. For S subscribers on the Unix socket (S = 1, 10, 100 by default) it measures
+Not a test. For S subscribers on the Unix socket, and on statusd's WebSocket
+(``statusd-ws``: the same daemon with ``--websocket``, subscribers on ``/ws`` with a read
+token), S = 1, 10, 100 by default, it measures
 
 - throughput: N messages published as fast as the server takes them (pipelined from one
   publisher connection with a bounded window), counted at every subscriber; deliveries/s is
@@ -183,6 +185,29 @@ class ServerProcess:
     socket: str
     process: subprocess.Popen[bytes]
     log: Path
+    websocket: str | None = None  # "127.0.0.1:PORT" when subscribers use the WebSocket
+    token: str | None = None
+    ws_query: str = "&coalesce=1"  # pending messages as one JSON array; "": one per frame
+
+    @property
+    def subscriber_endpoint(self) -> str:
+        """Where subscribers connect: the Unix socket, or the WebSocket URL with a token."""
+        if self.websocket is None:
+            return self.socket
+        return f"ws://{self.websocket}/ws?token={self.token}{self.ws_query}"
+
+    def mint_token(self) -> None:
+        """A read token for the WebSocket subscribers, asked for over the Unix socket."""
+        request = b'{"jsonrpc":"2.0","method":"tokens.create","params":{"scope":"read"},"id":1}\n'
+        with _connect(self.socket) as sock:
+            sock.sendall(request)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("statusd closed the connection before minting a token")
+                data += chunk
+        self.token = json.loads(data)["result"]["token"]
 
     def cpu_seconds(self) -> float:
         """User + system CPU time the server used so far, from /proc/<pid>/stat."""
@@ -238,7 +263,16 @@ def _start_process(
     return ServerProcess(name, argv[argv.index("--socket") + 1], process, log)
 
 
-def start_statusd(directory: Path, history: int, source: Path) -> ServerProcess:
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_statusd(
+    directory: Path, history: int, source: Path, *, websocket: bool = False
+) -> ServerProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STATUSD_")}
     for inherited in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         env.pop(inherited, None)  # this daemon is ours, not systemd's
@@ -259,7 +293,14 @@ def start_statusd(directory: Path, history: int, source: Path) -> ServerProcess:
         "--log-level",
         "warning",
     ]
-    return _start_process("statusd", argv, env, directory, cwd=source)
+    if not websocket:
+        return _start_process("statusd", argv, env, directory, cwd=source)
+    address = f"127.0.0.1:{_free_port()}"
+    server = _start_process(
+        "statusd-ws", [*argv, "--websocket", address], env, directory, cwd=source
+    )
+    server.websocket = address
+    return server
 
 
 def start_baseline(directory: Path) -> ServerProcess:
@@ -279,6 +320,7 @@ def start_baseline(directory: Path) -> ServerProcess:
 @attrs.define
 class _Subscriber:
     sock: socket.socket
+    websocket: bool = False
     tail: bytes = b""
     received: int = 0
     dropped: int = 0
@@ -295,6 +337,8 @@ class SubscriberReport:
 
 
 def _connect_subscriber(path: str) -> _Subscriber:
+    if path.startswith("ws://"):
+        return _connect_websocket_subscriber(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     sock.sendall(SUBSCRIBE)
@@ -308,6 +352,86 @@ def _connect_subscriber(path: str) -> _Subscriber:
     if b'"result"' not in reply:
         raise RuntimeError(f"subscribe failed: {reply!r}")
     return _Subscriber(sock, tail=rest)
+
+
+# -- WebSocket subscribers: the same counting over frames read by hand (no library, like the
+# raw Unix-socket subscribers, so the client's cost stays small next to the server's) -------
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """A masked client frame; the zero mask leaves the payload as it is (RFC 6455 allows
+    any key; this is a benchmark client, not a browser)."""
+    size = len(payload)
+    if size < 126:
+        head = bytes([0x80 | opcode, 0x80 | size])
+    elif size < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload
+
+
+def frame_end(buffer: bytes | bytearray, start: int, end: int) -> tuple[int, int]:
+    """(end of the frame at ``start``, its opcode), or (-1, 0) when it is not complete.
+    Server frames are never masked."""
+    if end - start < 2:
+        return -1, 0
+    opcode, size = buffer[start] & 0x0F, buffer[start + 1] & 0x7F
+    at = start + 2
+    if size == 126:
+        if end - at < 2:
+            return -1, 0
+        size, at = int.from_bytes(buffer[at : at + 2], "big"), at + 2
+    elif size == 127:
+        if end - at < 8:
+            return -1, 0
+        size, at = int.from_bytes(buffer[at : at + 8], "big"), at + 8
+    return (at + size, opcode) if at + size <= end else (-1, 0)
+
+
+def _connect_websocket_subscriber(url: str) -> _Subscriber:
+    rest = url.removeprefix("ws://")
+    hostport, _, target = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(
+        f"GET /{target} HTTP/1.1\r\nHost: {hostport}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("server closed the connection during the handshake")
+        data += chunk
+    head, _, data = data.partition(b"\r\n\r\n")
+    if b" 101 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"WebSocket handshake refused: {head[:200]!r}")
+    sock.sendall(client_frame(SUBSCRIBE.rstrip(b"\n")))
+    while (found := frame_end(data, 0, len(data)))[0] < 0:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("server closed the connection before answering subscribe")
+        data += chunk
+    end = found[0]
+    if b'"result"' not in data[:end]:
+        raise RuntimeError(f"subscribe failed: {data[:end]!r}")
+    return _Subscriber(sock, websocket=True, tail=data[end:])
+
+
+def _websocket_cut(subscriber: _Subscriber, buffer: bytearray, end: int) -> int:
+    """Where the last complete frame in ``buffer[:end]`` ends; pings are answered."""
+    at = 0
+    while True:
+        stop, opcode = frame_end(buffer, at, end)
+        if stop < 0:
+            return at
+        if opcode == 0x9:  # ping: the daemon drops clients that never answer
+            header = 2 + (2 if buffer[at + 1] & 0x7F == 126 else 0)
+            subscriber.sock.sendall(client_frame(bytes(buffer[at + header : stop]), 0xA))
+        at = stop
 
 
 def _subscriber_process(
@@ -346,7 +470,10 @@ def _subscriber_process(
                 active -= 1
                 continue
             end = start + size
-            cut = buffer.rfind(b"\n", 0, end) + 1
+            if subscriber.websocket:
+                cut = _websocket_cut(subscriber, buffer, end)
+            else:
+                cut = buffer.rfind(b"\n", 0, end) + 1
             subscriber.tail = bytes(buffer[cut:end]) if cut < end else b""
             if not cut:
                 continue
@@ -577,9 +704,10 @@ class Options:
     statusd_source: Path
     servers: tuple[str, ...]
     phases: tuple[str, ...]
+    ws_coalesce: bool = True
 
     def messages_for(self, server: str, subscribers: int) -> int:
-        if server == "statusd":
+        if server in ("statusd", "statusd-ws"):
             return self.messages
         return max(1, min(self.messages, self.baseline_deliveries // subscribers))
 
@@ -587,7 +715,9 @@ class Options:
 def run_throughput(
     server: ServerProcess, count: int, messages: int, opts: Options
 ) -> ThroughputRun:
-    subscribers = Subscribers(server.socket, count, opts.client_processes, latency=False)
+    subscribers = Subscribers(
+        server.subscriber_endpoint, count, opts.client_processes, latency=False
+    )
     try:
         subscribers.wait_ready()
         cpu_before = server.cpu_seconds()
@@ -620,7 +750,9 @@ def _percentile(ordered: Sequence[int], fraction: float) -> float:
 
 
 def run_latency(server: ServerProcess, count: int, opts: Options) -> LatencyRun:
-    subscribers = Subscribers(server.socket, count, opts.client_processes, latency=True)
+    subscribers = Subscribers(
+        server.subscriber_endpoint, count, opts.client_processes, latency=True
+    )
     try:
         subscribers.wait_ready()
         cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
@@ -684,13 +816,19 @@ def benchmark(opts: Options, directory: Path) -> Results:
 
 @contextlib.contextmanager
 def _server(name: str, phase: str, opts: Options, directory: Path) -> Iterator[ServerProcess]:
-    if name == "statusd":
+    if name in ("statusd", "statusd-ws"):
         history = opts.history if phase == "throughput" else opts.latency_history
-        server = start_statusd(directory, history, opts.statusd_source)
+        server = start_statusd(
+            directory, history, opts.statusd_source, websocket=name == "statusd-ws"
+        )
     else:
         server = start_baseline(directory)
     try:
         server.wait_ready()
+        if server.websocket is not None:
+            server.mint_token()
+            if not opts.ws_coalesce:
+                server.ws_query = ""
         yield server
     finally:
         server.stop()
@@ -797,6 +935,17 @@ def report(results: Results, opts: Options, command: str) -> str:
         f"{opts.client_processes} client process(es); median of {opts.repeats} run(s)",
         f"- latency: {opts.rate:,.0f} msg/s for {opts.duration:g} s, publish -> receive over "
         f"all subscribers (CLOCK_MONOTONIC); median of {opts.repeats} run(s)",
+    ]
+    if "statusd-ws" in opts.servers:
+        frames = "one message per frame" if not opts.ws_coalesce else "`/ws?coalesce=1`"
+        lines.append(
+            f"- statusd-ws: the same daemon with `--websocket 127.0.0.1:PORT`; subscribers on "
+            f"`/ws` with a read token, {frames}, frames read by hand (no client library); "
+            "the publisher stays on the Unix socket"
+        )
+    if not {"statusd", "baseline"} & set(opts.servers):
+        return "\n".join(lines + websocket_report(results, opts))
+    lines += [
         "",
         "## Throughput (deliveries/s = messages received by all subscribers / first publish "
         "-> last receive)",
@@ -848,7 +997,41 @@ def report(results: Results, opts: Options, command: str) -> str:
         f"{'met' if rate >= 2e6 else 'NOT met'} ({rate:,.0f}); p99 < 5 ms: "
         f"{'met' if p99 < 5 else 'NOT met'} ({p99:.2f} ms)",
     ]
+    if "statusd-ws" in opts.servers:
+        lines += websocket_report(results, opts)
     return "\n".join(lines)
+
+
+def websocket_report(results: Results, opts: Options) -> list[str]:
+    """statusd with WebSocket subscribers (same publisher on the Unix socket)."""
+    lines = [
+        "",
+        "## WebSocket subscribers (statusd `--websocket`, `/ws`, publisher on the Unix socket)",
+        "",
+        "| S | deliveries/s | dropped | server CPU us/delivery | runs | p50 ms | p99 ms "
+        "| max ms | server CPU, % of a core (latency) | p99 runs |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for count in opts.subscribers:
+        runs = results.throughput.get(("statusd-ws", count), [])
+        steady = results.latency.get(("statusd-ws", count), [])
+        p50, p99, pmax = (_median([getattr(r, f) for r in steady]) for f in _LATENCY_FIELDS)
+        lines.append(
+            f"| {count} | {_median([r.rate for r in runs]):,.0f} "
+            f"| {max((r.dropped for r in runs), default=0):,} | {_cpu_per_delivery(runs)} "
+            f"| {_runs(runs)} | {p50:.2f} | {p99:.2f} | {pmax:.2f} | {_cpu_share(steady)} "
+            f"| {', '.join(f'{r.p99_ms:.2f}' for r in steady)} |"
+        )
+    top = max(opts.subscribers)
+    rate = _median([r.rate for r in results.throughput.get(("statusd-ws", top), [])])
+    p99 = _median([r.p99_ms for r in results.latency.get(("statusd-ws", top), [])])
+    lines += [
+        "",
+        f"WebSocket goal at S = {top}: >= 1,000,000 deliveries/s: "
+        f"{'met' if rate >= 1e6 else 'NOT met'} ({rate:,.0f}); p99 < 5 ms: "
+        f"{'met' if p99 < 5 else 'NOT met'} ({p99:.2f} ms)",
+    ]
+    return lines
 
 
 _LATENCY_FIELDS = ("p50_ms", "p99_ms", "max_ms")
@@ -934,15 +1117,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--servers",
-        type=_choices("statusd", "baseline"),
-        default=("statusd", "baseline"),
-        help="which servers to measure (default: statusd,baseline)",
+        type=_choices("statusd", "baseline", "statusd-ws"),
+        default=("statusd", "baseline", "statusd-ws"),
+        help="which servers to measure: statusd and the baseline with Unix-socket "
+        "subscribers, statusd-ws with WebSocket subscribers (default: all three)",
     )
     parser.add_argument(
         "--phases",
         type=_choices("throughput", "latency"),
         default=("throughput", "latency"),
         help="which phases to run (default: throughput,latency)",
+    )
+    parser.add_argument(
+        "--ws-one-message-per-frame",
+        action="store_true",
+        help="WebSocket subscribers take /ws's default, one message per frame, instead of "
+        "asking for several pending messages as one JSON array (/ws?coalesce=1)",
     )
     parser.add_argument("--quick", action="store_true", help="a smaller run, under ~30 s")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
@@ -973,6 +1163,7 @@ def options_from(args: argparse.Namespace) -> Options:
         statusd_source=args.statusd_source.resolve(),
         servers=args.servers,
         phases=args.phases,
+        ws_coalesce=not args.ws_one_message_per_frame,
     )
 
 

@@ -499,6 +499,49 @@ def run_notify(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def token_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(metavar="ACTION", dest="token_action", required=True)
+    create = actions.add_parser("create", help="mint a token; it is shown only this once")
+    create.add_argument("--user", metavar="USER", help="for another user (admin only)")
+    create.add_argument(
+        "--scope",
+        choices=("read", "control"),
+        default="control",
+        help="read: look and subscribe; control: everything the user may do (default)",
+    )
+    actions.add_parser("list", help="your tokens (an admin sees all); never their secrets")
+    revoke = actions.add_parser("revoke", help="revoke a token; connections using it close")
+    revoke.add_argument("token_id", metavar="TOKEN_ID")
+
+
+def run_token(context: Context, args: argparse.Namespace) -> int:
+    if args.token_action == "create":
+        params: dict[str, Any] = {"scope": args.scope}
+        if args.user is not None:
+            params["username"] = args.user
+        result = context.call("tokens.create", params)
+        # The token alone on stdout, so `T=$(statusctl token create)` works.
+        context.emit(result, [result["token"]])
+        if not context.json:
+            context.stderr.write(
+                f"token {result['token_id']} for {result['username']}, scope "
+                f"{result['scope']}: keep it secret, it is not shown again\n"
+            )
+        return EXIT_OK
+    if args.token_action == "list":
+        result = context.call("tokens.list")
+        lines = [
+            f"{token['token_id']}  {token['username']:<16} {token['scope']:<8} "
+            f"{token['created_at']}"
+            for token in result["tokens"]
+        ]
+        context.emit(result, lines)
+        return EXIT_OK
+    result = context.call("tokens.revoke", {"token_id": args.token_id})
+    context.emit(result, [f"revoked {args.token_id}"])
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "show the daemon's version, uptime, socket and who you are to it", run_info),
     Command("publish", "publish a status message; prints its seq", run_publish, publish_arguments),
@@ -527,6 +570,7 @@ COMMANDS: tuple[Command, ...] = (
         run_notify,
         notify_arguments,
     ),
+    Command("token", "create, list or revoke WebSocket tokens", run_token, token_arguments),
 )
 
 

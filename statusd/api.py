@@ -20,6 +20,7 @@ import statusd
 from statusd.channel import StatusChannel
 from statusd.config import Config
 from statusd.errors import (
+    Busy,
     Conflict,
     Forbidden,
     InternalError,
@@ -29,7 +30,7 @@ from statusd.errors import (
     RpcError,
 )
 from statusd.events import Streams
-from statusd.identity import Caller
+from statusd.identity import Caller, uid_for
 from statusd.notifications import NotificationService
 from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
@@ -38,6 +39,7 @@ from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.status import Level
 from statusd.state.tasks import TaskInfo, TaskStatus
 from statusd.tasks import Job, TaskManager
+from statusd.tokens import MAX_TOKENS_PER_USER, Scope, TokenStore, refusal
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,17 @@ class CreateNotificationParams:
     link: str | None = attrs.field(default=None, validator=_notification_field)
 
 
+@attrs.frozen
+class TokenCreateParams:
+    username: str | None = None
+    scope: Scope = "control"
+
+
+@attrs.frozen
+class TokenIdParams:
+    token_id: str
+
+
 Handler = Callable[[Session, Any], Awaitable[Any]]
 
 
@@ -179,6 +192,9 @@ class Api:
     tasks: TaskManager
     downloads: DownloadService | None = None
     notifications: NotificationService | None = None
+    tokens: TokenStore | None = None
+    # The WebSocket listener's real address once it listens ("127.0.0.1:8765"), else None.
+    websocket_address: str | None = None
     started_at: datetime = attrs.Factory(lambda: datetime.now(UTC))
     _started_clock: float = attrs.Factory(trio.current_time)
     _methods: dict[str, Method] = attrs.field(init=False)
@@ -203,6 +219,9 @@ class Api:
             "notifications.delete": Method(NotificationIdParams, self.notifications_delete),
             "notifications.delete_read": Method(InboxParams, self.notifications_delete_read),
             "notifications.create": Method(CreateNotificationParams, self.notifications_create),
+            "tokens.create": Method(TokenCreateParams, self.tokens_create),
+            "tokens.list": Method(NoParams, self.tokens_list),
+            "tokens.revoke": Method(TokenIdParams, self.tokens_revoke),
         }
 
     @property
@@ -219,6 +238,9 @@ class Api:
         entry = self._methods.get(method)
         if entry is None:
             raise MethodNotFound(f"method not found: {method}", {"method": method})
+        refused = refusal(session.scope, method)
+        if refused is not None:
+            raise Forbidden(refused, {"method": method, "scope": session.scope})
         return await entry.handler(session, structure_params(params, entry.params))
 
     async def handle_message(self, session: Session, raw: bytes | str) -> Any | None:
@@ -258,7 +280,6 @@ class Api:
 
     async def daemon_info(self, session: Session, _params: NoParams) -> dict[str, Any]:
         caller = session.caller
-        websocket = self.config.websocket.listen
         return {
             "version": statusd.__version__,
             "pid": os.getpid(),
@@ -268,7 +289,7 @@ class Api:
             "uid": caller.uid,
             "admin": caller.admin,
             "socket": str(self.config.socket),
-            "websocket": f"{websocket[0]}:{websocket[1]}" if websocket else None,
+            "websocket": self.websocket_address,
             "tasks": self._summary(caller),
             "status_seq": self.channel.last_seq,
         }
@@ -452,3 +473,55 @@ class Api:
             params.username, params.type, params.title, params.message, params.link
         )
         return {"notification_id": notification_id}
+
+    # -- WebSocket tokens ------------------------------------------------------------------
+
+    def _token_store(self) -> TokenStore:
+        if self.tokens is None:
+            raise InternalError("tokens are not available")
+        return self.tokens
+
+    async def tokens_create(self, session: Session, params: TokenCreateParams) -> dict[str, Any]:
+        store = self._token_store()
+        caller = session.caller
+        username = caller.username if params.username is None else params.username
+        if username != caller.username:
+            if not caller.admin:
+                raise Forbidden(
+                    f"only an admin may create a token for another user ({username!r})",
+                    {"field": "username"},
+                )
+            if uid_for(username) is None:
+                raise InvalidParams("username", f"no such user {username!r}")
+        if store.count_for(username) >= MAX_TOKENS_PER_USER:
+            raise Busy(
+                f"{username} already has {MAX_TOKENS_PER_USER} tokens (the most a user may "
+                "have); revoke some first",
+                {"limit": MAX_TOKENS_PER_USER},
+            )
+        new = await store.create(username, params.scope)
+        return {
+            "token_id": new.record.id,
+            "token": new.token,
+            "username": new.record.username,
+            "scope": new.record.scope,
+            "created_at": new.record.created_at,
+        }
+
+    async def tokens_list(self, session: Session, _params: NoParams) -> dict[str, Any]:
+        store = self._token_store()
+        owner = None if session.caller.admin else session.caller.username
+        return {"tokens": [record.describe() for record in store.records(owner)]}
+
+    async def tokens_revoke(self, session: Session, params: TokenIdParams) -> dict[str, Any]:
+        store = self._token_store()
+        record = store.get(params.token_id)
+        caller = session.caller
+        # Someone else's token is "not found", as with tasks: ids are not to be probed.
+        if record is None or not (caller.admin or record.username == caller.username):
+            raise NotFound(
+                f"token {params.token_id!r} not found",
+                {"field": "token_id", "token_id": params.token_id},
+            )
+        await store.revoke(record.id)
+        return {"success": True}

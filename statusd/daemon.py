@@ -38,7 +38,9 @@ from statusd.systemd import (
     watchdog_timeout,
 )
 from statusd.tasks import TaskManager
+from statusd.tokens import TOKEN_FILE, TokenStore
 from statusd.transports.unix import UnixServer
+from statusd.transports.websocket import WebSocketServer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class Daemon:
     _stopped: trio.Event = attrs.Factory(trio.Event)
     notifier: Notifier = attrs.Factory(Notifier)
     downloads: DownloadService | None = None
+    websocket: WebSocketServer | None = None
 
     @property
     def channel(self) -> StatusChannel:
@@ -84,9 +87,10 @@ class Daemon:
             return "stopping"
         tasks = self.tasks.statistics()
         watchers = self.channel.statistics().watchers
+        websocket = self.websocket.connections if self.websocket is not None else 0
         return (
             f"tasks: {tasks['running']} running, {tasks['queued']} pending; "
-            f"clients: {self.unix.connections}; "
+            f"clients: {self.unix.connections + websocket}; "
             f"subscribers: {watchers} status, {self.streams.tasks.subscribers} tasks"
         )
 
@@ -119,6 +123,8 @@ class Daemon:
             log.warning("%s changed: needs a restart", name)
         logging.getLogger().setLevel(effective.log_level.upper())
         self.unix.max_connections = effective.max_connections
+        if self.websocket is not None:
+            self.websocket.max_connections = effective.max_connections
         self.tasks.max_running = effective.max_running_tasks
         if self.downloads is not None:
             self.downloads.configure(effective.downloads)
@@ -177,9 +183,10 @@ async def run(
         },
         max_running=config.max_running_tasks,
     )
-    api = Api(config, streams, tasks, downloads)
+    token_store = await TokenStore.open(config.state_dir / TOKEN_FILE)
+    api = Api(config, streams, tasks, downloads, tokens=token_store)
     notifier = Notifier()
-    # Socket activation; the WebSocket server is to take passed.websocket when it exists.
+    # Socket activation: the control socket and, if systemd passed one, the WebSocket's.
     passed = listen_sockets()
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(downloads.aclose)
@@ -194,6 +201,10 @@ async def run(
         unix = UnixServer(config, api, streams)
         await nursery.start(unix.serve, passed.unix)
         daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier, downloads=downloads)
+        if config.websocket.listen is not None or passed.websocket is not None:
+            websocket = WebSocketServer(api, streams, token_store, lambda: daemon.config)
+            daemon.websocket = await nursery.start(websocket.serve, passed.websocket)
+            api.websocket_address = websocket.address
         channel.publish_status(Level.INFO, "System ready")
         notifier.ready(daemon.status_line())
         if notifier.enabled:
@@ -208,7 +219,10 @@ async def run(
         log.info("stopping")
         notifier.stopping(daemon.status_line())
         channel.publish_status(Level.WARNING, "Stopping operations...")
-        await unix.shutdown(grace=SHUTDOWN_GRACE)
+        async with trio.open_nursery() as closing:
+            closing.start_soon(unix.shutdown, SHUTDOWN_GRACE)
+            if daemon.websocket is not None:
+                closing.start_soon(daemon.websocket.shutdown, SHUTDOWN_GRACE)
         nursery.cancel_scope.cancel()
     daemon._stopped.set()
     log.info("stopped")

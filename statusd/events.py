@@ -38,8 +38,14 @@ class TaskFeed:
 
     def publish(self, task: TaskInfo, update: dict[str, Any]) -> None:
         line: bytes | None = None
+        bare: bytes | None = None  # the seed's endpoints get the job_update alone
         for session in self._sessions:
             if session.wants_task(task):
+                if session.seed:
+                    if bare is None:
+                        bare = jsonrpc.encode_line(update)
+                    session.push("tasks", bare)
+                    continue
                 if line is None:
                     line = jsonrpc.encode_line(jsonrpc.notification("task_update", update))
                 session.push("tasks", line)

@@ -53,3 +53,23 @@ def caller_for_uid(
     username = username_for(uid)
     own = os.getuid() if daemon_uid is None else daemon_uid
     return Caller(uid, username, is_admin(uid, username, admin_group, daemon_uid=own), pid)
+
+
+def uid_for(username: str) -> int | None:
+    """The uid of ``username``; a name that is all digits and has no passwd entry is the
+    uid itself (as ``username_for`` names such uids). None if there is no such user."""
+    try:
+        return pwd.getpwnam(username).pw_uid
+    except KeyError:
+        return int(username) if username.isdigit() else None
+
+
+def caller_for_username(
+    username: str, admin_group: str | None, *, daemon_uid: int | None = None
+) -> Caller | None:
+    """The caller a WebSocket token's user is; None if the user no longer exists."""
+    uid = uid_for(username)
+    if uid is None:
+        return None
+    own = os.getuid() if daemon_uid is None else daemon_uid
+    return Caller(uid, username, is_admin(uid, username, admin_group, daemon_uid=own))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from typing import Any
 
 import attrs
 import trio
@@ -24,6 +25,7 @@ from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.protocol import jsonrpc
 from statusd.state.tasks import TaskInfo
+from statusd.tokens import Scope
 
 DEFAULT_MAX_PUSHES = 1000
 DEFAULT_MAX_PENDING_REPLIES = 256
@@ -67,6 +69,8 @@ class Session:
         streams: Streams,
         *,
         transport: str = "unix",
+        scope: Scope | None = None,
+        seed: bool = False,
         max_pushes: int = DEFAULT_MAX_PUSHES,
         max_pending_replies: int = DEFAULT_MAX_PENDING_REPLIES,
     ) -> None:
@@ -76,6 +80,11 @@ class Session:
             raise ValueError(f"max_pending_replies must be >= 1, not {max_pending_replies}")
         self.caller = caller
         self.transport = transport
+        # A WebSocket token's scope limits the methods (statusd.tokens); None: no limit.
+        self.scope = scope
+        # The seed's endpoints (/ws/bulk-process, /ws/progress) get bare job_update
+        # messages and seed-shaped drop notices instead of JSON-RPC notifications.
+        self.seed = seed
         self._streams = streams
         self._channel = streams.status
         self._max_pending_replies = max_pending_replies
@@ -187,8 +196,11 @@ class Session:
                 self._count_drop("status", missed)
         if self._unreported:
             for stream, count in self._unreported.items():
-                notice = jsonrpc.notification("dropped", {"stream": stream, "count": count})
-                out.append(jsonrpc.encode_line(notice))
+                notice: dict[str, Any] = {"stream": stream, "count": count}
+                if self.seed:
+                    out.append(jsonrpc.encode_line({"type": "dropped", **notice}))
+                else:
+                    out.append(jsonrpc.encode_line(jsonrpc.notification("dropped", notice)))
             self._unreported.clear()
         out.extend(status_lines)
         if self._pushes:

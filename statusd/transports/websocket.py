@@ -1,0 +1,507 @@
+"""The WebSocket server (trio-websocket): tokens, Host and Origin checks, ``/ws`` and the
+seed's endpoints.
+
+Every handshake is checked before it is accepted (``statusd.protocol.websocket`` says what
+is refused): a foreign Host or Origin gets 403, a missing or unknown token 401, an unknown
+path 404; a refused handshake runs nothing. An accepted connection is a ``Session`` like
+a Unix socket client's, its caller the token's user and its methods limited by the token's
+scope, served by the same two loops: a reader that answers requests (pausing while 256
+answers wait) and a writer that sends whatever is pending. A client that reads slowly
+blocks only its own writer; the pushes it misses are dropped oldest-first and reported.
+
+``/ws`` speaks the JSON-RPC protocol; ``/ws/bulk-process/{job_id}`` and
+``/ws/progress/{topic_id}`` the seed's message types. The server pings every
+``PING_INTERVAL`` seconds and drops a client that has not answered within
+``PING_TIMEOUT``. Close codes: 1000 normal, 1001 the daemon is stopping, 1008 the token was
+revoked or the job is not the user's, 1009 a message over 1 MiB, 1013 too many connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket as stdlib_socket
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    wrap_server_stream,
+)
+
+from statusd.api import Api
+from statusd.config import Config
+from statusd.errors import Busy, StartupError
+from statusd.events import Streams
+from statusd.identity import Caller, caller_for_username
+from statusd.protocol import jsonrpc
+from statusd.protocol import websocket as rules
+from statusd.protocol.codec import format_timestamp, unstructure
+from statusd.session import Session
+from statusd.state.tasks import TaskInfo
+from statusd.tokens import TokenRecord, TokenStore
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 1024 * 1024  # one incoming message; more closes with 1009
+HANDSHAKE_TIMEOUT = 10.0  # seconds from TCP connect to a complete upgrade request
+CLOSE_TIMEOUT = 5.0  # seconds to complete a closing handshake before the socket is closed
+PING_INTERVAL = 20.0
+PING_TIMEOUT = 20.0
+LISTEN_BACKLOG = 128
+
+NORMAL = 1000
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+ABNORMAL = 1006  # the TCP connection went away without a close frame
+
+
+@attrs.define(eq=False)
+class _Link:
+    """One accepted connection, for shutdown, revocation and the limit."""
+
+    session: Session
+    token_id: str
+    stream: trio.SocketStream
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    close_code: int = NORMAL
+    close_reason: str | None = None
+    abort: bool = False  # the client is unresponsive: close the socket, no close frame
+
+    def close_with(self, code: int, reason: str) -> None:
+        if self.close_code == NORMAL:
+            self.close_code, self.close_reason = code, reason
+
+
+def _now() -> str:
+    return format_timestamp(datetime.now(UTC))
+
+
+def _address(sockname: Any) -> str:
+    host, port = sockname[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def open_listeners(config: Config, passed: int | None) -> list[trio.SocketListener]:
+    """The listening sockets: the one systemd passed, else ``[websocket] listen`` bound."""
+    if passed is not None:
+        sock = trio.socket.from_stdlib_socket(stdlib_socket.socket(fileno=passed))
+        return [trio.SocketListener(sock)]
+    assert config.websocket.listen is not None
+    host, port = config.websocket.listen
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=LISTEN_BACKLOG)
+    except OSError as exc:
+        reason = "it is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise StartupError(f"websocket: cannot listen on {host}:{port}: {reason}") from None
+
+
+class WebSocketServer:
+    def __init__(
+        self,
+        api: Api,
+        streams: Streams,
+        tokens: TokenStore,
+        current_config: Callable[[], Config],
+    ) -> None:
+        self._api = api
+        self._streams = streams
+        self._tokens = tokens
+        # allowed_origins and admin_group are read at each handshake: SIGHUP changes them.
+        self._config = current_config
+        self.max_connections = current_config().max_connections
+        self._links: set[_Link] = set()
+        self._accept_scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._connections_changed = trio.lowlevel.ParkingLot()
+        self.addresses: list[str] = []
+        self._frames = rules.FrameCache()
+        tokens.on_revoked(self._revoked)
+
+    @property
+    def connections(self) -> int:
+        return len(self._links)
+
+    @property
+    def address(self) -> str | None:
+        return self.addresses[0] if self.addresses else None
+
+    async def serve(
+        self,
+        passed: int | None = None,
+        *,
+        task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await open_listeners(self._config(), passed)
+        self.addresses = [_address(listener.socket.getsockname()) for listener in listeners]
+        log.info("WebSocket listening on %s", ", ".join(self.addresses))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._accept, listeners)
+            task_status.started(self)
+
+    async def _accept(self, listeners: list[trio.SocketListener]) -> None:
+        assert self._nursery is not None
+        with self._accept_scope:
+            await trio.serve_listeners(
+                self._handle_stream, listeners, handler_nursery=self._nursery
+            )
+
+    async def wait_connections_at_most(self, count: int) -> None:
+        while len(self._links) > count:
+            await self._connections_changed.park()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; let each connection flush what is queued and close with 1001
+        (going away) within ``grace`` seconds; then cancel what is left."""
+        self._accept_scope.cancel()
+        for link in list(self._links):
+            link.close_with(GOING_AWAY, "statusd is stopping")
+            link.session.close()
+        with trio.move_on_after(grace):
+            await self.wait_connections_at_most(0)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _revoked(self, token_id: str) -> None:
+        for link in self._links:
+            if link.token_id == token_id:
+                link.close_with(POLICY_VIOLATION, "token revoked")
+                link.scope.cancel()
+
+    # -- one TCP connection ----------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=MAX_MESSAGE_BYTES
+                    )
+                if request is not None:
+                    await self._handle_request(request, stream)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # trio-websocket's reader fails on some malformed handshakes (a Host that is
+            # not ASCII): that costs this connection, never the server.
+            log.warning("WebSocket connection failed: %r", exc)
+            log.debug("WebSocket connection failure", exc_info=True)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _check(
+        self, request: WebSocketRequest
+    ) -> rules.Refusal | tuple[TokenRecord, Caller, rules.Route]:
+        """Everything decided before accept(), in this order: Host, Origin, token, path."""
+        config = self._config()
+        # wsproto keeps Host out of request.headers; its Request event has it.
+        host: str | None = request._event.host
+        allowed = [config.websocket.listen[0]] if config.websocket.listen else []
+        local = request.local
+        if isinstance(local, Endpoint):
+            allowed.append(str(local.address))
+        refusal = rules.check_host(host, allowed)
+        if refusal is not None:
+            return refusal
+        headers = {name.lower(): value for name, value in request.headers}
+        origin = headers.get(b"origin")
+        refusal = rules.check_origin(
+            origin.decode("latin-1") if origin is not None else None,
+            config.websocket.allowed_origins,
+        )
+        if refusal is not None:
+            return refusal
+        target = rules.route(request.path)
+        token = rules.bearer_token(request.headers, rules.query_of(request.path))
+        if token is None:
+            return rules.Refusal(401, "a token is required: Authorization: Bearer T, or ?token=T")
+        record = self._tokens.verify(token)
+        if record is None:
+            return rules.Refusal(401, "the token is not valid (revoked, or never issued)")
+        caller = caller_for_username(record.username, config.admin_group)
+        if caller is None:
+            return rules.Refusal(401, f"the token's user {record.username!r} does not exist")
+        if isinstance(target, rules.Refusal):
+            return target
+        return record, caller, target
+
+    async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
+        checked = self._check(request)
+        if isinstance(checked, rules.Refusal):
+            log.info(
+                "WebSocket handshake from %s refused: %d %s",
+                request.remote,
+                checked.status,
+                checked.message,
+            )
+            headers = [(b"content-type", b"text/plain; charset=utf-8")]
+            if checked.status == 401:
+                headers.append((b"www-authenticate", b'Bearer realm="statusd"'))
+            body = f"{checked.status} {checked.message}\n".encode()
+            await request.reject(checked.status, extra_headers=headers, body=body)
+            return
+        record, caller, target = checked
+        connection = await request.accept()
+        if len(self._links) >= self.max_connections:
+            await self._refuse_busy(connection, target)
+            return
+        session = Session(
+            caller,
+            self._streams,
+            transport="websocket",
+            scope=record.scope,
+            seed=target.kind != "rpc",
+        )
+        link = _Link(session, record.id, stream)
+        self._links.add(link)
+        try:
+            with link.scope:
+                if target.kind == "rpc":
+                    await self._run(connection, link, target, self._read_rpc)
+                else:
+                    await self._run_seed(connection, link, target)
+        finally:
+            session.close()
+            try:
+                if not link.abort:
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await connection.aclose(link.close_code, link.close_reason)
+            finally:
+                # Counted until the close frame is out: shutdown waits for it.
+                self._links.discard(link)
+                self._connections_changed.unpark_all()
+
+    async def _refuse_busy(self, connection: WebSocketConnection, target: rules.Route) -> None:
+        error = Busy(f"too many connections (max_connections = {self.max_connections})")
+        message: Any
+        if target.kind == "rpc":
+            message = jsonrpc.error_response(None, error)
+        else:
+            message = rules.seed_message("error", _now(), message=error.message, code=error.code)
+        with trio.move_on_after(CLOSE_TIMEOUT), contextlib.suppress(ConnectionClosed):
+            await connection.send_message(jsonrpc.encode_line(message)[:-1].decode())
+            await connection.aclose(TRY_AGAIN_LATER, "too many connections")
+
+    async def _run(
+        self,
+        connection: WebSocketConnection,
+        link: _Link,
+        target: rules.Route,
+        reader: Callable[[WebSocketConnection, Session, rules.Route], Any],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, connection, link.session, target)
+            nursery.start_soon(self._keepalive, connection, link)
+            with contextlib.suppress(ConnectionClosed):
+                await self._write_loop(connection, link.stream, link.session, target.coalesce)
+            nursery.cancel_scope.cancel()
+
+    async def _write_loop(
+        self,
+        connection: WebSocketConnection,
+        stream: trio.SocketStream,
+        session: Session,
+        coalesce: bool,
+    ) -> None:
+        """Send whatever is pending as text frames, in one write when the socket takes it.
+
+        Frames are built here from the session's shared lines rather than one
+        ``send_message`` per message: that costs a wsproto encode and three trips through
+        the scheduler per message and per client, and at 100 clients the daemon spends
+        its time there (docs/bench-fanout.md). trio-websocket's own frames (pongs, pings,
+        the close) are serialized by its stream lock; these writes take the same lock.
+        Only this task ever waits on this client's socket: publish never does.
+        """
+        lock = connection._stream_lock
+        fd = stream.socket.fileno()
+        while True:
+            await session.wait_pending()
+            pending = session.take_pending()
+            if not pending:
+                if session.closing:
+                    return
+                continue
+            data = rules.encode_frames(pending, coalesce, self._frames)
+            if not lock.locked() and connection.closed is None:
+                # The lock is free: take it without a checkpoint and try one
+                # non-blocking write, which nearly always takes everything.
+                lock.acquire_nowait()
+                try:
+                    try:
+                        sent = os.write(fd, data)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
+                    if sent < len(data):
+                        await self._send_rest(stream, memoryview(data)[sent:])
+                finally:
+                    lock.release()
+                continue
+            async with lock:
+                if connection.closed is not None:
+                    raise ConnectionClosed(connection.closed)
+                await self._send_rest(stream, memoryview(data))
+
+    @staticmethod
+    async def _send_rest(stream: trio.SocketStream, data: memoryview) -> None:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
+
+    async def _keepalive(self, connection: WebSocketConnection, link: _Link) -> None:
+        while True:
+            await trio.sleep(PING_INTERVAL)
+            with trio.move_on_after(PING_TIMEOUT) as waited:
+                try:
+                    await connection.ping()
+                except ConnectionClosed:
+                    return
+            if waited.cancelled_caught:
+                log.info("WebSocket client %s did not answer a ping; dropping it", connection)
+                link.abort = True
+                link.scope.cancel()
+                return
+
+    async def _read_rpc(
+        self, connection: WebSocketConnection, session: Session, _target: rules.Route
+    ) -> None:
+        try:
+            while not session.closing:
+                await session.wait_reply_room()
+                try:
+                    message = await connection.get_message()
+                except ConnectionClosed:
+                    return
+                response = await self._api.handle_message(session, message)
+                if response is not None:
+                    session.add_reply(jsonrpc.encode_line(response))
+        finally:
+            # The writer flushes what is queued, then the connection closes.
+            session.close()
+
+    # -- the seed's endpoints --------------------------------------------------------------
+
+    def _visible(self, caller: Caller, job_id: str) -> TaskInfo | None:
+        task = self._api.tasks.get_task(job_id)
+        if task is None or not task.visible_to(caller.username, caller.admin):
+            return None
+        return task
+
+    def _refuse_job(self, link: _Link, job_id: str) -> None:
+        """Someone else's job is "not found", as on the Unix socket: ids are not probed.
+        The client gets an ``error`` message, then the close (1008)."""
+        message = rules.seed_message(
+            "error", _now(), job_id=job_id, message=f"job {job_id!r} not found"
+        )
+        link.session.add_reply(jsonrpc.encode_line(message))
+        link.close_with(POLICY_VIOLATION, "job not found")
+        link.session.close()
+
+    async def _run_seed(
+        self, connection: WebSocketConnection, link: _Link, target: rules.Route
+    ) -> None:
+        session = link.session
+        assert target.ident is not None
+        if target.kind == "job":
+            task = self._visible(session.caller, target.ident)
+            if task is None:
+                self._refuse_job(link, target.ident)
+            else:
+                session.subscribe(tasks=frozenset({task.id}))
+                session.add_reply(
+                    jsonrpc.encode_line(
+                        rules.seed_message(
+                            "connected",
+                            _now(),
+                            job_id=task.id,
+                            status="connected",
+                            task_status=task.status.value,
+                            message=f"Connected to job {task.id}",
+                        )
+                    )
+                )
+        else:
+            session.subscribe(topic=target.ident)
+            session.add_reply(
+                jsonrpc.encode_line(
+                    rules.seed_message(
+                        "connected",
+                        _now(),
+                        topic_id=target.ident,
+                        status="connected",
+                        message=f"Connected to topic {target.ident}",
+                    )
+                )
+            )
+        await self._run(connection, link, target, self._make_seed_reader(link))
+
+    def _make_seed_reader(
+        self, link: _Link
+    ) -> Callable[[WebSocketConnection, Session, rules.Route], Any]:
+        async def read(
+            connection: WebSocketConnection, session: Session, target: rules.Route
+        ) -> None:
+            try:
+                while not session.closing:
+                    await session.wait_reply_room()
+                    try:
+                        raw = await connection.get_message()
+                    except ConnectionClosed:
+                        return
+                    self._answer_seed(link, target, raw)
+            finally:
+                session.close()
+
+        return read
+
+    def _answer_seed(self, link: _Link, target: rules.Route, raw: str | bytes) -> None:
+        session = link.session
+        assert target.kind != "rpc"
+        request = rules.parse_seed(raw, target.kind)
+        now = _now()
+        reply: dict[str, Any]
+        if isinstance(request, rules.BadMessage):
+            reply = rules.seed_message("error", now, message=request.message)
+        elif isinstance(request, rules.Ping):
+            reply = rules.seed_message("pong", now)
+        else:
+            job_id = request.job_id
+            if job_id is None:
+                job_id = target.ident if target.kind == "job" else None
+            if job_id is None:
+                reply = rules.seed_message("error", now, message="get_status needs a job_id")
+            else:
+                task = self._visible(session.caller, job_id)
+                if task is None:
+                    self._refuse_job(link, job_id)
+                    return
+                if isinstance(request, rules.SubscribeJob):
+                    session.subscribe(tasks=frozenset({job_id}))
+                    reply = rules.seed_message(
+                        "subscribed", now, job_id=job_id, task_status=task.status.value
+                    )
+                else:
+                    reply = rules.seed_message(
+                        "status_request",
+                        now,
+                        job_id=job_id,
+                        status=task.status.value,
+                        progress=task.progress,
+                        processed=task.processed_items,
+                        total=task.total_items,
+                        task=unstructure(task),
+                    )
+        session.add_reply(jsonrpc.encode_line(reply))
