@@ -55,7 +55,7 @@ from statusd.state.notifications import (
     read_record,
 )
 from statusd.state.tasks import TaskInfo, TaskStatus
-from statusd.store import JsonLinesStore, StoreError, open_store
+from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,7 @@ class NotificationService:
         self._compact_min_records = compact_min_records
         self._compact_at = compact_min_records
         self._compact_wanted = trio.Event()
-        self._compacting = False
-        self._resumed = trio.Event()
-        self._writers = 0
-        self._idle = trio.Event()
+        self._gate = ChangeGate()
         self._compactions = 0
         self._failed_writes = 0
 
@@ -226,15 +223,8 @@ class NotificationService:
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[None]:
         """Hold off compaction while a change is checked, journalled and applied."""
-        while self._compacting:
-            await self._resumed.wait()
-        self._writers += 1
-        try:
+        async with self._gate.change():
             yield
-        finally:
-            self._writers -= 1
-            if not self._writers:
-                self._idle.set()
         if self._store is not None and self._journal_records >= max(
             self._compact_at, 2 * self._index.live_records
         ):
@@ -257,15 +247,12 @@ class NotificationService:
 
     async def _compact(self) -> None:
         assert self._store is not None
-        self._compacting = True
-        self._resumed = trio.Event()
-        try:
-            while self._writers:
-                self._idle = trio.Event()
-                await self._idle.wait()
+        async with self._gate.compaction():
             live = self._index.live_records
             try:
-                await self._store.compact(self._index.snapshot())
+                # Nothing changes the snapshot's records while the gate is closed, so they
+                # can be encoded off the event loop.
+                await self._store.compact(self._index.snapshot(), encode_in_thread=True)
             except (OSError, StoreError) as exc:
                 # Keep the journal as it is and try again once it has grown some more.
                 log.error("could not compact %s: %s", self._store.path, exc)
@@ -280,9 +267,6 @@ class NotificationService:
                 self._journal_records = live
                 self._compact_at = self._compact_min_records
                 self._compactions += 1
-        finally:
-            self._compacting = False
-            self._resumed.set()
 
     async def _compaction_loop(self) -> None:
         while True:

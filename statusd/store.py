@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,57 @@ def _check_lines(path: Path, data: bytes, offset: int, records: list[Any]) -> in
             good_end = line_end + 1
         offset = line_end + 1
     return good_end
+
+
+class ChangeGate:
+    """Keeps a compaction's snapshot exact: changes and compactions exclude each other.
+
+    A *change* is a journal append together with the in-memory update it stands for; a
+    compaction rewrites the file from a snapshot of memory. If a snapshot were taken while
+    a change is half done (appended, not yet applied, or the other way round), the rewrite
+    could drop an acknowledged record or write one that was never acknowledged. So a
+    compaction waits until no change is in progress, and changes that start meanwhile wait
+    until it is over. Changes never wait for each other. A change must not start another
+    change (it would wait for a compaction that waits for it).
+    """
+
+    def __init__(self) -> None:
+        self._changes = 0
+        self._compacting = False
+        self._idle = trio.Event()
+        self._resumed = trio.Event()
+
+    @property
+    def compacting(self) -> bool:
+        return self._compacting
+
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        while self._compacting:
+            await self._resumed.wait()
+        self._changes += 1
+        try:
+            yield
+        finally:
+            self._changes -= 1
+            if not self._changes:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def compaction(self) -> AsyncIterator[None]:
+        """Entered once no change is in progress; no change starts until it is left."""
+        if self._compacting:
+            raise RuntimeError("a compaction is already in progress")
+        self._compacting = True
+        self._resumed = trio.Event()
+        try:
+            while self._changes:
+                self._idle = trio.Event()
+                await self._idle.wait()
+            yield
+        finally:
+            self._compacting = False
+            self._resumed.set()
 
 
 @attrs.define

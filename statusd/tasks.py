@@ -36,7 +36,7 @@ from statusd.events import TaskFeed
 from statusd.protocol.codec import converter, format_timestamp, unstructure
 from statusd.state.status import Level
 from statusd.state.tasks import TaskInfo, TaskStatus, job_update
-from statusd.store import JsonLinesStore, StoreError, open_store
+from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ class TaskManager:
         self._feed = feed
         self._journal_path = journal_path
         self._journal: JsonLinesStore | None = None
+        self._gate = ChangeGate()
         self._factories = dict(factories or {})
         self._max_running = max_running
         self._now = now
@@ -244,8 +245,10 @@ class TaskManager:
             total_items=total_items,
             metadata=dict(metadata or {}),
         )
-        await self._journal_append({"op": "create", "task": unstructure(task), "spec": spec})
-        self._entries[task.id] = _Entry(task, spec=spec)
+        record = {"op": "create", "task": unstructure(task), "spec": spec}
+        async with self._gate.change():
+            await self._append_many([record])
+            self._entries[task.id] = _Entry(task, spec=spec)
         return task.id
 
     def run_task(self, task_id: str, job: Job) -> None:
@@ -444,13 +447,18 @@ class TaskManager:
         await self._journal_append_many([record])
 
     async def _journal_append_many(self, records: list[dict[str, Any]]) -> None:
+        # A record whose change is already in memory: a compaction meanwhile may have
+        # written it too, and replaying it twice is harmless (updates set fields).
+        async with self._gate.change():
+            await self._append_many(records)
+
+    async def _append_many(self, records: list[dict[str, Any]]) -> None:
         if self._journal is not None:
             await self._journal.append_many(records)
             self._journal_records += len(records)
 
     async def journal_checkpoint(self, task: TaskInfo, data: dict[str, Any]) -> None:
         entry = self._entries[task.id]
-        entry.checkpoints.append(data)
         progress = {
             "processed_items": task.processed_items,
             "bytes_done": task.bytes_done,
@@ -458,7 +466,11 @@ class TaskManager:
         }
         record = {"op": "checkpoint", "id": task.id, "data": data, "set": progress}
         try:
-            await self._journal_append(record)
+            # Added to memory inside the change: a checkpoint replays as an event, so a
+            # compaction must see it either in the snapshot or in the journal, not both.
+            async with self._gate.change():
+                entry.checkpoints.append(data)
+                await self._append_many([record])
         except StoreError:
             log.exception("task %s: could not journal a checkpoint", task.id)
 
@@ -506,17 +518,18 @@ class TaskManager:
         live = len(self._entries)
         if self._journal is None or self._journal_records < max(COMPACT_MIN_RECORDS, 2 * live):
             return
-        snapshot = [
-            {
-                "op": "create",
-                "task": unstructure(entry.task),
-                "spec": entry.spec,
-                "checkpoints": entry.checkpoints,
-            }
-            for entry in self._entries.values()
-        ]
-        await self._journal.compact(snapshot)
-        self._journal_records = len(snapshot)
+        async with self._gate.compaction():
+            snapshot = [
+                {
+                    "op": "create",
+                    "task": unstructure(entry.task),
+                    "spec": entry.spec,
+                    "checkpoints": list(entry.checkpoints),
+                }
+                for entry in self._entries.values()
+            ]
+            await self._journal.compact(snapshot)
+            self._journal_records = len(snapshot)
 
     async def _cleanup_loop(self) -> None:
         while True:

@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import statusd.store
 from statusd.store import (
     TEMP_SUFFIX,
+    ChangeGate,
     CorruptStore,
     StoreError,
     decode_record,
@@ -669,3 +671,37 @@ def test_the_daemon_refuses_to_start_on_a_damaged_journal(daemon_process: Any) -
     assert process.wait() == 1
     assert f"{journal}: line 1 (byte 0) is damaged and good lines follow it" in process.stderr()
     assert journal.read_bytes() == damaged
+
+
+async def test_change_gate_keeps_changes_and_compactions_apart() -> None:
+    gate = ChangeGate()
+    log: list[str] = []
+    in_change = trio.Event()
+    finish_change = trio.Event()
+
+    async def change(name: str, hold: trio.Event | None = None) -> None:
+        async with gate.change():
+            log.append(f"{name} start")
+            if hold is not None:
+                in_change.set()
+                await hold.wait()
+            log.append(f"{name} end")
+
+    async def compaction() -> None:
+        async with gate.compaction():
+            log.append("compaction start")
+            await trio.lowlevel.checkpoint()
+            log.append("compaction end")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(change, "a", finish_change)
+        await in_change.wait()
+        nursery.start_soon(compaction)
+        await trio.testing.wait_all_tasks_blocked()
+        assert gate.compacting
+        nursery.start_soon(change, "b")  # arrives while the compaction waits: waits too
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == ["a start"]
+        finish_change.set()
+    assert log == ["a start", "a end", "compaction start", "compaction end", "b start", "b end"]
+    assert not gate.compacting

@@ -337,3 +337,42 @@ async def test_unknown_kind_in_journal_fails_instead_of_vanishing(tmp_path: Path
 def test_max_running_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_running must be >= 1, not 0"):
         make_manager(None, max_running=0)
+
+
+async def test_tasks_created_during_a_compaction_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compaction's snapshot is taken from memory: a create whose journal write is
+    # still in flight must be in the snapshot or after it in the file, never lost between.
+    monkeypatch.setattr("statusd.tasks.COMPACT_MIN_RECORDS", 4)
+    path = tmp_path / "tasks.jsonl"
+    clock = Clock()
+    created: list[str] = []
+    async with trio.open_nursery() as nursery:
+        manager, _ = make_manager(path, clock=clock)
+        await nursery.start(manager.serve)
+        for n in range(3):
+            job = FakeJob(total=1)
+            job.release.set()
+            task_id = await manager.create_task(f"old {n}", 1, owner="alice")
+            manager.run_task(task_id, job)
+            await manager.wait_finished(task_id)
+        clock.now += timedelta(hours=25)
+
+        async def create(n: int) -> None:
+            created.append(await manager.create_task(f"new {n}", owner="alice"))
+
+        for n in range(8):
+            nursery.start_soon(create, n)
+        # Removes the three old tasks, then compacts while the creates are being written.
+        assert await manager.cleanup_old_tasks() == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(created) == 8
+        nursery.cancel_scope.cancel()
+
+    assert load(path).records[0]["op"] == "create"  # compacted
+    async with trio.open_nursery() as nursery:
+        manager, _ = make_manager(path, clock=clock)
+        await nursery.start(manager.serve)
+        assert sorted(t.id for t in manager.list_tasks()) == sorted(created)
+        nursery.cancel_scope.cancel()
