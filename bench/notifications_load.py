@@ -40,7 +40,7 @@ from statusd.store import encode_record, load
 
 
 def records(count: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+    out: list[Any] = []
     for n in range(1, count + 1):
         notification: NotificationRecord = {
             "id": n,

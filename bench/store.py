@@ -4,8 +4,8 @@ Not a test. Two measurements, both on the disk of ``--dir`` (by default a fresh 
 under /var/tmp: a real disk, not tmpfs, since what is measured is the cost of durability):
 
 - durable creates per second, with 1 client and with 16 concurrent clients. A create is one
-  notification-shaped record ``{"op":"create","notification":{...}}`` (~300 bytes) that is
-  on disk before the client is answered:
+  notification's journal record (``statusd.state.notifications.create_record``, ~200 bytes)
+  that is on disk before the client is answered:
     * statusd: ``await store.append(record)`` from N trio tasks of one process (what the
       daemon does: one event loop, group commit, one ``fdatasync`` per batch);
     * sqlite3: one ``INSERT`` per transaction (autocommit) into a ``notifications`` table in
@@ -17,13 +17,14 @@ under /var/tmp: a real disk, not tmpfs, since what is measured is the cost of du
   Rounds are interleaved (each contender once per round, order rotating) because a shared
   machine drifts; the report gives the median of the rounds and the ratio statusd / sqlite.
 - start to ready with ``--stored`` (1,000,000) notifications: a fresh ``python`` process
-  imports the daemon (``statusd.daemon``, so every module it loads), opens the store with
-  ``open_store`` (check + decode of every record) and says "ready"; the wall time from
-  spawning it to that line is reported, with the child's own split. Two files: one closed
-  cleanly (it ends with a seal) and the same without its last ~0.9 MB of records sealed, as
-  a SIGKILL leaves it. The notification index (statusd/notifications.py, another branch)
-  is NOT included: it comes on top. The page cache is warm (the files were just written).
-  For reference, the sqlite side reads all rows of the same table into tuples.
+  imports the daemon and runs it (``statusd.daemon.run``, exactly what ``statusd`` does:
+  config, task journal, tokens, the notification store checked, decoded and indexed, the
+  control socket listening) and says "ready" when ``run`` reports it is; the wall time from
+  spawning it to that line is reported, with the child's own split. Two state directories:
+  one whose ``notifications.jsonl`` was closed cleanly (it ends with a seal) and one left as
+  a SIGKILL leaves it (the last records after the last seal). The page cache is warm (the
+  files were just written). For reference, the sqlite side reads all rows of the same
+  table into tuples.
 
 Usage::
 
@@ -58,6 +59,7 @@ import trio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from statusd.state.notifications import create_record as notification_record  # noqa: E402
 from statusd.store import open_store  # noqa: E402
 
 WORDS = [
@@ -105,8 +107,8 @@ def notification(n: int) -> dict[str, Any]:
     }
 
 
-def create_record(n: int) -> dict[str, Any]:
-    return {"op": "create", "notification": notification(n)}
+def create_record(n: int) -> Any:
+    return notification_record(notification(n))  # type: ignore[arg-type]
 
 
 def row(n: int) -> tuple[Any, ...]:
@@ -262,22 +264,27 @@ def run_creates(opts: Options, root: Path) -> CreateResults:
 # -- start to ready -------------------------------------------------------------------------
 
 CHILD = """
-import json, sys, time
+import json, os, sys, time
 started = time.perf_counter()
-import statusd.daemon  # every module the daemon loads
 import trio
 from pathlib import Path
-from statusd.store import open_store
+from statusd import daemon
+from statusd.config import load_config
 imported = time.perf_counter()
+state = Path(sys.argv[1]).parent
+config = load_config({"state_dir": str(state), "socket": str(state / "statusd.sock")})
 async def main():
-    store, report = await open_store(Path(sys.argv[1]))
-    return len(report.records), report.sealed_bytes
-records, sealed = trio.run(main)
-ready = time.perf_counter()
-import resource
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"import_s": imported - started, "open_s": ready - imported,
-                  "records": records, "sealed": sealed, "rss": rss}), flush=True)
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(daemon.run, config)
+        ready = time.perf_counter()
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        records = running.api.notifications.statistics().index.notifications
+        print(json.dumps({"import_s": imported - started, "open_s": ready - imported,
+                          "records": records, "sealed": 0, "rss": rss}), flush=True)
+        # Leave as a crash would: a clean close would seal the file for the next round.
+        os._exit(0)
+trio.run(main)
 """
 
 CHILD_SQLITE = """
@@ -321,8 +328,10 @@ def spawn_ready(code: str, path: Path) -> ReadyRun:
 def write_stored(directory: Path, stored: int) -> tuple[Path, Path, Path]:
     """The clean file, the after-a-crash file and the sqlite database, each holding
     ``stored`` notifications."""
-    clean = directory / "notifications.jsonl"
-    crashed = directory / "notifications-crashed.jsonl"
+    (directory / "clean").mkdir()
+    (directory / "crashed").mkdir()
+    clean = directory / "clean" / "notifications.jsonl"
+    crashed = directory / "crashed" / "notifications.jsonl"
     database = directory / "notifications.db"
     batch = 20_000
     body = max(0, stored - UNSEALED_TAIL)
@@ -481,22 +490,20 @@ def report(
             "",
             f"## Start to ready with {opts.stored:,} stored notifications",
             "",
-            'Spawn of a fresh `python` -> its "ready" line; statusd = import statusd.daemon + '
-            "open_store (every record checked and decoded). **The notification index is not "
-            "included** (statusd/notifications.py is on another branch): it comes on top.",
+            'Spawn of a fresh `python` -> its "ready" line; statusd = import statusd.daemon, '
+            "then `daemon.run` until it reports ready (every record checked, decoded and "
+            "indexed; the control socket listening).",
             "",
-            "| case | ready s (wall) | import s | open_store s | sealed part | max RSS MiB "
-            "| wall runs |",
-            "|---|---:|---:|---:|---:|---:|---|",
+            "| case | ready s (wall) | import s | run s | max RSS MiB | wall runs |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for name, runs in ready.runs.items():
-            sealed = _median([r.sealed for r in runs]) / (1 << 20)
             rss = _median([r.rss for r in runs]) / (1 << 20)
             lines.append(
                 f"| {name} | {_median([r.wall_s for r in runs]):.2f} "
                 f"| {_median([r.import_s for r in runs]):.2f} "
                 f"| {_median([r.open_s for r in runs]):.2f} "
-                f"| {sealed:,.1f} MiB | {rss:,.0f} "
+                f"| {rss:,.0f} "
                 f"| {', '.join(f'{r.wall_s:.2f}' for r in runs)} |"
             )
         clean = _median([r.wall_s for r in ready.runs["statusd, closed cleanly"]])
@@ -508,8 +515,8 @@ def report(
             f"{ready.sizes['sqlite'] / 1e6:,.1f} MB "
             f"({_ratio(ready.sizes['statusd'], ready.sizes['sqlite'])})",
             "",
-            f"Goal (ready within 2 s with {opts.stored:,}, index included): "
-            f"{'met so far' if worst <= 2 else 'NOT met'} ({worst:.2f} s without the index)",
+            f"Goal (ready within 2 s with {opts.stored:,}): "
+            f"{'met' if worst <= 2 else 'NOT met'} ({worst:.2f} s, the slower case)",
         ]
     return "\n".join(lines)
 

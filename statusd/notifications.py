@@ -45,6 +45,7 @@ from statusd.state.notifications import (
     JournalError,
     NotificationIndex,
     NotificationRecord,
+    Row,
     check_field,
     create_record,
     cut,
@@ -230,7 +231,7 @@ class NotificationService:
         ):
             self._compact_wanted.set()
 
-    async def _append(self, record: dict[str, Any]) -> None:
+    async def _append(self, record: dict[str, Any] | Row) -> None:
         if self._store is None:
             return
         try:

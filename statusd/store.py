@@ -1,12 +1,15 @@
 """Durable JSON-lines files: append with group commit, torn-tail recovery, compaction.
 
-One record per line, each carrying a CRC32 of its own bytes::
+One record per line, each carrying the CRC32 of its own bytes::
 
-    {"crc":"1c291ca3","rec":{"id":"...","title":"..."}}
+    ["1c291ca3",{"id":"...","title":"..."}]
 
-The CRC covers exactly the bytes between ``"rec":`` and the closing brace (the record's
-canonical JSON as written), so a line is checked without re-encoding it. Now and then the
-store also writes a *seal* line, ``{"crc":"...","seal":{"bytes":N,"crc":"..."}}``: a claim
+The CRC covers exactly the bytes between the first comma and the closing bracket (the
+record's canonical JSON as written), so a line is checked without re-encoding it. The line
+is a two-element array rather than ``{"crc":...,"rec":...}`` because of start-up time: the
+decoder makes a list much faster than an object, and a million of them is a quarter of a
+second. Now and then the store also writes a *seal* line,
+``["...","seal",{"bytes":N,"crc":"..."}]`` (three elements, so never a record): a claim
 that the file's first N bytes (everything before the seal) have that CRC32. A seal is
 written after every ``SEAL_EVERY`` bytes of appends, at the end of a compacted file and on a
 clean close, so that opening a large file checks its sealed part with one ``zlib.crc32``
@@ -63,9 +66,10 @@ from statusd.errors import StartupError
 
 log = logging.getLogger(__name__)
 
-_PREFIX = b'{"crc":"'
-_REC = b'","rec":'
-_SEAL = b'","seal":'
+_PREFIX = b'["'
+_REC = b'",'
+_SEAL = b'","seal",'
+_CLOSE = b"]"
 _CRC_AT = len(_PREFIX)
 _REC_AT = _CRC_AT + 8
 _HEAD = _REC_AT + len(_REC)
@@ -93,7 +97,7 @@ class CorruptStore(StartupError):
 
 
 def _line(kind: bytes, body: bytes) -> bytes:
-    return b"%s%08x%s%s}\n" % (_PREFIX, zlib.crc32(body), kind, body)
+    return b"%s%08x%s%s]\n" % (_PREFIX, zlib.crc32(body), kind, body)
 
 
 def encode_record(record: Any) -> bytes:
@@ -106,12 +110,13 @@ def _seal_line(size: int, crc: int) -> bytes:
 
 def _check_line(line: bytes) -> tuple[bytes, bytes]:
     """``(kind, body)`` of one line (without its newline) whose checksum holds."""
-    if len(line) < _HEAD + 1 or not line.startswith(_PREFIX) or not line.endswith(b"}"):
+    if len(line) < _HEAD + 1 or not line.startswith(_PREFIX) or not line.endswith(_CLOSE):
         raise ValueError("not a record line")
-    if line.startswith(_REC, _REC_AT):
-        kind, body = _REC, line[_HEAD:-1]
-    elif line.startswith(_SEAL, _REC_AT):
+    # The seal's marker first: a record's separator is a prefix of it.
+    if line.startswith(_SEAL, _REC_AT):
         kind, body = _SEAL, line[_SEAL_HEAD:-1]
+    elif line.startswith(_REC, _REC_AT):
+        kind, body = _REC, line[_HEAD:-1]
     else:
         raise ValueError("not a record line")
     try:
@@ -231,9 +236,10 @@ def _decode_sealed(data: bytes, end: int, loads: Loads) -> list[Any]:
     """Every record before ``end``, where every line is known good: one decode of the
     lines as a JSON array (many times faster than a ``loads`` per line)."""
     text = b"".join((b"[", memoryview(data)[: end - 1], b"]")).replace(b"\n", b",")
-    lines: list[dict[str, Any]] = loads(text)
+    lines: list[list[Any]] = loads(text)
     del text
-    return [line["rec"] for line in lines if "rec" in line]
+    # [crc, record] or [crc, "seal", claim]
+    return [line[1] for line in lines if len(line) == 2]
 
 
 @contextlib.contextmanager

@@ -34,6 +34,11 @@ BOB = Caller(1002, "bob", False)
 ROOT = Caller(0, "root", True)
 
 
+def op(record: Any) -> str:
+    """A journal record's op: a create is an array, every other record an object."""
+    return "create" if isinstance(record, list) else str(record["op"])
+
+
 def titles(service: NotificationService, user: str, **kw: Any) -> list[str]:
     return [n["title"] for n in service.get_user_notifications(user, limit=1000, **kw)]
 
@@ -93,7 +98,7 @@ async def test_nothing_to_do_writes_nothing(tmp_path: Path) -> None:
         assert await service.delete_read_notifications("bob") == 0
         assert not await service.mark_notification_as_read(a1, "bob")
         assert not await service.delete_notification(99, "alice")
-    assert [record["op"] for record in load(path).records] == ["create", "read"]
+    assert [op(record) for record in load(path).records] == ["create", "read"]
 
 
 async def test_compaction_when_dead_records_outweigh_live_ones(tmp_path: Path) -> None:
@@ -110,7 +115,7 @@ async def test_compaction_when_dead_records_outweigh_live_ones(tmp_path: Path) -
         last = await service.create_notification(None, "test", "last", "")
         assert service.statistics().compactions >= 1
         before = everything(service)
-    ops = [record["op"] for record in load(path).records]
+    ops = [op(record) for record in load(path).records]
     assert ops[0] == "ids"
     assert ops.count("create") == 2
     assert len(ops) < 10
@@ -166,7 +171,7 @@ async def test_a_failed_write_is_not_acknowledged_and_changes_nothing(tmp_path: 
     assert everything(service) == before
     assert pushes(session) == []
     assert service.statistics().failed_writes == 4
-    assert [r["op"] for r in load(tmp_path / "notifications.jsonl").records] == ["create"]
+    assert [op(r) for r in load(tmp_path / "notifications.jsonl").records] == ["create"]
 
 
 async def test_bad_fields_are_refused_before_anything_is_written() -> None:

@@ -63,7 +63,7 @@ def line_starts(data: bytes) -> list[int]:
 def seal_line(size: int, claimed_crc: int) -> bytes:
     """A seal written by hand, to pin the format down."""
     body = b'{"bytes":%d,"crc":"%08x"}' % (size, claimed_crc)
-    return b'{"crc":"%08x","seal":%s}\n' % (zlib.crc32(body), body)
+    return b'["%08x","seal",%s]\n' % (zlib.crc32(body), body)
 
 
 def fail_once(
@@ -127,7 +127,7 @@ class HeldSync:
 
 def test_record_round_trip_and_checksum() -> None:
     line = encode_record({"b": 1, "a": "x"})
-    assert line == b'{"crc":"%08x","rec":{"a":"x","b":1}}\n' % zlib.crc32(b'{"a":"x","b":1}')
+    assert line == b'["%08x",{"a":"x","b":1}]\n' % zlib.crc32(b'{"a":"x","b":1}')
     assert decode_record(line[:-1]) == {"a": "x", "b": 1}
     damaged = line.replace(b'"x"', b'"y"')
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -167,7 +167,7 @@ GARBAGE = {
     "4 KiB of zeros": b"\0" * 4096,
     "4 KiB of random bytes": random.Random(4).randbytes(4096),
     "empty lines and objects": b"\n\n{}\n" * 100,
-    "a whole line with a bad checksum": encode_record({"id": 99}).replace(b'"rec"', b'"rex"'),
+    "a whole line with a bad checksum": encode_record({"id": 99}).replace(b"99", b"98"),
 }
 
 
@@ -240,7 +240,7 @@ async def test_a_large_store_is_sealed_and_decoded_in_one_call(
     for record in records:
         await store.append(record)
     full = path.read_bytes()
-    assert full.count(b'","seal":') >= 5  # written along the way, not only on close
+    assert full.count(b'","seal",') >= 5  # written along the way, not only on close
     await store.aclose()
 
     decoded: list[bytes] = []
@@ -255,7 +255,7 @@ async def test_a_large_store_is_sealed_and_decoded_in_one_call(
     assert len(decoded) == 1  # the whole file at once, not a loads per line
     # The same lines without their seals: every line checked, the same records.
     unsealed = b"".join(
-        line for line in path.read_bytes().splitlines(keepends=True) if b'","seal":' not in line
+        line for line in path.read_bytes().splitlines(keepends=True) if b'","seal",' not in line
     )
     path.write_bytes(unsealed)
     assert load(path) == statusd.store.LoadReport(records, 0, 0, 0)
@@ -275,7 +275,12 @@ async def test_a_seal_that_does_not_hold_is_ignored(tmp_path: Path) -> None:
 
 async def test_a_record_that_looks_like_a_seal_is_a_record(tmp_path: Path) -> None:
     path = tmp_path / "store.jsonl"
-    tricky = [{"a": "", "seal": {"bytes": 0, "crc": "00000000"}}, {"b": '","seal":{'}]
+    tricky = [
+        "seal",
+        ["seal", {"bytes": 0, "crc": "00000000"}],
+        {"b": '","seal",{'},
+        {"a": "", "seal": {"bytes": 0, "crc": "00000000"}},
+    ]
     await store_records(path, [*RECORDS, *tricky])
     report = load(path)
     assert report.records == [*RECORDS, *tricky]
