@@ -70,6 +70,7 @@ _PREFIX = b'["'
 _REC = b'",'
 _SEAL = b'","seal",'
 _CLOSE = b"]"
+_OLD_PREFIX = b'{"crc":"'  # the format before arrays: refused, never cut as a torn tail
 _CRC_AT = len(_PREFIX)
 _REC_AT = _CRC_AT + 8
 _HEAD = _REC_AT + len(_REC)
@@ -186,6 +187,13 @@ def _load(path: Path, loads: Loads) -> _Loaded:
         data = path.read_bytes()
     except FileNotFoundError:
         return _Loaded(LoadReport([], 0, removed), 0, 0, 0)
+    if data.startswith(_OLD_PREFIX):
+        # Every line would look bad, and a file of nothing but bad lines reads as one long
+        # torn tail: refuse rather than cut a whole journal away.
+        raise CorruptStore(
+            f"{path}: written by an earlier development build of statusd (lines "
+            '{"crc":...,"rec":...}), which this one does not read: move the file aside'
+        )
     sealed, crc = _sealed_prefix(data)
     records: list[Any] = []
     with _collector_paused():

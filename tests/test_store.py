@@ -710,3 +710,13 @@ async def test_change_gate_keeps_changes_and_compactions_apart() -> None:
         finish_change.set()
     assert log == ["a start", "a end", "compaction start", "compaction end", "b start", "b end"]
     assert not gate.compacting
+
+
+def test_a_file_in_the_old_object_format_is_refused_not_cut(tmp_path: Path) -> None:
+    path = tmp_path / "store.jsonl"
+    body = b'{"id":1}'
+    old = b'{"crc":"%08x","rec":%s}\n' % (zlib.crc32(body), body)
+    path.write_bytes(old * 3)
+    with pytest.raises(CorruptStore, match="earlier development build"):
+        load(path)
+    assert path.read_bytes() == old * 3
