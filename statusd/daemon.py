@@ -199,12 +199,14 @@ async def run(
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(tasks.serve)
         unix = UnixServer(config, api, streams)
-        await nursery.start(unix.serve, passed.unix)
         daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier, downloads=downloads)
+        # The WebSocket first: once the control socket answers, everything does (clients
+        # and tests take a connectable control socket to mean "ready").
         if config.websocket.listen is not None or passed.websocket is not None:
             websocket = WebSocketServer(api, streams, token_store, lambda: daemon.config)
             daemon.websocket = await nursery.start(websocket.serve, passed.websocket)
             api.websocket_address = websocket.address
+        await nursery.start(unix.serve, passed.unix)
         channel.publish_status(Level.INFO, "System ready")
         notifier.ready(daemon.status_line())
         if notifier.enabled:

@@ -29,6 +29,14 @@ from statusd.protocol import jsonrpc
 from statusd.protocol.framing import LineDecoder
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell starts background jobs with SIGINT ignored, and an ignored signal stays
+    # ignored in every child: the tests that stop `statusctl watch` with SIGINT (Ctrl-C)
+    # would then wait for nothing. Restore it so the children get the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))
