@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from _common import first_line
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = ("statusd", "statusd+sha256", "curl", "aria2c", "httpx")
@@ -71,15 +72,6 @@ WRITE_BLOCK = 8 << 20
 
 
 # -- peers: find or install, and say which versions ran ------------------------------------
-
-
-def _first_line(command: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
 
 
 def find_tools(install: bool) -> dict[str, str | None]:
@@ -111,11 +103,11 @@ def versions(tools: dict[str, str | None]) -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[package] = importlib.metadata.version(package)
     if tools["curl"]:
-        out["curl"] = _first_line([tools["curl"], "--version"])
+        out["curl"] = first_line([tools["curl"], "--version"])
     if tools["aria2c"]:
-        out["aria2c"] = _first_line([tools["aria2c"], "--version"])
+        out["aria2c"] = first_line([tools["aria2c"], "--version"])
     if tools["nginx"]:
-        out["nginx"] = _first_line([tools["nginx"], "-v"]).removeprefix("nginx version: ")
+        out["nginx"] = first_line([tools["nginx"], "-v"]).removeprefix("nginx version: ")
     return out
 
 
@@ -134,7 +126,7 @@ def machine() -> dict[str, str]:
         "cpu": f"{cpu}, {os.cpu_count()} logical CPUs",
         "memory": memory,
         "kernel": platform.release(),
-        "os": _first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "os": first_line(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
     }
 
 
@@ -210,7 +202,7 @@ def serve(files: Files, nginx: str | None, work: Path) -> Iterator[tuple[str, st
             NGINX_CONF.format(workers=os.cpu_count() or 1, work=work, port=port, root=files.root)
         )
         command = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
-        version = _first_line([nginx, "-v"]).removeprefix("nginx version: ")
+        version = first_line([nginx, "-v"]).removeprefix("nginx version: ")
         description = f"{version}, {os.cpu_count() or 1} workers, sendfile, keep-alive"
     else:
         command = [sys.executable, __file__, "--serve", str(files.root), "--port", str(port)]

@@ -55,6 +55,7 @@ from typing import Any
 
 import attrs
 import trio
+from _common import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -390,23 +391,6 @@ def run_ready(opts: Options, root: Path) -> ReadyResults:
 # -- the report -----------------------------------------------------------------------------
 
 
-def _first_line(command: Sequence[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    text = (done.stdout or done.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def filesystem(directory: Path) -> str:
     """``device type mountpoint`` of the filesystem holding ``directory``."""
     done = subprocess.run(
@@ -427,7 +411,7 @@ def environment_lines(command: str, directory: Path) -> list[str]:
         memory = f"{int(Path('/proc/meminfo').read_text().split()[1]) / (1 << 20):.1f} GiB"
     return [
         f"command: `{command}`",
-        f"machine: {platform.machine()}, {_cpu_model()}, nproc {os.cpu_count()}, {memory}, "
+        f"machine: {platform.machine()}, {cpu_model()}, nproc {os.cpu_count()}, {memory}, "
         f"Linux {platform.release()}",
         f"disk: {directory} on {filesystem(directory)}",
         f"versions: python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "

@@ -142,8 +142,9 @@ class NotificationService:
                 "link": link,
                 "created_at": format_timestamp(self._now()),
             }
-            await self._append(create_record(record, key))
-            self._index.add(record, key)
+            row = create_record(record, key)
+            await self._append(row)
+            self._index.add_row(row)
         log.info("notification %d created for %s", record["id"], username or "everyone")
         self._feed.publish_new(record, self._index.unread_count)
         return record["id"]
@@ -158,7 +159,7 @@ class NotificationService:
         return self._index.unread_count(username)
 
     def can_see(self, username: str, notification_id: int) -> bool:
-        return self._index.visible(username, notification_id) is not None
+        return self._index.can_see(username, notification_id)
 
     async def mark_notification_as_read(self, notification_id: int, username: str) -> bool:
         """Mark one notification of the user's inbox read; False if it is not in it."""

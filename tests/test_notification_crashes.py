@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 import signal
 import socket
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,24 +152,10 @@ def test_acknowledged_notifications_survive_sigkill(daemon_process: Any) -> None
 
 
 @pytest.fixture
-def small_tmpfs(short_tmp: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, mounted for the test and always unmounted after it."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
-    mountpoint = short_tmp / "tiny"
-    mountpoint.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+def small_tmpfs(mount_tmpfs: Any) -> Path:
+    """A 1 MiB tmpfs (``mount_tmpfs``: unmounted after the test, skipped with the reason)."""
+    path: Path = mount_tmpfs("1m")
+    return path
 
 
 def fill(path: Path) -> None:

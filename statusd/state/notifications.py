@@ -253,6 +253,9 @@ class NotificationIndex:
         row = self._visible_row(username, notification_id)
         return None if row is None else to_record(row)
 
+    def can_see(self, username: str, notification_id: int) -> bool:
+        return self._visible_row(username, notification_id) is not None
+
     def _visible_row(self, username: str, notification_id: int) -> Row | None:
         record = self._items.get(notification_id)
         if record is None:
@@ -317,8 +320,7 @@ class NotificationIndex:
                 if inbox is not None and notification_id <= inbox.read_upto:
                     break  # this is the newest left, and everything up to here is read
                 continue
-            view: dict[str, Any] = dict(to_record(record))
-            view["read"] = read
+            view: dict[str, Any] = {**to_record(record), "read": read}
             out.append(view)
         return out
 
@@ -327,10 +329,11 @@ class NotificationIndex:
     def add(self, record: NotificationRecord, key: str | None = None) -> Row:
         """Add a new notification; returns its row (what the journal stores)."""
         row = to_row(record, key)
-        self._add_row(row)
+        self.add_row(row)
         return row
 
-    def _add_row(self, record: Row) -> None:
+    def add_row(self, record: Row) -> None:
+        """Add a notification from its row (its journal record: see ``create_record``)."""
         if len(record) not in (7, 8) or type(record[_ID]) is not int:
             raise JournalError(f"malformed create record {record!r:.80}")
         notification_id = record[_ID]
@@ -497,7 +500,7 @@ class NotificationIndex:
     def apply(self, record: Mapping[str, Any] | Row) -> None:
         """Apply one journal record (see the ``*_record`` functions and ``snapshot``)."""
         if type(record) is list:
-            self._add_row(record)
+            self.add_row(record)
             return
         if not isinstance(record, Mapping):
             raise JournalError(f"a journal record is an array or an object, not {record!r:.80}")
@@ -522,7 +525,7 @@ class NotificationIndex:
 
     def replay(self, records: Iterable[Mapping[str, Any] | Row]) -> None:
         """Apply a whole journal; raises ``JournalError`` naming the record number."""
-        add, apply = self._add_row, self.apply
+        add, apply = self.add_row, self.apply
         items, inboxes, system = self._items, self._inboxes, self._system
         for number, record in enumerate(records, 1):
             try:
@@ -530,7 +533,7 @@ class NotificationIndex:
                     apply(record)
                     continue
                 # Creates are nearly all of a journal, and nearly all come in id order
-                # without a key: for those, ``_add_row`` inlined, without what cannot
+                # without a key: for those, ``add_row`` inlined, without what cannot
                 # apply to an id above every id added (it is new, not late, not read:
                 # a read watermark never passes the newest id).
                 notification_id = record[0] if len(record) == 7 else None
