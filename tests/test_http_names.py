@@ -26,7 +26,7 @@ def test_split_url_gives_the_ascii_host(url: str, origin: Origin) -> None:
 
 @pytest.mark.parametrize("host", ["☃.com", "😀.example", "ä" * 64 + ".de"])
 def test_split_url_refuses_a_host_idna_2008_refuses(host: str) -> None:
-    with pytest.raises(ValueError, match="^url host is not a valid host name"):
+    with pytest.raises(ValueError, match="url host is not a valid host name"):
         split_url(f"http://{host}/")
 
 

@@ -161,8 +161,8 @@ async def test_the_oldest_idle_connection_goes_beyond_the_per_origin_cap(
         async with trio.open_nursery() as requests:
             for _ in range(5):  # five at once: five connections
                 requests.start_soon(get, client, server.url("/slow"))
-            while arrived < 5:
-                await trio.sleep(0.01)
+            await settle()
+            assert arrived == 5
             release.set()
         stats = client.statistics()
         assert (stats.connections_opened, stats.idle_connections) == (5, 2)
