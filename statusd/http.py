@@ -561,10 +561,12 @@ class HTTPClient:
 
     Idle keep-alive connections are kept at most ``idle_timeout`` seconds, at most
     ``max_idle_per_origin`` for each (scheme, host, port) and ``max_idle_total`` in all
-    (beyond a cap the least recently used is closed). One connection found closed by its
-    server while idle is never reused. A sweep closes idle connections as they expire
+    (beyond a cap the least recently used is closed). A sweep closes them as they expire
     even when no request comes: a daemon that fetched from hundreds of hosts and then
-    sits idle keeps no sockets.
+    sits idle keeps no sockets. A connection idle for ``LIVENESS_CHECK_AFTER`` seconds or
+    more is checked before reuse, and closed if its server closed it or wrote to it
+    meanwhile; the sweep checks all of them. A fresher one is reused on trust, and a
+    request that fails on it before any answer arrives is sent again on a new connection.
     """
 
     def __init__(
