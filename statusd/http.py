@@ -44,7 +44,7 @@ DEFAULT_MAX_IDLE_PER_ORIGIN = 32
 DEFAULT_MAX_IDLE_TOTAL = 100
 # Below the keep-alive timeouts of common servers (Apache 5 s, lighttpd 5 s, nginx 75 s), so
 # that we, not the server, close an idle connection: a request sent just as the server
-# closes is lost. Items of one task follow each other within milliseconds, so a short
+# closes fails. Items of one task follow each other within milliseconds, so a short
 # timeout costs almost no reuse.
 DEFAULT_IDLE_TIMEOUT = 4.0
 # A connection back in use sooner than this after its last answer is taken without asking
@@ -433,11 +433,12 @@ class HTTPClientStatistics:
 
 
 class _IdlePool:
-    """Idle keep-alive connections: newest first per origin, least recently used first
-    overall; every connection it drops is closed at once.
+    """Idle keep-alive connections, handed out newest first per origin (the least likely to
+    have been given up by the server) and dropped least recently used first overall;
+    every connection it drops is closed at once.
 
-    No I/O but the closes and one non-blocking poll, and no clock of its own (callers
-    pass ``now``), so the rules can be tested without a server or a trio run.
+    It never waits: no I/O but the closes and non-blocking polls, and no clock of its own
+    (callers pass ``now``, from ``trio.current_time()``).
     """
 
     def __init__(self, *, idle_timeout: float, max_per_origin: int, max_total: int) -> None:
