@@ -528,7 +528,10 @@ class _IdlePool:
     def _remove(self, connection: _Connection) -> None:
         del self._lru[connection]
         idle = self._by_origin[connection.origin]
-        idle.remove(connection)  # at most max_per_origin long; usually the last one
+        if idle[-1] is connection:  # a checkout: the common case, and no scan
+            idle.pop()
+        else:
+            idle.remove(connection)  # at most max_idle_per_origin long
         if not idle:
             del self._by_origin[connection.origin]
 
