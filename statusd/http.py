@@ -1,8 +1,9 @@
 """A small HTTP/1.1 client for downloads: h11 over trio streams, with keep-alive reuse.
 
 What lives here: opening connections (TCP, TLS with the system's trust store), a pool of idle
-keep-alive connections per (scheme, host, port), timeouts (connect; idle read), a limit on
-the size of a response head, and streaming a response body in large pieces.
+keep-alive connections per (scheme, host, port) with an idle timeout and caps, timeouts
+(connect; idle read), a limit on the size of a response head, and streaming a response body
+in large pieces. Host names go on the wire as IDNA 2008 (UTS 46) A-labels.
 
 Why h11 and not httpx (measured with ``bench/downloads.py``, see
 ``docs/bench-downloads.md``): as HTTP layers alone (bodies read and dropped) on a 2-CPU
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 
 import attrs
 import h11
+import idna
 import trio
 
 from statusd import __version__
@@ -38,6 +41,17 @@ DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_RECEIVE_SIZE = 1 << 20
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_IDLE_PER_ORIGIN = 32
+DEFAULT_MAX_IDLE_TOTAL = 100
+# Below the keep-alive timeouts of common servers (Apache 5 s, lighttpd 5 s, nginx 75 s), so
+# that we, not the server, close an idle connection: a request sent just as the server
+# closes fails. Items of one task follow each other within milliseconds, so a short
+# timeout costs almost no reuse.
+DEFAULT_IDLE_TIMEOUT = 4.0
+# A connection back in use sooner than this after its last answer is taken without asking
+# the kernel whether the server closed it: on a busy origin that would be a syscall per
+# request, and a server that closes within a second of answering is covered by the retry
+# in HTTPClient._send.
+LIVENESS_CHECK_AFTER = 1.0
 # ssl reads allocate what they are asked for; TLS records are 16 KiB anyway.
 TLS_READ_SIZE = 256 * 1024
 # Each connection reads into a buffer of its own (not one shared by all: trio checkpoints
@@ -80,7 +94,8 @@ class ProtocolError(HTTPError):
 
 @attrs.frozen
 class Origin:
-    """Where a connection goes; idle connections are pooled per origin."""
+    """Where a connection goes; idle connections are pooled per origin. ``host`` is ASCII
+    (an IDNA A-label for an internationalized name), as DNS, TLS and Host want it."""
 
     scheme: str
     host: str
@@ -113,16 +128,18 @@ class Headers:
 def split_url(url: str) -> tuple[Origin, str]:
     """The origin and the request target (path and query) of an http(s) URL.
 
-    Raises ValueError for other schemes or a URL without a host; non-ASCII characters in
-    the target are percent-encoded, as they must be on the wire.
+    Raises ValueError for other schemes, a URL without a host or a host name IDNA 2008
+    refuses; an internationalized host becomes its A-label (``faß.de`` ->
+    ``xn--fa-hia.de``), and non-ASCII characters in the target are percent-encoded, as
+    they must be on the wire.
     """
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise ValueError(f"url scheme must be http or https, not '{parts.scheme}'")
-    host = parts.hostname
-    if not host:
+    if not parts.hostname:
         raise ValueError("url must have a host")
+    host = _ascii_host(parts.hostname)
     port = parts.port or (443 if scheme == "https" else 80)
     target = parts.path or "/"
     if parts.query:
@@ -195,13 +212,16 @@ class _Connection:
         origin: Origin,
         stream: trio.abc.Stream,
         *,
+        tcp: trio.SocketStream,
         read_timeout: float,
         receive_buffer: memoryview,
         max_header_bytes: int,
     ) -> None:
         self.origin = origin
         self.stream = stream
+        self._tcp = tcp  # under TLS, the transport of ``stream``
         self.reused = False
+        self.idle_since = 0.0  # trio.current_time() when it last went back to the pool
         self.read_timeout = read_timeout
         self._buffer = receive_buffer
         # Plain TCP reads straight into the shared buffer; TLS has to go through SSLStream.
@@ -347,6 +367,15 @@ class _Connection:
             and self._h11.their_state is h11.DONE
         )
 
+    def fileno(self) -> int:
+        return self._tcp.socket.fileno()
+
+    def close_now(self) -> None:
+        """Close without waiting (and under TLS without close_notify, as
+        ``trio.aclose_forcefully`` would): for the pool, which drops idle connections
+        from code that must not block."""
+        self._tcp.socket.close()
+
     def start_next_cycle(self) -> None:
         self._h11.start_next_cycle()
         self.received_any = False
@@ -390,14 +419,158 @@ class _Connection:
         return data
 
 
+@attrs.frozen
+class HTTPClientStatistics:
+    """What ``HTTPClient.statistics()`` reports: the pool now, and counts since it was made."""
+
+    idle_connections: int  # kept open for reuse now
+    idle_origins: int  # origins with at least one idle connection now
+    connections_opened: int
+    requests_reused: int  # requests sent on a kept-alive connection
+    closed_expired: int  # idle for the idle timeout
+    closed_over_limit: int  # the least recently used beyond max_idle_per_origin or _total
+    closed_by_peer: int  # found closed (or talking) by the server while idle
+
+
+class _IdlePool:
+    """Idle keep-alive connections, handed out newest first per origin (the least likely to
+    have been given up by the server) and dropped least recently used first overall;
+    every connection it drops is closed at once.
+
+    It never waits: no I/O but the closes and non-blocking polls, and no clock of its own
+    (callers pass ``now``, from ``trio.current_time()``).
+    """
+
+    def __init__(self, *, idle_timeout: float, max_per_origin: int, max_total: int) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_per_origin = max_per_origin
+        self.max_total = max_total
+        self._by_origin: dict[Origin, list[_Connection]] = {}  # oldest first
+        self._lru: dict[_Connection, None] = {}  # insertion order: least recently used first
+        self.expired = 0
+        self.over_limit = 0
+        self.closed_by_peer = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def origins(self) -> int:
+        return len(self._by_origin)
+
+    def checkout(self, origin: Origin, now: float) -> _Connection | None:
+        """The newest idle connection to ``origin`` still fit for a request, or None."""
+        idle = self._by_origin.get(origin)
+        while idle:
+            connection = idle[-1]
+            self._remove(connection)
+            if self._expires_at(connection) <= now:
+                # The newest has expired, so the older ones have too.
+                expired = [connection, *idle]
+                for stale in expired[1:]:
+                    self._remove(stale)
+                for stale in expired:
+                    stale.close_now()
+                self.expired += len(expired)
+                return None
+            if now - connection.idle_since < LIVENESS_CHECK_AFTER or not _peer_closed([connection]):
+                return connection
+            connection.close_now()
+            self.closed_by_peer += 1
+        return None
+
+    def checkin(self, connection: _Connection, now: float) -> None:
+        """Keep ``connection`` for reuse, closing the least recently used beyond the caps."""
+        connection.idle_since = now
+        self._by_origin.setdefault(connection.origin, []).append(connection)
+        self._lru[connection] = None
+        idle = self._by_origin[connection.origin]
+        if len(idle) > self.max_per_origin:
+            self._drop_over_limit(idle[0])
+        if len(self._lru) > self.max_total:
+            self._drop_over_limit(next(iter(self._lru)))
+
+    def sweep(self, now: float) -> float | None:
+        """Close the connections that have expired or that their server closed; the time
+        the next one expires, or None when the pool is empty."""
+        while self._lru:
+            oldest = next(iter(self._lru))
+            if self._expires_at(oldest) > now:
+                break
+            self._remove(oldest)
+            oldest.close_now()
+            self.expired += 1
+        for connection in _peer_closed(list(self._lru)):
+            self._remove(connection)
+            connection.close_now()
+            self.closed_by_peer += 1
+        if not self._lru:
+            return None
+        return self._expires_at(next(iter(self._lru)))
+
+    def close_all(self) -> None:
+        connections = list(self._lru)
+        self._lru.clear()
+        self._by_origin.clear()
+        for connection in connections:
+            connection.close_now()
+
+    def _expires_at(self, connection: _Connection) -> float:
+        # One expression for the sweep's deadline and for the test against it: computed
+        # twice in different ways, rounding could leave a due connection "not yet" expired.
+        return connection.idle_since + self.idle_timeout
+
+    def _drop_over_limit(self, connection: _Connection) -> None:
+        self._remove(connection)
+        connection.close_now()
+        self.over_limit += 1
+
+    def _remove(self, connection: _Connection) -> None:
+        del self._lru[connection]
+        idle = self._by_origin[connection.origin]
+        if idle[-1] is connection:  # a checkout: the common case, and no scan
+            idle.pop()
+        else:
+            idle.remove(connection)  # at most max_idle_per_origin long
+        if not idle:
+            del self._by_origin[connection.origin]
+
+
+def _peer_closed(connections: Sequence[_Connection]) -> list[_Connection]:
+    """Those of the idle ``connections`` the server has closed or written to, found with one
+    non-blocking poll: an idle connection has nothing to read, so anything there (EOF, a
+    408 answer, an error) means it cannot carry another request."""
+    poller = select.poll()
+    by_fd: dict[int, _Connection] = {}
+    gone: list[_Connection] = []
+    for connection in connections:
+        fd = connection.fileno()
+        if fd < 0:
+            gone.append(connection)
+            continue
+        by_fd[fd] = connection
+        poller.register(fd, select.POLLIN)  # POLLHUP and POLLERR are always reported
+    if by_fd:
+        gone += [by_fd[fd] for fd, _events in poller.poll(0)]
+    return gone
+
+
 class HTTPClient:
     """Opens and reuses connections; one instance is shared by every download.
 
     ``connect_timeout`` bounds DNS, TCP connect and the TLS handshake together;
     ``read_timeout`` is how long the server may stay silent while we wait for a response
     head or body data; ``receive_size`` is the largest single read; ``max_header_bytes``
-    bounds a response head (status line and headers); at most ``max_idle_per_origin``
-    idle connections are kept for each (scheme, host, port).
+    bounds a response head (status line and headers).
+
+    Idle keep-alive connections are kept at most ``idle_timeout`` seconds, at most
+    ``max_idle_per_origin`` for each (scheme, host, port) and ``max_idle_total`` in all
+    (beyond a cap the least recently used is closed). A sweep closes them as they expire
+    even when no request comes: a daemon that fetched from hundreds of hosts and then
+    sits idle keeps no sockets. A connection idle for ``LIVENESS_CHECK_AFTER`` seconds or
+    more is checked before reuse, and closed if its server closed it or wrote to it
+    meanwhile; the sweep checks all of them. A fresher one is reused on trust, and a
+    request that fails on it before any answer arrives is sent again on a new connection.
     """
 
     def __init__(
@@ -407,13 +580,16 @@ class HTTPClient:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         receive_size: int = DEFAULT_RECEIVE_SIZE,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_idle_per_origin: int = DEFAULT_MAX_IDLE_PER_ORIGIN,
+        max_idle_total: int = DEFAULT_MAX_IDLE_TOTAL,
         ssl_context: ssl.SSLContext | None = None,
         user_agent: str = USER_AGENT,
     ) -> None:
         for name, value in (
             ("connect_timeout", connect_timeout),
             ("read_timeout", read_timeout),
+            ("idle_timeout", idle_timeout),
         ):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, not {value}")
@@ -423,17 +599,39 @@ class HTTPClient:
         ):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, not {number}")
-        if max_idle_per_origin < 0:
-            raise ValueError(f"max_idle_per_origin must be >= 0, not {max_idle_per_origin}")
+        for name, number in (
+            ("max_idle_per_origin", max_idle_per_origin),
+            ("max_idle_total", max_idle_total),
+        ):
+            if number < 0:
+                raise ValueError(f"{name} must be >= 0, not {number}")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.receive_size = receive_size
         self.max_header_bytes = max_header_bytes
-        self.max_idle_per_origin = max_idle_per_origin
         self.user_agent = user_agent
         self._ssl_context = ssl_context
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._pool = _IdlePool(
+            idle_timeout=idle_timeout,
+            max_per_origin=max_idle_per_origin,
+            max_total=max_idle_total,
+        )
+        self._sweeper: trio.CancelScope | None = None
+        self._opened = 0
+        self._reused = 0
         self._closed = False
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._pool.idle_timeout
+
+    @property
+    def max_idle_per_origin(self) -> int:
+        return self._pool.max_per_origin
+
+    @property
+    def max_idle_total(self) -> int:
+        return self._pool.max_total
 
     async def __aenter__(self) -> HTTPClient:
         return self
@@ -444,13 +642,26 @@ class HTTPClient:
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close when their stream ends."""
         self._closed = True
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
-                await trio.aclose_forcefully(connection.stream)
+        self._pool.close_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await trio.lowlevel.checkpoint()
 
     def idle_connections(self) -> int:
-        return sum(len(connections) for connections in self._idle.values())
+        """How many connections are kept open for reuse now."""
+        return len(self._pool)
+
+    def statistics(self) -> HTTPClientStatistics:
+        pool = self._pool
+        return HTTPClientStatistics(
+            idle_connections=len(pool),
+            idle_origins=pool.origins,
+            connections_opened=self._opened,
+            requests_reused=self._reused,
+            closed_expired=pool.expired,
+            closed_over_limit=pool.over_limit,
+            closed_by_peer=pool.closed_by_peer,
+        )
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -504,7 +715,6 @@ class HTTPClient:
     ) -> list[tuple[str, str]]:
         default_port = 443 if origin.scheme == "https" else 80
         host = f"[{origin.host}]" if ":" in origin.host else origin.host
-        host = _ascii_host(host)
         if origin.port != default_port:
             host = f"{host}:{origin.port}"
         # identity: the bytes on the wire are the file; nothing here decodes gzip.
@@ -531,7 +741,7 @@ class HTTPClient:
         read_timeout: float,
     ) -> tuple[_Connection, h11.Response]:
         while True:
-            connection = self._idle_connection(origin)
+            connection = self._pool.checkout(origin, trio.current_time())
             fresh = connection is None
             if connection is None:
                 try:
@@ -541,6 +751,9 @@ class HTTPClient:
                     raise ConnectTimeout(
                         f"timed out after {connect_timeout:g} s connecting to {origin}"
                     ) from None
+                self._opened += 1
+            else:
+                self._reused += 1
             connection.read_timeout = read_timeout
             try:
                 await connection.send_request(method, target, headers)
@@ -558,26 +771,40 @@ class HTTPClient:
                 raise
             return connection, head
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
-        connections = self._idle.get(origin)
-        if not connections:
-            return None
-        # Newest first: the least likely to have been timed out by the server.
-        return connections.pop()
-
     async def _release(self, connection: _Connection) -> None:
-        idle = self._idle.setdefault(connection.origin, [])
-        if self._closed or not connection.reusable or len(idle) >= self.max_idle_per_origin:
+        if self._closed or not connection.reusable:
             await trio.aclose_forcefully(connection.stream)
             return
         connection.start_next_cycle()
-        idle.append(connection)
+        self._pool.checkin(connection, trio.current_time())
+        if self._sweeper is None and len(self._pool):
+            self._sweeper = trio.CancelScope()
+            # A system task, not a task in a nursery of ours: the client is made on first
+            # use by code that has no nursery to lend, and a system task cannot outlive
+            # the trio run. One task for the whole pool, never one per connection; it
+            # ends when the pool is empty and starts again with the next idle connection.
+            trio.lowlevel.spawn_system_task(
+                self._sweep, self._sweeper, name="statusd.http idle connection sweep"
+            )
+
+    async def _sweep(self, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                deadline = self._pool.sweep(trio.current_time())
+                while deadline is not None:
+                    await trio.sleep_until(deadline)
+                    deadline = self._pool.sweep(trio.current_time())
+        finally:
+            self._sweeper = None
+            if not scope.cancel_called:
+                # The run is ending (or the pool is empty): nobody can use these sockets.
+                self._pool.close_all()
 
     async def _connect(self, origin: Origin) -> _Connection:
         """A new connection to ``origin``; the caller bounds the time it may take."""
         stream: trio.abc.Stream
         try:
-            tcp = await trio.open_tcp_stream(_ascii_host(origin.host), origin.port)
+            tcp = await trio.open_tcp_stream(origin.host, origin.port)
             stream = tcp
             if origin.scheme == "https":
                 stream = trio.SSLStream(
@@ -604,6 +831,7 @@ class HTTPClient:
         return _Connection(
             origin,
             stream,
+            tcp=tcp,
             read_timeout=self.read_timeout,
             receive_buffer=memoryview(bytearray(min(self.receive_size, CONNECTION_BUFFER))),
             max_header_bytes=self.max_header_bytes,
@@ -616,11 +844,18 @@ class HTTPClient:
 
 
 def _ascii_host(host: str) -> str:
+    """``host`` as it goes on the wire: ASCII names and IP literals as they are, others as
+    IDNA 2008 A-labels after UTS 46 mapping (what browsers and curl send).
+
+    Python's own "idna" codec is IDNA 2003, which maps ``faß.de`` to ``fass.de``: another
+    host. ASCII names are left alone, as DNS allows more than IDNA (``my_host.lan``).
+    """
+    if host.isascii():
+        return host
     try:
-        host.encode("ascii")
-    except UnicodeEncodeError:
-        return host.encode("idna").decode("ascii")
-    return host
+        return idna.encode(host, uts46=True).decode("ascii")
+    except UnicodeError:  # idna.IDNAError and the codecs' own
+        raise ValueError(f"url host is not a valid host name: '{host}'") from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -640,6 +875,7 @@ __all__: Sequence[str] = (
     "ConnectError",
     "ConnectTimeout",
     "HTTPClient",
+    "HTTPClientStatistics",
     "HTTPError",
     "Headers",
     "Origin",

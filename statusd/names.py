@@ -26,6 +26,8 @@ import re
 import unicodedata
 import urllib.parse
 
+import idna
+
 MAX_NAME_BYTES = 255
 # A suffix longer than this, or with spaces, is not an extension but part of the name
 # ("notes.draft for review"); numbering and truncation then treat the name as one stem.
@@ -157,7 +159,10 @@ def validate_url(url: str) -> str:
     if port == 0:
         raise ValueError("url port must be between 1 and 65535, not 0")
     try:
-        parts.hostname.encode("idna")
+        if parts.hostname.isascii():
+            parts.hostname.encode("idna")  # label lengths; DNS allows more than IDNA does
+        else:
+            idna.encode(parts.hostname, uts46=True)  # IDNA 2008, as statusd.http sends it
     except UnicodeError:
         raise ValueError(f"url host is not a valid host name: '{parts.hostname}'") from None
     return url

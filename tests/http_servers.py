@@ -330,3 +330,33 @@ async def http_server(nursery: trio.Nursery) -> HTTPTestServer:
     server = HTTPTestServer()
     await nursery.start(server.serve)
     return server
+
+
+class MultiPortHTTPServer(HTTPTestServer):
+    """An ``HTTPTestServer`` on ``ports`` ports of 127.0.0.1 at once: each port is an origin
+    of its own to a client (a pool's caps can be tried on hundreds of origins without
+    hundreds of servers). The same routes answer on every port; ``base_urls`` has one URL
+    per port, and ``open_connections`` counts the connections not yet closed."""
+
+    def __init__(self, ports: int) -> None:
+        super().__init__()
+        self.base_urls: list[str] = []
+        self.open_connections = 0
+        self._ports = ports
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = []
+        for _ in range(self._ports):
+            listeners += await trio.open_tcp_listeners(0, host="127.0.0.1")
+        ports = [listener.socket.getsockname()[1] for listener in listeners]
+        self.base_urls = [f"http://127.0.0.1:{port}" for port in ports]
+        self.port, self.base_url = ports[0], self.base_urls[0]
+        task_status.started()
+        await trio.serve_listeners(self._counted_connection, listeners)
+
+    async def _counted_connection(self, stream: trio.SocketStream) -> None:
+        self.open_connections += 1
+        try:
+            await self._connection(stream)
+        finally:
+            self.open_connections -= 1

@@ -205,3 +205,34 @@ def test_validate_url_accepts_http_and_https(url: str) -> None:
 def test_validate_url_refuses_with_a_clear_message(url: str, message: str) -> None:
     with pytest.raises(ValueError, match="^" + message.replace("?", "\\?")):
         validate_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://faß.de/x",  # IDNA 2008 keeps ß (xn--fa-hia.de)
+        "https://ÖBB.at/",  # UTS 46 maps the capitals first
+        "http://xn--fa-hia.de/",
+        "http://example.com/",
+        "http://my_host.lan/",  # DNS allows what IDNA does not, and ASCII is DNS's
+        "http://127.0.0.1:8080/",
+        "http://[::1]:8080/",
+    ],
+)
+def test_validate_url_accepts_these_hosts(url: str) -> None:
+    assert validate_url(url) == url
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "☃.com",  # IDNA 2003 allowed symbols (xn--n3h.com); IDNA 2008 does not
+        "😀.example",
+        "ex\u200dample.com",  # a joiner where no script needs one
+        "ä" * 64 + ".de",  # a label over 63 bytes once encoded
+        "a" * 64 + ".com",
+    ],
+)
+def test_validate_url_refuses_hosts_idna_2008_refuses(host: str) -> None:
+    with pytest.raises(ValueError, match="url host is not a valid host name"):
+        validate_url(f"http://{host}/")
