@@ -69,7 +69,7 @@ PARAM_NAMES = [
 ]
 
 FUZZ_SETTINGS = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "120")),
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),
     derandomize=True,
     database=None,
     deadline=None,
@@ -391,7 +391,7 @@ async def test_adversarial_input_over_the_websocket(ws_daemon: Daemon) -> None:
             for payload in ADVERSARIAL:
                 ws.send(_frame(payload))
                 ws.send('{"type":"ping"}')
-                kinds = []
+                kinds: list[str] = []
                 while not kinds or kinds[-1] != "pong":
                     kinds.append(json.loads(ws.recv(TIMEOUT))["type"])
                 assert kinds == ["error", "pong"], (payload[:80], kinds)
