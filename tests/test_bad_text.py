@@ -17,6 +17,7 @@ import trio
 
 from statusd.daemon import Daemon
 from statusd.protocol import jsonrpc
+from statusd.session import Session
 from statusd.state.status import Level
 from tests.conftest import RawClient, blocking_call
 from tests.http_servers import HTTPTestServer, http_server, serve_data
@@ -292,3 +293,29 @@ def test_encode_line_never_fails_for_a_reply() -> None:
     assert answers[0] == jsonrpc.result_response(5, 1)
     assert answers[1]["error"]["code"] == -32603
     assert answers[1]["id"] == 6
+
+
+async def test_a_failing_connection_costs_only_itself(
+    daemon: Daemon, connect: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past one message: a bug in a connection's own loops ends that connection (logged),
+    never the daemon or another client's connection."""
+    bystander = await connect()
+    await bystander.call("daemon.info")
+    take_pending = Session.take_pending
+    armed = [True]
+
+    def failing_once(session: Session) -> list[bytes]:
+        if armed and session.has_pending():
+            armed.clear()
+            raise RuntimeError("a bug in the writer")
+        return take_pending(session)
+
+    monkeypatch.setattr(Session, "take_pending", failing_once)
+    victim = await connect()
+    await victim.send(envelope("daemon.info"))
+    with trio.fail_after(10), pytest.raises(EOFError):
+        await victim.receive()
+    assert not armed
+    assert (await bystander.call("daemon.info"))["pid"] > 0
+    await healthy(daemon)
