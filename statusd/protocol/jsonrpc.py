@@ -148,6 +148,9 @@ def _parse_entry(value: Any, suspect: bool = False) -> Entry:
     extra = set(value) - {"jsonrpc", "method", "params", "id"}
     if extra:
         names = ", ".join(sorted(escape_surrogates(name) for name in extra))
+        if suspect and any(_LONE_SURROGATE.search(name) for name in extra):
+            problem = f"member names {_SURROGATE_PROBLEM} (unknown members: {names})"
+            return Invalid(InvalidRequest(problem), request_id)
         return Invalid(InvalidRequest(f"unknown members: {names}"), request_id)
     params = value.get("params", {})
     if params is None:
