@@ -2,9 +2,9 @@
 
 ``run(config, task_status=...)`` locks the state directory (one daemon each), builds the
 core (status channel, API), starts the Unix socket server and reports readiness only once
-the socket accepts connections. It returns
-after an orderly stop: publish "Stopping operations...", stop accepting and remove the
-socket file, give clients ``SHUTDOWN_GRACE`` seconds to receive what is queued, cancel.
+the socket accepts connections. It returns after an orderly stop: publish "Stopping
+operations...", stop accepting and remove the socket file, give clients
+``SHUTDOWN_GRACE`` seconds to receive what is queued, cancel.
 ``serve(config, reload)`` is the command's entry: signals in, exit status out; SIGHUP
 re-reads the configuration through ``reload`` and applies what can change live.
 Under systemd the daemon reports readiness, status, reloads and stopping (sd_notify),

@@ -169,6 +169,10 @@ def _parse_entry(value: Any, suspect: bool = False) -> Entry:
 _SURROGATE_PROBLEM = "must not hold a lone surrogate"
 
 
+def has_lone_surrogate(text: str) -> bool:
+    return _LONE_SURROGATE.search(text) is not None
+
+
 def escape_surrogates(text: str) -> str:
     """``text`` with each lone surrogate written as its ``\\udXXX`` escape: printable,
     and encodable as UTF-8."""

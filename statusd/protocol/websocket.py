@@ -267,7 +267,7 @@ def parse_seed(raw: str | bytes, kind: Literal["job", "topic"]) -> SeedRequest:
     job_id = value.get("job_id")
     if job_id is not None and not isinstance(job_id, str):
         return BadMessage(f"job_id must be a string, not {json.dumps(job_id)[:40]}")
-    if job_id is not None and jsonrpc.escape_surrogates(job_id) != job_id:
+    if job_id is not None and jsonrpc.has_lone_surrogate(job_id):
         return BadMessage(
             f"job_id must not hold a lone surrogate: {jsonrpc.escape_surrogates(job_id)!r}"
         )
