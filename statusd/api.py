@@ -71,6 +71,18 @@ def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float |
         raise InvalidParams(attribute.name, f"must be > 0, not {value}")
 
 
+# A timedelta holds at most 999,999,999 days; a million hours (114 years) is "all" already.
+MAX_AGE_HOURS = 1_000_000
+
+
+def _at_most(limit: float) -> Any:
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value > limit:
+            raise InvalidParams(attribute.name, f"must be <= {limit}, not {value:.6g}")
+
+    return check
+
+
 @attrs.frozen
 class SubscribeParams:
     # With no stream named at all, a subscription is to the status stream.
@@ -110,7 +122,7 @@ class ListTasksParams:
 
 @attrs.frozen
 class CleanupParams:
-    max_age_hours: float = attrs.field(default=24.0, validator=_positive)
+    max_age_hours: float = attrs.field(default=24.0, validator=[_positive, _at_most(MAX_AGE_HOURS)])
 
 
 @attrs.frozen

@@ -1,9 +1,10 @@
 """The daemon's nursery tree, readiness and shutdown order.
 
-``run(config, task_status=...)`` builds the core (status channel, API), starts the Unix
-socket server and reports readiness only once the socket accepts connections. It returns
-after an orderly stop: publish "Stopping operations...", stop accepting and remove the
-socket file, give clients ``SHUTDOWN_GRACE`` seconds to receive what is queued, cancel.
+``run(config, task_status=...)`` locks the state directory (one daemon each), builds the
+core (status channel, API), starts the Unix socket server and reports readiness only once
+the socket accepts connections. It returns after an orderly stop: publish "Stopping
+operations...", stop accepting and remove the socket file, give clients
+``SHUTDOWN_GRACE`` seconds to receive what is queued, cancel.
 ``serve(config, reload)`` is the command's entry: signals in, exit status out; SIGHUP
 re-reads the configuration through ``reload`` and applies what can change live.
 Under systemd the daemon reports readiness, status, reloads and stopping (sd_notify),
@@ -28,6 +29,7 @@ from statusd.config import Config
 from statusd.download_job import DownloadService
 from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
+from statusd.lockfile import lock_state_dir
 from statusd.notifications import open_notifications
 from statusd.state.status import Level
 from statusd.systemd import (
@@ -169,6 +171,16 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 async def run(
     config: Config, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    # First of all, before any journal is opened or the socket touched: a second daemon
+    # on this state directory stops here (statusd.lockfile).
+    state_lock = lock_state_dir(config.state_dir)
+    try:
+        await _run_locked(config, task_status)
+    finally:
+        state_lock.release()
+
+
+async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> None:
     streams = Streams(StatusChannel(config.status_history))
     channel = streams.status
     if config.config_file is not None:

@@ -120,7 +120,9 @@ def test_second_daemon_refuses_and_first_is_untouched(daemon_process: Any) -> No
     first = daemon_process()
     first.start()
     second = daemon_process()
-    second.start(wait=False)
+    # Its own state directory, so the socket is what stops it (tests/test_state_lock.py
+    # has two daemons on one state directory).
+    second.start("--state-dir", str(first.directory / "other-state"), wait=False)
     assert second.wait() == 1
     assert "already listening" in second.stderr()
     assert first.process.poll() is None

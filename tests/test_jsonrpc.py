@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from statusd import errors
@@ -98,3 +100,71 @@ def test_error_response_carries_data() -> None:
         "message": "level: must be one of x",
         "data": {"field": "level", "reason": "must be one of x"},
     }
+
+
+# -- text no UTF-8 can carry -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "request_id", "field"),
+    [
+        (rb'{"jsonrpc":"2.0","id":"\ud800","method":"a"}', errors.INVALID_REQUEST, None, None),
+        (rb'{"jsonrpc":"2.0","id":"x\uDBFF","method":"a"}', errors.INVALID_REQUEST, None, None),
+        (rb'{"jsonrpc":"2.0","id":2,"method":"a\udc00"}', errors.INVALID_REQUEST, 2, None),
+        (rb'{"jsonrpc":"2.0","id":2,"method":"a","\ud800":1}', errors.INVALID_REQUEST, 2, None),
+        (rb'{"jsonrpc":"2.0","id":3,"method":"a","params":{"t":"\ud800"}}', -32602, 3, "t"),
+        (rb'{"jsonrpc":"2.0","id":3,"method":"a","params":{"\udfff":1}}', -32602, 3, r"\udfff"),
+        (
+            rb'{"jsonrpc":"2.0","id":3,"method":"a","params":{"i":[{"u":"ok"},{"u":"\ud800"}]}}',
+            errors.INVALID_PARAMS,
+            3,
+            "i[1].u",
+        ),
+        (
+            rb'{"jsonrpc":"2.0","id":3,"method":"a","params":{"h":{"k\ud800":"v"}}}',
+            errors.INVALID_PARAMS,
+            3,
+            r"h.k\ud800",
+        ),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_where(
+    raw: bytes, code: int, request_id: jsonrpc.RequestId, field: str | None
+) -> None:
+    for message in (raw, raw.decode()):  # bytes from the socket, text from a WebSocket
+        entry = only(message)
+        assert isinstance(entry, jsonrpc.Invalid)
+        assert entry.error.code == code
+        assert entry.id == request_id
+        assert "lone surrogate" in entry.error.message
+        if field is not None:
+            assert entry.error.data["field"] == field
+        # The answer itself is plain UTF-8.
+        jsonrpc.encode_line(jsonrpc.error_response(entry.id, entry.error)).decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        r"\ud83d\ude00",  # a pair: one character
+        r"\\ud800",  # an escaped backslash, then the letters u, d, 8, 0, 0
+        "plain",
+    ],
+)
+def test_text_that_is_unicode_is_accepted(text: str) -> None:
+    raw = '{"jsonrpc":"2.0","id":"' + text + '","method":"a","params":{"m":"' + text + '"}}'
+    entry = only(raw.encode())
+    assert isinstance(entry, jsonrpc.Request)
+    assert entry.id == entry.params["m"] == json.loads(f'"{text}"')
+
+
+def test_surrogate_scan_only_fires_on_escapes() -> None:
+    assert not jsonrpc.may_hold_surrogate(b'{"a":"\xf0\x9f\x98\x80 \\u00e9"}')
+    assert jsonrpc.may_hold_surrogate(b'{"a":"\\uDc00"}')
+    assert jsonrpc.may_hold_surrogate('{"a":"\ud800"}')  # a raw one in text from elsewhere
+
+
+@pytest.mark.parametrize("raw", [b"1e999", b"[-1e400]", b'{"a":1E+999}'])
+def test_numbers_past_a_double_are_parse_errors(raw: bytes) -> None:
+    with pytest.raises(errors.ParseError, match="out of range"):
+        jsonrpc.parse_message(raw)

@@ -46,8 +46,20 @@ def _strict(expected: type, description: str) -> Any:
     return hook
 
 
+# Every count, id and size statusd takes fits in 64 bits; a bigger integer (JSON has no
+# limit, Python neither) would only fail later, deeper and less clearly.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
+
+def _structure_int(value: Any, _type: Any) -> int:
+    number: int = _strict(int, "an integer")(value, _type)
+    if not INT_MIN <= number <= INT_MAX:
+        raise _Problem(f"must fit in 64 bits, not {_describe(number)}")
+    return number
+
+
 converter.register_structure_hook(str, _strict(str, "a string"))
-converter.register_structure_hook(int, _strict(int, "an integer"))
+converter.register_structure_hook(int, _structure_int)
 converter.register_structure_hook(bool, _strict(bool, "a boolean"))
 
 
@@ -203,7 +215,9 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
-        return f"the number {value!r}"
+        shown = repr(value)
+        # An error message must stay short whatever was sent (a 4,000-digit number).
+        return f"the number {shown if len(shown) <= 24 else shown[:21] + '...'}"
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return repr(shown)

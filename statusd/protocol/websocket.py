@@ -20,6 +20,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
+from statusd.errors import ParseError
+from statusd.protocol import jsonrpc
+
 # A coalesced frame grows to at most this many bytes of JSON (one bigger message is sent
 # alone). Clients' default limits are 1 MiB (the websockets package, browsers more).
 MAX_FRAME_BYTES = 256 * 1024
@@ -252,9 +255,9 @@ def parse_seed(raw: str | bytes, kind: Literal["job", "topic"]) -> SeedRequest:
     """One client message on a seed endpoint; what is wrong with it is a ``BadMessage``,
     answered with an ``error`` message (the connection stays)."""
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return BadMessage(f"message is not valid JSON: {exc}")
+        value = jsonrpc.loads(raw)
+    except ParseError as exc:
+        return BadMessage(f"message is not valid JSON: {exc.message}")
     if not isinstance(value, dict):
         return BadMessage("message must be a JSON object with a type")
     kind_of = value.get("type")
@@ -263,7 +266,11 @@ def parse_seed(raw: str | bytes, kind: Literal["job", "topic"]) -> SeedRequest:
         return BadMessage(f"unknown message type {kind_of!r}: expected {', '.join(allowed)}")
     job_id = value.get("job_id")
     if job_id is not None and not isinstance(job_id, str):
-        return BadMessage(f"job_id must be a string, not {json.dumps(job_id)}")
+        return BadMessage(f"job_id must be a string, not {json.dumps(job_id)[:40]}")
+    if job_id is not None and jsonrpc.has_lone_surrogate(job_id):
+        return BadMessage(
+            f"job_id must not hold a lone surrogate: {jsonrpc.escape_surrogates(job_id)!r}"
+        )
     if kind_of == "ping":
         return Ping()
     if kind_of == "get_status":

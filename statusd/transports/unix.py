@@ -28,6 +28,7 @@ from statusd.identity import caller_for_uid
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
 from statusd.session import Session
+from statusd.transports.answer import answer
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,10 @@ class UnixServer:
                 session.close()
                 self._sessions.discard(session)
                 self._connections_changed.unpark_all()
+        except Exception:
+            # serve_listeners runs every handler in one nursery: an exception let out of
+            # here would end every client's connection and the daemon with them.
+            log.exception("connection failed")
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -265,9 +270,7 @@ class UnixServer:
                     return
                 for line in lines:
                     await session.wait_reply_room()
-                    response = await self._api.handle_message(session, line)
-                    if response is not None:
-                        session.add_reply(jsonrpc.encode_line(response))
+                    await answer(self._api, session, line)
         finally:
             # The writer flushes what is queued, then the connection closes.
             session.close()

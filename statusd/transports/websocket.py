@@ -49,6 +49,7 @@ from statusd.protocol.codec import format_timestamp, unstructure
 from statusd.session import Session
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import TokenRecord, TokenStore
+from statusd.transports.answer import answer
 
 log = logging.getLogger(__name__)
 
@@ -385,9 +386,7 @@ class WebSocketServer:
                     message = await connection.get_message()
                 except ConnectionClosed:
                     return
-                response = await self._api.handle_message(session, message)
-                if response is not None:
-                    session.add_reply(jsonrpc.encode_line(response))
+                await answer(self._api, session, message)
         finally:
             # The writer flushes what is queued, then the connection closes.
             session.close()
@@ -461,7 +460,13 @@ class WebSocketServer:
                         raw = await connection.get_message()
                     except ConnectionClosed:
                         return
-                    self._answer_seed(link, target, raw)
+                    try:
+                        self._answer_seed(link, target, raw)
+                    except Exception:
+                        # As on /ws (statusd.transports.answer): a bug costs one message.
+                        log.exception("internal error answering a seed message")
+                        error = rules.seed_message("error", _now(), message="internal error")
+                        session.add_reply(jsonrpc.encode_line(error))
             finally:
                 session.close()
 
