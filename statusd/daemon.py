@@ -25,7 +25,7 @@ import trio
 from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
-from statusd.download_job import DownloadService
+from statusd.downloads import Downloads
 from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
 from statusd.notifications import open_notifications
@@ -59,7 +59,7 @@ class Daemon:
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
     notifier: Notifier = attrs.Factory(Notifier)
-    downloads: DownloadService | None = None
+    downloads: Downloads | None = None
     websocket: WebSocketServer | None = None
 
     @property
@@ -173,13 +173,15 @@ async def run(
     channel = streams.status
     if config.config_file is not None:
         channel.publish_status(Level.INFO, "Configuration loaded from file")
-    downloads = DownloadService(config)
+    downloads = Downloads(config)
     tasks = TaskManager(
         channel,
         streams.tasks,
         journal_path=config.state_dir / "tasks.jsonl",
         factories={
-            "download": lambda _task, saved: downloads.job(saved["spec"], saved["checkpoints"])
+            "download": lambda task, saved: downloads.job(
+                task.id, saved["spec"], saved["checkpoints"]
+            )
         },
         max_running=config.max_running_tasks,
     )

@@ -13,7 +13,7 @@ import trio.testing
 
 from statusd.channel import StatusChannel
 from statusd.daemon import Daemon
-from statusd.download_job import DownloadService
+from statusd.downloads import Downloads
 from statusd.events import Streams
 from statusd.store import load
 from statusd.tasks import TaskManager
@@ -201,7 +201,7 @@ async def test_a_restart_removes_parts_of_items_done_but_not_settled(
     streams = Streams(StatusChannel())
     manager = TaskManager(streams.status, streams.tasks, journal_path=None)
     await nursery.start(manager.serve)
-    service = DownloadService(make_config(tmp_path))
+    service = Downloads(make_config(tmp_path))
     job = service.job(spec, [{"item": 0, "state": state, "result": result, "settle": True}])
     task_id = await manager.create_task("t", 1, kind="download", owner="alice")
     manager.run_task(task_id, job)
