@@ -688,7 +688,6 @@ async def test_a_state_from_before_owned_parts_starts_again_and_leaves_name_part
     assert http_server.requests_for("/old.bin")[0].headers.get("range") is None
 
 
-
 # -- hangs and cancellation --------------------------------------------------------------
 
 
