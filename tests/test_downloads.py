@@ -39,6 +39,7 @@ from tests.http_servers import (
     HTTPTestServer,
     Request,
     Responder,
+    chunked_cut_before_last_chunk,
     cut_off,
     hang_after_head,
     hang_before_head,
@@ -520,6 +521,58 @@ async def test_cut_off_large_body_resumes(
     assert result.error is None
     second = http_server.requests_for("/cut-big.bin")[1]
     assert second.headers["range"] == "bytes=5000000-"
+
+
+@pytest.mark.parametrize(
+    ("sha256_given", "etag_on_416"), [(True, False), (False, True)], ids=["sha256", "validator"]
+)
+async def test_a_416_for_a_part_holding_the_whole_entity_completes_it(
+    http_server: HTTPTestServer,
+    client: HTTPClient,
+    dest: Path,
+    sha256_given: bool,
+    etag_on_416: bool,
+) -> None:
+    """The body arrived whole but the connection broke before the last chunk: the resume
+    asks for ``bytes=N-`` and the server rightly answers 416 ``bytes */N``. The part is
+    the file (checked by its sha256, or by the validator the 416 carries)."""
+    url = http_server.route(
+        "/whole.bin", chunked_cut_before_last_chunk(DATA, etag_on_416=etag_on_416)
+    )
+    digest = sha256(DATA).hexdigest() if sha256_given else None
+    recorder = Recorder()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder, sha256=digest)
+    assert result.error is None
+    assert result.path == str(dest / "whole.bin")
+    assert (dest / "whole.bin").read_bytes() == DATA
+    assert listing(dest) == ["whole.bin"]
+    assert recorder.held == len(DATA)
+    first, second = http_server.requests_for("/whole.bin")
+    assert "range" not in first.headers
+    assert second.headers["range"] == f"bytes={len(DATA)}-"
+
+
+@pytest.mark.parametrize(
+    "unsatisfiable",
+    [
+        chunked_cut_before_last_chunk(DATA, size_416=len(DATA) + 1),
+        chunked_cut_before_last_chunk(DATA, etag_on_416=False),
+    ],
+    ids=["another-size", "no-validator"],
+)
+async def test_a_416_that_does_not_prove_the_part_whole_restarts_without_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, unsatisfiable: Any
+) -> None:
+    url = http_server.route(
+        "/other.bin",
+        sequence(chunked_cut_before_last_chunk(DATA), unsatisfiable, serve_data(DATA)),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS)
+    assert result.error is None
+    assert (dest / "other.bin").read_bytes() == DATA
+    assert listing(dest) == ["other.bin"]
+    ranges = [request.headers.get("range") for request in http_server.requests_for("/other.bin")]
+    assert ranges == [None, f"bytes={len(DATA)}-", None]
 
 
 async def test_a_server_ignoring_range_restarts_from_zero(
