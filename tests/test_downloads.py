@@ -987,6 +987,40 @@ async def test_done_journalled_but_part_left_is_tidied(
     assert http_server.requests_for("/tidy.bin") == []
 
 
+async def test_a_finished_state_from_before_owned_parts_tidies_only_its_own_link(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """``done`` journalled before parts were owned: ``NAME.part`` goes only when it is a
+    link to the finished NAME."""
+    (dest / "old.bin").write_bytes(DATA)
+    os.link(dest / "old.bin", dest / "old.bin.part")
+    (dest / "other.bin").write_bytes(DATA)
+    (dest / "other.bin.part").write_bytes(b"another download's part")
+    url = http_server.route("/old.bin", serve_data(DATA))
+    for name in ("old.bin", "other.bin"):
+        result = await fetch(client, url, dest, state=ItemState(name, '"v1"', True))
+        assert result.path == str(dest / name)
+    assert listing(dest) == ["old.bin", "other.bin", "other.bin.part"]
+    assert http_server.requests_for("/old.bin") == []
+
+
+async def test_a_part_name_fits_255_bytes_and_keeps_its_owner(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    long_name = "é" * 125 + ".tar.gz"  # 257 bytes of UTF-8: cut to 255 for the final name
+    url = http_server.route("/long", serve_data(DATA))
+    recorder = Recorder()
+    result = await fetch(client, url, dest, recorder=recorder, filename=long_name)
+    assert result.error is None
+    part = recorder.states[0].part
+    assert part is not None
+    assert len(part.encode()) <= 255
+    assert part.startswith(".é")
+    assert part.endswith(".gz.t1-0.part")
+    assert len(Path(result.path or "").name.encode()) <= 255
+    assert listing(dest) == [Path(result.path or "").name]
+
+
 async def test_remove_partial_keeps_a_finished_file(dest: Path) -> None:
     """A cancel that came while the journal was taking "done": the part is still linked."""
     (dest / "kept.bin").write_bytes(DATA)

@@ -208,14 +208,16 @@ async def download_item(
 
 async def remove_partial(dest: Directory | Path, state: ItemState) -> bool:
     """Remove the item's own part (after a user's cancel); True if there was one. A
-    finished item keeps its file; only its part still linked to it goes. A state without
-    a part of its own (journalled before parts were owned) removes nothing."""
+    finished item keeps its file; only its part still linked to it goes. An unfinished
+    state without a part of its own (journalled before parts were owned) removes
+    nothing."""
+    if state.done and state.name is not None:
+        async with _directory(dest) as directory:
+            await in_thread(files.settle_done, directory, state.name, state.part)
+        return False
     if state.part is None:
         return False
     async with _directory(dest) as directory:
-        if state.done and state.name is not None:
-            await in_thread(files.settle_done, directory, state.name, state.part)
-            return False
         return await in_thread(files.unlink_quietly, directory, state.part)
 
 

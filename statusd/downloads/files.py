@@ -313,16 +313,18 @@ def hash_file(directory: Directory, part: str) -> str:
 
 def settle_done(directory: Directory, name: str, part: str | None) -> int | None:
     """The size of finished NAME (None if it is gone), removing the item's part if it is
-    still linked to it (a crash after the journal had ``done``, before the part went)."""
+    still linked to it (a crash after the journal had ``done``, before the part went).
+    A state from before parts were owned (``part`` None) names its part ``NAME.part``;
+    that goes only when it is a link to NAME itself, which proves it was this item's."""
     try:
         final = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-    if part is not None:
-        with contextlib.suppress(FileNotFoundError):
-            held = os.stat(part, dir_fd=directory.fd, follow_symlinks=False)
-            if (held.st_ino, held.st_dev) == (final.st_ino, final.st_dev):
-                os.unlink(part, dir_fd=directory.fd)
+    part = f"{name}{PART_SUFFIX}" if part is None else part
+    with contextlib.suppress(FileNotFoundError):
+        held = os.stat(part, dir_fd=directory.fd, follow_symlinks=False)
+        if (held.st_ino, held.st_dev) == (final.st_ino, final.st_dev):
+            os.unlink(part, dir_fd=directory.fd)
     return final.st_size
 
 
