@@ -320,17 +320,20 @@ async def test_a_name_taken_while_downloading_gets_the_next_number(
     assert recorder.states[-1] == ItemState("late.1.bin", '"v"', True, part("late.bin"))
 
 
-async def test_a_symlink_in_place_of_the_part_is_not_followed(
+async def test_a_symlink_in_place_of_the_part_is_replaced_not_followed(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside"
+    outside.write_bytes(b"not yours")
     (dest / part("trap.bin")).symlink_to(outside)
     url = http_server.route("/trap.bin", serve_data(DATA))
     state = ItemState(name="trap.bin", validator='"v1"', part=part("trap.bin"))
     result = await fetch(client, url, dest, state=state)
-    assert result.error is not None
-    assert result.error.startswith("cannot write ")
-    assert not outside.exists()
+    assert result.error is None
+    assert (dest / "trap.bin").read_bytes() == DATA
+    assert outside.read_bytes() == b"not yours"
+    assert listing(dest) == ["trap.bin"]
+    assert http_server.requests_for("/trap.bin")[0].headers.get("range") is None
 
 
 # -- failures that are final ---------------------------------------------------------------
@@ -725,6 +728,22 @@ async def test_a_crash_between_link_and_unlink_is_finished(
     assert state.name == "half.1.bin"
     assert listing(dest) == ["half.1.bin", "half.bin"]
     assert http_server.requests_for("/half.bin") == []
+
+
+async def test_a_part_with_another_link_is_replaced_not_resumed_into(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """Someone linked the part elsewhere (not a final name of ours): appending would
+    change their file, so the item starts again in a new inode."""
+    (dest / part("shared.bin")).write_bytes(DATA[:1000])
+    os.link(dest / part("shared.bin"), dest / ".someone-elses")
+    url = http_server.route("/shared.bin", serve_data(DATA))
+    state = ItemState("shared.bin", '"v1"', part=part("shared.bin"))
+    result = await fetch(client, url, dest, state=state)
+    assert result.path == str(dest / "shared.bin")
+    assert (dest / "shared.bin").read_bytes() == DATA
+    assert (dest / ".someone-elses").read_bytes() == DATA[:1000]
+    assert http_server.requests_for("/shared.bin")[0].headers.get("range") is None
 
 
 async def test_a_state_from_before_owned_parts_starts_again_and_leaves_name_part_alone(

@@ -152,8 +152,10 @@ class Part:
 
 @attrs.frozen
 class PartOnDisk:
-    """What a resume finds: the part's size (None: no part) and, when a crash came
-    between linking the part to its final name and journalling that, the final name."""
+    """What a resume finds: the size of a part it may append to (None: none, or one that
+    is not a plain file of ours with no other link, which is replaced, never written
+    into) and, when a crash came between linking the part to its final name and
+    journalling that, the final name."""
 
     size: int | None
     final: str | None = None
@@ -170,24 +172,31 @@ def inspect_part(directory: Directory, part: str) -> PartOnDisk:
         info = os.stat(part, dir_fd=directory.fd, follow_symlinks=False)
     except FileNotFoundError:
         return PartOnDisk(None)
-    if info.st_nlink > 1 and stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        return PartOnDisk(None)
+    if info.st_nlink > 1:
         final = _linked_name(directory, part, info)
-        if final is not None:
-            return PartOnDisk(info.st_size, final)
+        return PartOnDisk(None) if final is None else PartOnDisk(info.st_size, final)
     return PartOnDisk(info.st_size)
 
 
 def _linked_name(directory: Directory, part: str, info: os.stat_result) -> str | None:
     """The visible name in ``directory`` that is a hard link to the part, if any (the inode
     number comes with the directory entry, so this costs one pass over the listing)."""
-    with os.scandir(directory.fd) as entries:
-        for entry in entries:
-            if (
-                entry.name != part
-                and not entry.name.startswith(".")
-                and entry.inode() == info.st_ino
-            ):
-                return entry.name
+    # A descriptor of its own: one that shares the directory fd's read position with
+    # another thread's listing would skip entries.
+    fd = os.open(".", _DIRECTORY, dir_fd=directory.fd)
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if (
+                    entry.name != part
+                    and not entry.name.startswith(".")
+                    and entry.inode() == info.st_ino
+                ):
+                    return entry.name
+    finally:
+        os.close(fd)
     return None
 
 
@@ -200,14 +209,14 @@ def create_part(directory: Directory, part: str, hashing: bool) -> Part:
 def open_part(directory: Directory, part: str, start: int, hashing: bool) -> Part:
     """The item's part, ready for writing at ``start``: from zero it is a new inode (the
     old one unlinked, never truncated); else the existing file, which must be a regular
-    file with no other link, hashed up to ``start`` when ``hashing``."""
+    file of ours with no other link, hashed up to ``start`` when ``hashing``."""
     if start == 0:
         unlink_quietly(directory, part)
         return create_part(directory, part, hashing)
     fd = os.open(part, _REOPEN, dir_fd=directory.fd)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
             raise OSError(errno.EEXIST, "part file is not this item's own", directory.join(part))
         hasher = hashlib.sha256() if hashing else None
         if hasher is not None:
