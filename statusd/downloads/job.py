@@ -173,13 +173,12 @@ class DownloadJob:
     # Each item's size as its server announced it (or as it ended); None while unknown.
     sizes: list[int | None] = attrs.field(init=False)
     held: list[int] = attrs.field(init=False)  # bytes each item holds now (on_bytes)
-    # Items journalled as done while their NAME.part was still linked to NAME: the part
+    # Items journalled as done while their part was still linked to the finished file: the part
     # is removed right after, and a later record says so ("settled"); a restart removes
     # the parts of those the journal does not know as settled.
     unsettled: set[int] = attrs.field(init=False)
     _settled: list[int] = attrs.field(init=False)  # settled, not yet journalled as such
     _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
-    _directory: Directory | None = attrs.field(init=False, default=None)  # open while running
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
@@ -218,16 +217,16 @@ class DownloadJob:
 
     async def run(self, reporter: Reporter) -> dict[str, Any] | None:
         try:
-            self._directory = await self._open_dest(create=True)
+            directory = await self._open_dest(create=True)
         except (DestError, OSError) as exc:
-            message = str(exc) if isinstance(exc, DestError) else files.file_error(exc, self.dest)
+            where = str(self.service.root / self.dest)
+            message = str(exc) if isinstance(exc, DestError) else files.file_error(exc, where)
             reporter.status(Level.ERROR, f"Cannot open the destination: {message}")
             raise JobFailed(message) from None
         try:
-            return await self._run(reporter, self._directory)
+            return await self._run(reporter, directory)
         finally:
-            self._directory.close()
-            self._directory = None
+            directory.close()
 
     async def _run(self, reporter: Reporter, directory: Directory) -> dict[str, Any] | None:
         reporter.status(Level.INFO, "Starting download operations...")
