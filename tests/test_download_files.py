@@ -18,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
+from statusd.downloads import DestError, open_dest
 from tests.conftest import DaemonProcess, RawClient
 from tests.http_servers import (
     HTTPTestServer,
@@ -245,3 +247,36 @@ async def test_batch_size_zero_is_refused(daemon_process: Any, http_server: HTTP
         assert "1 to 1000" in response["error"]["message"], response
     assert (await client.call("tasks.list"))["tasks"] == []
     await trio.aclose_forcefully(client.stream)
+
+
+def test_open_dest_creates_missing_directories_and_follows_no_symlink(tmp_path: Path) -> None:
+    root = tmp_path / "downloads"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    directory = open_dest(root, "a/b")
+    try:
+        assert directory.path == f"{root}/a/b"
+        os.mkdir("c", dir_fd=directory.fd)
+    finally:
+        directory.close()
+    assert (root / "a" / "b" / "c").is_dir()
+    (root / "a" / "link").symlink_to(outside)
+    (root / "a" / "file").write_bytes(b"")
+    for dest in ("a/link", "a/link/deeper", "a/file"):
+        with pytest.raises(DestError, match="is a symlink or not a directory"):
+            open_dest(root, dest)
+    with pytest.raises(DestError, match=r"must not contain '\.\.'"):
+        open_dest(root, "a/../..")
+    with pytest.raises(DestError, match="does not exist"):
+        open_dest(root, "missing", create=False)
+    assert list(outside.iterdir()) == []
+
+
+def test_open_dest_walks_an_absolute_dest_from_the_root(tmp_path: Path) -> None:
+    """An admin's dest outside the download directory, journalled as an absolute path."""
+    directory = open_dest(tmp_path / "downloads", str(tmp_path / "elsewhere"))
+    try:
+        assert directory.path == str(tmp_path / "elsewhere")
+    finally:
+        directory.close()
+    assert (tmp_path / "elsewhere").is_dir()

@@ -578,6 +578,26 @@ async def test_a_416_that_does_not_prove_the_part_whole_restarts_without_range(
     assert ranges == [None, f"bytes={len(DATA)}-", None]
 
 
+async def test_a_416_for_a_part_whose_sha256_differs_restarts_without_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    other = bytes(reversed(DATA))  # as long as DATA: the 416's size matches the part
+    url = http_server.route(
+        "/changed.bin",
+        sequence(
+            chunked_cut_before_last_chunk(other),
+            chunked_cut_before_last_chunk(other),
+            serve_data(DATA),
+        ),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS, sha256=sha256(DATA).hexdigest())
+    assert result.error is None
+    assert (dest / "changed.bin").read_bytes() == DATA
+    assert listing(dest) == ["changed.bin"]
+    ranges = [request.headers.get("range") for request in http_server.requests_for("/changed.bin")]
+    assert ranges == [None, f"bytes={len(DATA)}-", None]
+
+
 async def test_a_server_ignoring_range_restarts_from_zero(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
