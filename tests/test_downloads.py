@@ -735,6 +735,19 @@ async def test_a_finished_item_is_not_downloaded_again(
     assert len(http_server.requests_for("/done.bin")) == 1
 
 
+async def test_a_finished_file_removed_by_the_user_is_fetched_again(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/gone.bin", serve_data(DATA))
+    state = ItemState()
+    await fetch(client, url, dest, state=state)
+    (dest / "gone.bin").unlink()
+    again = await fetch(client, url, dest, state=state)
+    assert again.error is None
+    assert (dest / "gone.bin").read_bytes() == DATA
+    assert listing(dest) == ["gone.bin"]
+
+
 async def test_a_crash_between_link_and_unlink_is_finished(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:

@@ -354,8 +354,7 @@ class _Download:
                     self.item.sha256,
                     None,
                 )
-            self.state.done = False
-            self.state.part = None  # the finished file is gone: start afresh
+            self.state.done = False  # the finished file is gone: its part may still hold it
         if self.state.part is None:
             # Nothing of its own on disk (or a state from before parts were owned, whose
             # NAME.part this item cannot prove is its own): start as a fresh item.
