@@ -198,12 +198,23 @@ async def download_item(
     a server hangs.
     """
     owner = owner or secrets.token_hex(8)
-    async with _directory(dest) as directory:
-        download = _Download(client, item, directory, settings, state, owner, on_bytes, on_state)
-        try:
-            return await download.run()
-        except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
+    if not isinstance(dest, Directory):
+        async with _directory(dest) as directory:
+            return await download_item(
+                client,
+                item,
+                directory,
+                settings,
+                state,
+                owner=owner,
+                on_bytes=on_bytes,
+                on_state=on_state,
+            )
+    download = _Download(client, item, dest, settings, state, owner, on_bytes, on_state)
+    try:
+        return await download.run()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
 
 
 async def remove_partial(dest: Directory | Path, state: ItemState) -> bool:
