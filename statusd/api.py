@@ -187,14 +187,17 @@ class Method:
     handler: Handler
 
 
-class DownloadService(Protocol):
-    """Turns checked ``tasks.download`` params into a task's spec and job (downloads.py)."""
+class DownloadPlanner(Protocol):
+    """Turns checked ``tasks.download`` params into a task's spec and job
+    (``statusd.downloads.Downloads``)."""
 
     def prepare(self, params: DownloadParams, caller: Caller) -> tuple[str, int, dict[str, Any]]:
         """(task name, item count, spec); raises InvalidParams/Forbidden."""
         ...
 
-    def job(self, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> Job: ...
+    def job(self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> Job:
+        """The task's body; ``task_id`` names the part files it owns."""
+        ...
 
 
 @attrs.define
@@ -202,7 +205,7 @@ class Api:
     config: Config
     streams: Streams
     tasks: TaskManager
-    downloads: DownloadService | None = None
+    downloads: DownloadPlanner | None = None
     notifications: NotificationService | None = None
     tokens: TokenStore | None = None
     # The WebSocket listener's real address once it listens ("127.0.0.1:8765"), else None.
@@ -375,7 +378,7 @@ class Api:
             topic=params.topic,
             spec=spec,
         )
-        self.tasks.run_task(task_id, self.downloads.job(spec, []))
+        self.tasks.run_task(task_id, self.downloads.job(task_id, spec, []))
         return {"task_id": task_id}
 
     async def tasks_get(self, session: Session, params: TaskIdParams) -> Any:

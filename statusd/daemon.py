@@ -26,7 +26,7 @@ import trio
 from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
-from statusd.download_job import DownloadService
+from statusd.downloads import Downloads
 from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
 from statusd.lockfile import lock_state_dir
@@ -61,7 +61,7 @@ class Daemon:
     _stop: trio.Event = attrs.Factory(trio.Event)
     _stopped: trio.Event = attrs.Factory(trio.Event)
     notifier: Notifier = attrs.Factory(Notifier)
-    downloads: DownloadService | None = None
+    downloads: Downloads | None = None
     websocket: WebSocketServer | None = None
 
     @property
@@ -185,13 +185,15 @@ async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> N
     channel = streams.status
     if config.config_file is not None:
         channel.publish_status(Level.INFO, "Configuration loaded from file")
-    downloads = DownloadService(config)
+    downloads = Downloads(config)
     tasks = TaskManager(
         channel,
         streams.tasks,
         journal_path=config.state_dir / "tasks.jsonl",
         factories={
-            "download": lambda _task, saved: downloads.job(saved["spec"], saved["checkpoints"])
+            "download": lambda task, saved: downloads.job(
+                task.id, saved["spec"], saved["checkpoints"]
+            )
         },
         max_running=config.max_running_tasks,
     )

@@ -360,3 +360,26 @@ class MultiPortHTTPServer(HTTPTestServer):
             await self._connection(stream)
         finally:
             self.open_connections -= 1
+
+
+def chunked_cut_before_last_chunk(
+    data: bytes, *, etag: str | None = '"v1"', etag_on_416: bool = True, size_416: int = -1
+) -> Handler:
+    """Send all of ``data`` chunked and drop the connection before the last (empty) chunk;
+    a request with ``Range: bytes=N-`` then gets 416 with ``Content-Range: bytes */SIZE``
+    (``size_416``, by default the real size) and, with ``etag_on_416``, the ETag."""
+    size = len(data) if size_416 < 0 else size_416
+
+    async def handler(request: Request, responder: Responder) -> None:
+        headers = [] if etag is None else [("ETag", etag)]
+        if _RANGE.fullmatch(request.headers.get("range", "")):
+            extra = headers if etag_on_416 else []
+            await responder.send(416, [*extra, ("Content-Range", f"bytes */{size}")])
+            return
+        await responder.send_head(200, [*headers, ("Transfer-Encoding", "chunked")])
+        for start in range(0, len(data), SEND_BLOCK):
+            piece = data[start : start + SEND_BLOCK]
+            await responder.send_raw(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await responder.close()
+
+    return handler

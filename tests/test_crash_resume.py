@@ -4,7 +4,7 @@ The HTTP server runs in the test's trio run, so it outlives both daemon processe
 sees every request either of them made. The large item's first answer sends part of the
 body and then nothing more (a server throttled to a halt), so the kill always comes at
 the same point: the small items are done and journalled, the large one has a partial
-``.part`` on disk and some more bytes in memory that the kill loses.
+part file on disk and some more bytes in memory that the kill loses.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from statusd.downloads import part_name
 from tests.conftest import DaemonProcess, RawClient
 from tests.http_servers import (
     HTTPTestServer,
@@ -80,14 +81,15 @@ async def test_sigkill_mid_download_resumes_after_restart(
     items = [{"url": url} for url in [large_url, *small_urls]]
     task_id = (await client.call("tasks.download", {"items": items}))["task_id"]
 
+    part = dest / part_name("large.bin", f"{task_id}-0")  # the large item's own part
+
     async def small_done_and_large_partly_on_disk() -> bool:
-        part = dest / "large.bin.part"
         task = await task_of(client, task_id)
         return task["processed_items"] == 3 and part.exists() and part.stat().st_size > 0
 
     await until(small_done_and_large_partly_on_disk)
     await kill(process, client)
-    on_disk = (dest / "large.bin.part").stat().st_size
+    on_disk = part.stat().st_size
     assert 0 < on_disk < SENT_BEFORE_STALL  # the rest was in memory
     assert not (dest / "large.bin").exists()
 
@@ -115,7 +117,7 @@ async def test_sigkill_mid_download_resumes_after_restart(
     assert hashlib.sha256(large).digest() == hashlib.sha256(LARGE).digest()
     assert sorted(path.name for path in dest.iterdir()) == sorted(
         ["large.bin", *(path.lstrip("/") for path in SMALL)]
-    )  # no .part, no numbered duplicates
+    )  # no part file, no numbered duplicates
 
     listed = await client.call("tasks.list")
     assert [entry["id"] for entry in listed["tasks"]] == [task_id]

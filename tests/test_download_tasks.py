@@ -13,7 +13,7 @@ import trio.testing
 
 from statusd.channel import StatusChannel
 from statusd.daemon import Daemon
-from statusd.download_job import DownloadService
+from statusd.downloads import Downloads, part_name
 from statusd.events import Streams
 from statusd.store import load
 from statusd.tasks import TaskManager
@@ -188,21 +188,22 @@ async def test_the_journal_has_two_records_per_item(
 async def test_a_restart_removes_parts_of_items_done_but_not_settled(
     nursery: trio.Nursery, tmp_path: Path, http_server: HTTPTestServer
 ) -> None:
-    """A crash between journalling "done" and removing NAME.part: the next run removes
-    the part (still linked to the file) and fetches nothing."""
+    """A crash between journalling "done" and removing the item's part: the next run
+    removes the part (still linked to the file) and fetches nothing."""
     dest = tmp_path / "dest"
     dest.mkdir()
+    part = part_name("a.bin", "t1-0")
     (dest / "a.bin").write_bytes(b"a" * 100)
-    os.link(dest / "a.bin", dest / "a.bin.part")
+    os.link(dest / "a.bin", dest / part)
     url = http_server.route("/a.bin", serve_data(b"a" * 100))
-    state = {"name": "a.bin", "validator": '"v1"', "done": True}
+    state = {"name": "a.bin", "validator": '"v1"', "done": True, "part": part}
     result = {"url": url, "path": str(dest / "a.bin"), "bytes": 100, "sha256": None, "error": None}
     spec = {"items": [{"url": url}], "dest": str(dest), "batch_size": 10}
     streams = Streams(StatusChannel())
     manager = TaskManager(streams.status, streams.tasks, journal_path=None)
     await nursery.start(manager.serve)
-    service = DownloadService(make_config(tmp_path))
-    job = service.job(spec, [{"item": 0, "state": state, "result": result, "settle": True}])
+    service = Downloads(make_config(tmp_path))
+    job = service.job("t1", spec, [{"item": 0, "state": state, "result": result, "settle": True}])
     task_id = await manager.create_task("t", 1, kind="download", owner="alice")
     manager.run_task(task_id, job)
     task = await manager.wait_finished(task_id)

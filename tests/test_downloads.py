@@ -30,6 +30,7 @@ from statusd.downloads import (
     download_item,
     download_items,
     make_client,
+    part_name,
     remove_partial,
 )
 from statusd.http import HTTPClient, ProtocolError
@@ -38,6 +39,7 @@ from tests.http_servers import (
     HTTPTestServer,
     Request,
     Responder,
+    chunked_cut_before_last_chunk,
     cut_off,
     hang_after_head,
     hang_before_head,
@@ -53,6 +55,7 @@ FAST = DownloadSettings(backoff_initial=0.01, backoff_max=0.05, read_timeout=5.0
 # Small buffers, so a 300 kB body goes through the writer (several buffers in flight).
 SMALL_CHUNKS = attrs.evolve(FAST, chunk_size=32 * 1024)
 JUMP = 0.005
+OWNER = "t1-0"  # the owner of every part file fetch() makes (a task id and item index)
 
 http_server = http_servers.http_server  # the fixture (the lead's conftest may import it too)
 
@@ -106,9 +109,15 @@ async def fetch(
         dest,
         settings,
         state if state is not None else ItemState(),
+        owner=OWNER,
         on_bytes=recorder.on_bytes,
         on_state=recorder.on_state,
     )
+
+
+def part(name: str) -> str:
+    """The part file of ``fetch``'s item asking for ``name``."""
+    return part_name(name, OWNER)
 
 
 def listing(directory: Path) -> list[str]:
@@ -129,9 +138,9 @@ async def test_download_writes_the_file_and_reports(
     assert result == ItemResult(url, str(dest / "data.bin"), len(DATA), None, None)
     assert (dest / "data.bin").read_bytes() == DATA
     assert listing(dest) == ["data.bin"]
-    assert state == ItemState("data.bin", '"v1"', True)
-    # The name and validator were reported before any data, then done.
-    assert recorder.states[0] == ItemState("data.bin", '"v1"', False)
+    assert state == ItemState("data.bin", '"v1"', True, part("data.bin"))
+    # The name, part and validator were reported before any data, then done.
+    assert recorder.states[0] == ItemState("data.bin", '"v1"', False, part("data.bin"))
     assert recorder.states[-1] == state
     assert recorder.held == len(DATA)
     assert recorder.totals == {len(DATA)}
@@ -269,12 +278,16 @@ async def test_an_existing_file_is_never_overwritten(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
     (dest / "report.pdf").write_bytes(b"precious")
-    (dest / "report.1.pdf.part").write_bytes(b"someone else's download")
+    (dest / "report.1.pdf").write_bytes(b"also precious")
+    # Another download's part, under the name this one's would have had before parts
+    # were owned: none of its business.
+    (dest / "report.pdf.part").write_bytes(b"someone else's download")
     url = http_server.route("/report.pdf", serve_data(DATA))
     result = await fetch(client, url, dest)
     assert result.path == str(dest / "report.2.pdf")
     assert (dest / "report.pdf").read_bytes() == b"precious"
-    assert (dest / "report.1.pdf.part").read_bytes() == b"someone else's download"
+    assert (dest / "report.1.pdf").read_bytes() == b"also precious"
+    assert (dest / "report.pdf.part").read_bytes() == b"someone else's download"
 
 
 async def test_same_name_at_once_gets_distinct_files(
@@ -304,20 +317,23 @@ async def test_a_name_taken_while_downloading_gets_the_next_number(
     result = await fetch(client, url, dest, recorder=recorder)
     assert result.path == str(dest / "late.1.bin")
     assert (dest / "late.bin").read_bytes() == b"arrived meanwhile"
-    assert recorder.states[-1] == ItemState("late.1.bin", '"v"', True)
+    assert recorder.states[-1] == ItemState("late.1.bin", '"v"', True, part("late.bin"))
 
 
-async def test_a_symlink_in_place_of_the_part_is_not_followed(
+async def test_a_symlink_in_place_of_the_part_is_replaced_not_followed(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path, tmp_path: Path
 ) -> None:
     outside = tmp_path / "outside"
-    (dest / "trap.bin.part").symlink_to(outside)
+    outside.write_bytes(b"not yours")
+    (dest / part("trap.bin")).symlink_to(outside)
     url = http_server.route("/trap.bin", serve_data(DATA))
-    state = ItemState(name="trap.bin", validator='"v1"')
+    state = ItemState(name="trap.bin", validator='"v1"', part=part("trap.bin"))
     result = await fetch(client, url, dest, state=state)
-    assert result.error is not None
-    assert result.error.startswith("cannot write ")
-    assert not outside.exists()
+    assert result.error is None
+    assert (dest / "trap.bin").read_bytes() == DATA
+    assert outside.read_bytes() == b"not yours"
+    assert listing(dest) == ["trap.bin"]
+    assert http_server.requests_for("/trap.bin")[0].headers.get("range") is None
 
 
 # -- failures that are final ---------------------------------------------------------------
@@ -510,6 +526,78 @@ async def test_cut_off_large_body_resumes(
     assert second.headers["range"] == "bytes=5000000-"
 
 
+@pytest.mark.parametrize(
+    ("sha256_given", "etag_on_416"), [(True, False), (False, True)], ids=["sha256", "validator"]
+)
+async def test_a_416_for_a_part_holding_the_whole_entity_completes_it(
+    http_server: HTTPTestServer,
+    client: HTTPClient,
+    dest: Path,
+    sha256_given: bool,
+    etag_on_416: bool,
+) -> None:
+    """The body arrived whole but the connection broke before the last chunk: the resume
+    asks for ``bytes=N-`` and the server rightly answers 416 ``bytes */N``. The part is
+    the file (checked by its sha256, or by the validator the 416 carries)."""
+    url = http_server.route(
+        "/whole.bin", chunked_cut_before_last_chunk(DATA, etag_on_416=etag_on_416)
+    )
+    digest = sha256(DATA).hexdigest() if sha256_given else None
+    recorder = Recorder()
+    result = await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder, sha256=digest)
+    assert result.error is None
+    assert result.path == str(dest / "whole.bin")
+    assert (dest / "whole.bin").read_bytes() == DATA
+    assert listing(dest) == ["whole.bin"]
+    assert recorder.held == len(DATA)
+    first, second = http_server.requests_for("/whole.bin")
+    assert "range" not in first.headers
+    assert second.headers["range"] == f"bytes={len(DATA)}-"
+
+
+@pytest.mark.parametrize(
+    "unsatisfiable",
+    [
+        chunked_cut_before_last_chunk(DATA, size_416=len(DATA) + 1),
+        chunked_cut_before_last_chunk(DATA, etag_on_416=False),
+    ],
+    ids=["another-size", "no-validator"],
+)
+async def test_a_416_that_does_not_prove_the_part_whole_restarts_without_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path, unsatisfiable: Any
+) -> None:
+    url = http_server.route(
+        "/other.bin",
+        sequence(chunked_cut_before_last_chunk(DATA), unsatisfiable, serve_data(DATA)),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS)
+    assert result.error is None
+    assert (dest / "other.bin").read_bytes() == DATA
+    assert listing(dest) == ["other.bin"]
+    ranges = [request.headers.get("range") for request in http_server.requests_for("/other.bin")]
+    assert ranges == [None, f"bytes={len(DATA)}-", None]
+
+
+async def test_a_416_for_a_part_whose_sha256_differs_restarts_without_range(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    other = bytes(reversed(DATA))  # as long as DATA: the 416's size matches the part
+    url = http_server.route(
+        "/changed.bin",
+        sequence(
+            chunked_cut_before_last_chunk(other),
+            chunked_cut_before_last_chunk(other),
+            serve_data(DATA),
+        ),
+    )
+    result = await fetch(client, url, dest, SMALL_CHUNKS, sha256=sha256(DATA).hexdigest())
+    assert result.error is None
+    assert (dest / "changed.bin").read_bytes() == DATA
+    assert listing(dest) == ["changed.bin"]
+    ranges = [request.headers.get("range") for request in http_server.requests_for("/changed.bin")]
+    assert ranges == [None, f"bytes={len(DATA)}-", None]
+
+
 async def test_a_server_ignoring_range_restarts_from_zero(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
@@ -624,8 +712,8 @@ async def test_resume_after_a_restart(
     with trio.move_on_after(0.5):
         await fetch(client, url, dest, SMALL_CHUNKS, recorder=recorder)
     journalled = recorder.states[-1]
-    assert journalled == ItemState("restart.bin", '"v1"', False)
-    assert (dest / "restart.bin.part").stat().st_size == 150_000  # in-memory data was kept
+    assert journalled == ItemState("restart.bin", '"v1"', False, part("restart.bin"))
+    assert (dest / part("restart.bin")).stat().st_size == 150_000  # in-memory data was kept
 
     state = attrs.evolve(journalled)
     async with make_client() as fresh:  # a new process: new connections
@@ -647,16 +735,62 @@ async def test_a_finished_item_is_not_downloaded_again(
     assert len(http_server.requests_for("/done.bin")) == 1
 
 
+async def test_a_finished_file_removed_by_the_user_is_fetched_again(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    url = http_server.route("/gone.bin", serve_data(DATA))
+    state = ItemState()
+    await fetch(client, url, dest, state=state)
+    (dest / "gone.bin").unlink()
+    again = await fetch(client, url, dest, state=state)
+    assert again.error is None
+    assert (dest / "gone.bin").read_bytes() == DATA
+    assert listing(dest) == ["gone.bin"]
+
+
 async def test_a_crash_between_link_and_unlink_is_finished(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
-    (dest / "half.bin.part").write_bytes(DATA)
-    os.link(dest / "half.bin.part", dest / "half.bin")
+    (dest / part("half.bin")).write_bytes(DATA)
+    (dest / "half.bin").write_bytes(b"someone else's, which took the name first")
+    os.link(dest / part("half.bin"), dest / "half.1.bin")
     url = http_server.route("/half.bin", serve_data(DATA))
-    result = await fetch(client, url, dest, state=ItemState("half.bin", '"v1"'))
-    assert result.path == str(dest / "half.bin")
-    assert listing(dest) == ["half.bin"]
+    state = ItemState("half.bin", '"v1"', part=part("half.bin"))
+    result = await fetch(client, url, dest, state=state)
+    assert result.path == str(dest / "half.1.bin")
+    assert state.name == "half.1.bin"
+    assert listing(dest) == ["half.1.bin", "half.bin"]
     assert http_server.requests_for("/half.bin") == []
+
+
+async def test_a_part_with_another_link_is_replaced_not_resumed_into(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """Someone linked the part elsewhere (not a final name of ours): appending would
+    change their file, so the item starts again in a new inode."""
+    (dest / part("shared.bin")).write_bytes(DATA[:1000])
+    os.link(dest / part("shared.bin"), dest / ".someone-elses")
+    url = http_server.route("/shared.bin", serve_data(DATA))
+    state = ItemState("shared.bin", '"v1"', part=part("shared.bin"))
+    result = await fetch(client, url, dest, state=state)
+    assert result.path == str(dest / "shared.bin")
+    assert (dest / "shared.bin").read_bytes() == DATA
+    assert (dest / ".someone-elses").read_bytes() == DATA[:1000]
+    assert http_server.requests_for("/shared.bin")[0].headers.get("range") is None
+
+
+async def test_a_state_from_before_owned_parts_starts_again_and_leaves_name_part_alone(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """A journal written before parts were owned says ``NAME``; ``NAME.part`` may be
+    another download's, so it is neither resumed into nor removed."""
+    (dest / "old.bin.part").write_bytes(b"whose?")
+    url = http_server.route("/old.bin", serve_data(DATA))
+    result = await fetch(client, url, dest, state=ItemState("old.bin", '"v1"'))
+    assert result.path == str(dest / "old.bin")
+    assert (dest / "old.bin").read_bytes() == DATA
+    assert (dest / "old.bin.part").read_bytes() == b"whose?"
+    assert http_server.requests_for("/old.bin")[0].headers.get("range") is None
 
 
 # -- hangs and cancellation --------------------------------------------------------------
@@ -685,7 +819,7 @@ async def test_cancel_keeps_the_part_and_remove_partial_removes_it(
     state = ItemState()
     with trio.move_on_after(0.3):
         await fetch(client, url, dest, SMALL_CHUNKS, state)
-    assert listing(dest) == ["stop.bin.part"]
+    assert listing(dest) == [part("stop.bin")]
     assert await remove_partial(dest, state)
     assert listing(dest) == []
     assert not await remove_partial(dest, state)
@@ -761,7 +895,7 @@ async def test_a_full_disk_fails_the_item_and_nothing_else(
     body = (DATA * 30)[:size]
     url = http_server.route("/fat.bin", serve_data(body))
     result = await fetch(client, url, small_tmpfs)
-    assert result.error == f"no space left on device writing {small_tmpfs / 'fat.bin.part'}"
+    assert result.error == f"no space left on device writing {small_tmpfs / part('fat.bin')}"
     assert listing(small_tmpfs) == []  # the part is gone: the space is free again
     # ... and the engine goes on: the next download elsewhere works.
     assert (
@@ -784,7 +918,8 @@ class DiskCheckingRecorder(Recorder):
     async def on_state(self, state: ItemState) -> None:
         await super().on_state(state)
         assert state.name is not None
-        part = self.dest / f"{state.name}.part"
+        assert state.part is not None
+        part = self.dest / state.part
         if state.done:
             final = self.dest / state.name
             if not (part.exists() and os.path.samefile(part, final)):
@@ -861,8 +996,8 @@ async def test_the_engine_waits_for_on_state(
 async def test_a_failure_leaves_another_downloads_part_alone(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
-    """The name is chosen before the part is created (O_EXCL): a failure before that
-    must not remove a NAME.part that belongs to another download."""
+    """A failure removes the item's own part only, never a NAME.part that belongs to
+    another download."""
     (dest / "shared.bin.part").write_bytes(b"another download's data")
     url = http_server.route("/shared.bin", serve_data(DATA, chunked=True))
     settings = attrs.evolve(FAST, max_file_bytes=1000)
@@ -871,16 +1006,20 @@ async def test_a_failure_leaves_another_downloads_part_alone(
     assert (dest / "shared.bin.part").read_bytes() == b"another download's data"
 
 
-async def test_a_journalled_name_whose_part_never_appeared_is_claimed_afresh(
+async def test_a_journalled_part_that_never_appeared_is_created_afresh(
     http_server: HTTPTestServer, client: HTTPClient, dest: Path
 ) -> None:
-    """A crash between journalling a name and creating its part: meanwhile another file
-    took the name, which stays untouched."""
+    """A crash between journalling a part and creating it: meanwhile another download
+    took the name, and another's part sits under the old NAME.part; both stay untouched."""
     (dest / "gap.bin").write_bytes(b"came later")
+    (dest / "gap.bin.part").write_bytes(b"another download's part")
     url = http_server.route("/gap.bin", serve_data(DATA))
-    result = await fetch(client, url, dest, state=ItemState("gap.bin", '"v1"'))
+    state = ItemState("gap.bin", '"v1"', part=part("gap.bin"))
+    result = await fetch(client, url, dest, state=state)
     assert result.path == str(dest / "gap.1.bin")
+    assert (dest / "gap.1.bin").read_bytes() == DATA
     assert (dest / "gap.bin").read_bytes() == b"came later"
+    assert (dest / "gap.bin.part").read_bytes() == b"another download's part"
     assert http_server.requests_for("/gap.bin")[0].headers.get("range") is None
 
 
@@ -889,21 +1028,54 @@ async def test_done_journalled_but_part_left_is_tidied(
 ) -> None:
     """A crash after the journal had ``done`` and before the part was removed."""
     (dest / "tidy.bin").write_bytes(DATA)
-    os.link(dest / "tidy.bin", dest / "tidy.bin.part")
+    os.link(dest / "tidy.bin", dest / part("tidy.bin"))
     url = http_server.route("/tidy.bin", serve_data(DATA))
     recorder = Recorder()
-    result = await fetch(
-        client, url, dest, state=ItemState("tidy.bin", '"v1"', True), recorder=recorder
-    )
+    state = ItemState("tidy.bin", '"v1"', True, part("tidy.bin"))
+    result = await fetch(client, url, dest, state=state, recorder=recorder)
     assert result.path == str(dest / "tidy.bin")
     assert listing(dest) == ["tidy.bin"]
     assert recorder.held == len(DATA)
     assert http_server.requests_for("/tidy.bin") == []
 
 
+async def test_a_finished_state_from_before_owned_parts_tidies_only_its_own_link(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    """``done`` journalled before parts were owned: ``NAME.part`` goes only when it is a
+    link to the finished NAME."""
+    (dest / "old.bin").write_bytes(DATA)
+    os.link(dest / "old.bin", dest / "old.bin.part")
+    (dest / "other.bin").write_bytes(DATA)
+    (dest / "other.bin.part").write_bytes(b"another download's part")
+    url = http_server.route("/old.bin", serve_data(DATA))
+    for name in ("old.bin", "other.bin"):
+        result = await fetch(client, url, dest, state=ItemState(name, '"v1"', True))
+        assert result.path == str(dest / name)
+    assert listing(dest) == ["old.bin", "other.bin", "other.bin.part"]
+    assert http_server.requests_for("/old.bin") == []
+
+
+async def test_a_part_name_fits_255_bytes_and_keeps_its_owner(
+    http_server: HTTPTestServer, client: HTTPClient, dest: Path
+) -> None:
+    long_name = "é" * 125 + ".tar.gz"  # 257 bytes of UTF-8: cut to 255 for the final name
+    url = http_server.route("/long", serve_data(DATA))
+    recorder = Recorder()
+    result = await fetch(client, url, dest, recorder=recorder, filename=long_name)
+    assert result.error is None
+    part = recorder.states[0].part
+    assert part is not None
+    assert len(part.encode()) <= 255
+    assert part.startswith(".é")
+    assert part.endswith(".gz.t1-0.part")
+    assert len(Path(result.path or "").name.encode()) <= 255
+    assert listing(dest) == [Path(result.path or "").name]
+
+
 async def test_remove_partial_keeps_a_finished_file(dest: Path) -> None:
     """A cancel that came while the journal was taking "done": the part is still linked."""
     (dest / "kept.bin").write_bytes(DATA)
-    os.link(dest / "kept.bin", dest / "kept.bin.part")
-    assert not await remove_partial(dest, ItemState("kept.bin", '"v1"', True))
+    os.link(dest / "kept.bin", dest / part("kept.bin"))
+    assert not await remove_partial(dest, ItemState("kept.bin", '"v1"', True, part("kept.bin")))
     assert listing(dest) == ["kept.bin"]

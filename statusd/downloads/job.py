@@ -1,9 +1,20 @@
-"""Download tasks: ``tasks.download`` params in, a task's spec and its ``Job`` out.
+"""Download tasks: ``tasks.download`` params in, a task's spec and its job out.
 
-The job fetches its items in batches of ``batch_size`` ("Processing batch i of n"), a few
-items at a time, with the engine in ``statusd.downloads``. Every item's state (its chosen
-name and validator) and result is checkpointed in the task journal, so after a restart
-finished items are not fetched again and partial files resume.
+``Downloads`` checks the params and plans a task (``prepare``), and builds the task's
+``DownloadJob`` (``job``), which the task manager runs as the task's body. The job opens
+``dest`` when it runs, not when the request arrived (``files.open_dest``: no component may
+be a symlink, so a directory swapped for a symlink in between fails the task and nothing
+is written outside), keeps that directory fd for its life, and fetches its items in
+batches of ``batch_size`` ("Processing batch i of n"), a few items at a time, with the
+engine (``engine.py``). Each item's part file is owned by the task and the item
+(``<task_id>-<index>``). Every item's state (its name, part and validator) and result is
+checkpointed in the task journal, so after a restart finished items are not fetched again
+and partial files resume.
+
+The spec journals ``dest`` relative to the download directory (``"."`` for the directory
+itself); an admin's dest outside it is journalled as an absolute path and opened from
+``/`` the same way, one component at a time. A spec from an older journal with an
+absolute dest inside the download directory is read as the relative one.
 """
 
 from __future__ import annotations
@@ -17,7 +28,8 @@ import attrs
 import trio
 
 from statusd.config import Config, DownloadsConfig
-from statusd.downloads import (
+from statusd.downloads import files
+from statusd.downloads.engine import (
     DownloadItem,
     DownloadSettings,
     ItemResult,
@@ -26,6 +38,7 @@ from statusd.downloads import (
     make_client,
     remove_partial,
 )
+from statusd.downloads.files import DestError, Directory
 from statusd.errors import Forbidden, InvalidParams
 from statusd.http import HTTPClient
 from statusd.identity import Caller
@@ -40,7 +53,9 @@ if TYPE_CHECKING:
 MAX_ITEMS = 10_000
 
 
-class DownloadService:
+class Downloads:
+    """Plans download tasks and builds their jobs; owns the shared HTTP client."""
+
     def __init__(self, config: Config) -> None:
         self._config = config
         self.settings = _settings(config.downloads)
@@ -90,30 +105,49 @@ class DownloadService:
             except ValueError as exc:
                 path = where if "url" in str(exc) else f"items[{index}].sha256"
                 raise InvalidParams(path, str(exc)) from None
-        batch_size = params.batch_size or self._config.downloads.batch_size
+        # 0 is a value to refuse, not "not given".
+        batch_size = (
+            self._config.downloads.batch_size if params.batch_size is None else params.batch_size
+        )
         if not 1 <= batch_size <= 1000:
             raise InvalidParams("batch_size", f"must be from 1 to 1000, not {batch_size}")
         dest = self._dest(params.dest, caller)
         name = params.name or (raw[0]["url"] if len(raw) == 1 else f"Download {len(raw)} files")
-        spec = {"items": raw, "dest": str(dest), "batch_size": batch_size}
+        spec = {"items": raw, "dest": dest, "batch_size": batch_size}
         return name, len(raw), spec
 
-    def _dest(self, dest: str | None, caller: Caller) -> Path:
-        root = Path(os.path.realpath(self._config.download_dir))
+    def _dest(self, dest: str | None, caller: Caller) -> str:
+        """``dest`` as journalled: relative to the download directory, or absolute when an
+        admin names a directory outside it. Checked here against symlinks as they are
+        now; the job opens it again without following any when it runs."""
+        root = self.root
         if dest is None:
-            return root
+            return "."
         if "\0" in dest:
             raise InvalidParams("dest", "must not contain NUL")
         path = Path(os.path.realpath(root / dest))
-        if not caller.admin and not path.is_relative_to(root):
+        if path.is_relative_to(root):
+            return str(path.relative_to(root))
+        if not caller.admin:
             raise Forbidden(
                 f"dest must be inside the download directory {root}",
                 {"field": "dest", "download_dir": str(root)},
             )
-        return path
+        return str(path)
 
-    def job(self, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> DownloadJob:
-        return DownloadJob(self, spec, checkpoints)
+    @property
+    def root(self) -> Path:
+        """The download directory, resolved (it may be a symlink in the configuration)."""
+        return Path(os.path.realpath(self._config.download_dir))
+
+    @property
+    def parallel_items(self) -> int:
+        return self._config.downloads.parallel_items
+
+    def job(
+        self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]
+    ) -> DownloadJob:
+        return DownloadJob(self, task_id, spec, checkpoints)
 
 
 def _settings(downloads: DownloadsConfig) -> DownloadSettings:
@@ -127,7 +161,10 @@ def _settings(downloads: DownloadsConfig) -> DownloadSettings:
 
 @attrs.define
 class DownloadJob:
-    service: DownloadService
+    """The body of one download task (the task manager's ``Job``)."""
+
+    service: Downloads
+    task_id: str
     spec: dict[str, Any]
     checkpoints: list[dict[str, Any]]
     items: list[DownloadItem] = attrs.field(init=False)
@@ -136,7 +173,7 @@ class DownloadJob:
     # Each item's size as its server announced it (or as it ended); None while unknown.
     sizes: list[int | None] = attrs.field(init=False)
     held: list[int] = attrs.field(init=False)  # bytes each item holds now (on_bytes)
-    # Items journalled as done while their NAME.part was still linked to NAME: the part
+    # Items journalled as done while their part was still linked to the finished file: the part
     # is removed right after, and a later record says so ("settled"); a restart removes
     # the parts of those the journal does not know as settled.
     unsettled: set[int] = attrs.field(init=False)
@@ -165,18 +202,40 @@ class DownloadJob:
                 self.sizes[index] = result.bytes
 
     @property
-    def dest(self) -> Path:
-        return Path(self.spec["dest"])
+    def dest(self) -> str:
+        """``dest`` relative to the download directory, or absolute (outside it)."""
+        dest = str(self.spec["dest"])
+        root = self.service.root
+        if os.path.isabs(dest) and Path(dest).is_relative_to(root):
+            return str(Path(dest).relative_to(root))  # a spec from an older journal
+        return dest
+
+    async def _open_dest(self, *, create: bool) -> Directory:
+        return await trio.to_thread.run_sync(
+            lambda: files.open_dest(self.service.root, self.dest, create=create)
+        )
 
     async def run(self, reporter: Reporter) -> dict[str, Any] | None:
-        await trio.to_thread.run_sync(lambda: self.dest.mkdir(parents=True, exist_ok=True))
+        try:
+            directory = await self._open_dest(create=True)
+        except (DestError, OSError) as exc:
+            where = str(self.service.root / self.dest)
+            message = str(exc) if isinstance(exc, DestError) else files.file_error(exc, where)
+            reporter.status(Level.ERROR, f"Cannot open the destination: {message}")
+            raise JobFailed(message) from None
+        try:
+            return await self._run(reporter, directory)
+        finally:
+            directory.close()
+
+    async def _run(self, reporter: Reporter, directory: Directory) -> dict[str, Any] | None:
         reporter.status(Level.INFO, "Starting download operations...")
         size = self.spec["batch_size"]
         count = len(self.items)
         batches = math.ceil(count / size)
-        limiter = trio.CapacityLimiter(self.service._config.downloads.parallel_items)
+        limiter = trio.CapacityLimiter(self.service.parallel_items)
         for index in sorted(self.unsettled):
-            await remove_partial(self.dest, self.states[index])
+            await remove_partial(directory, self.states[index])
         # After a restart, count the finished items again; unfinished ones report what
         # they hold on disk as they resume.
         reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
@@ -192,7 +251,7 @@ class DownloadJob:
             reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
             async with trio.open_nursery() as nursery:
                 for index in indices:
-                    nursery.start_soon(self._fetch, index, limiter, reporter)
+                    nursery.start_soon(self._fetch, index, directory, limiter, reporter)
             reporter.batch_update(batch + 1, batches)
         result = self._result()
         if result["failed"]:
@@ -206,6 +265,7 @@ class DownloadJob:
     async def _fetch(
         self,
         index: int,
+        directory: Directory,
         limiter: trio.CapacityLimiter,
         reporter: Reporter,
     ) -> None:
@@ -214,21 +274,22 @@ class DownloadJob:
             reporter.update_progress(self._processed(), item.url)
 
             async def on_state(state: ItemState) -> None:
-                # The engine writes nothing under a name or validator before this returns,
-                # so the journal always knows whose NAME.part is on disk.
+                # The engine writes nothing under a name, part or validator before this
+                # returns, so the journal always knows every part file the task owns.
                 record: dict[str, Any] = {"item": index, "state": unstructure(state)}
                 if state.done:
                     # The result goes with "done": one journal write fewer per item.
-                    result = self._journalled[index] = self._done_result(index, state)
+                    result = self._journalled[index] = self._done_result(index, directory, state)
                     record |= {"result": unstructure(result), "settle": True}
                 await self._checkpoint(reporter, record)
 
             result = await download_item(
                 self.service.client,
                 item,
-                self.dest,
+                directory,
                 self.service.settings,
                 self.states[index],
+                owner=f"{self.task_id}-{index}",
                 on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
                 on_state=on_state,
             )
@@ -245,11 +306,11 @@ class DownloadJob:
             reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
         reporter.update_progress(self._processed())
 
-    def _done_result(self, index: int, state: ItemState) -> ItemResult:
+    def _done_result(self, index: int, directory: Directory, state: ItemState) -> ItemResult:
         """What ``download_item`` returns for an item that reports ``done`` (the engine
         has checked the item's sha256, if any, before it does)."""
         item = self.items[index]
-        path = str(self.dest / (state.name or ""))
+        path = directory.join(state.name or "")
         return ItemResult(item.url, path, self.held[index], item.sha256, None)
 
     async def _checkpoint(self, reporter: Reporter, record: dict[str, Any]) -> None:
@@ -278,6 +339,22 @@ class DownloadJob:
         return {"items": items, "completed": len(items) - failed, "failed": failed}
 
     async def discard(self) -> None:
-        for state, result in zip(self.states, self.results, strict=True):
-            if result is None:
-                await remove_partial(self.dest, state)
+        """Remove the part files of the items that did not finish (a user's cancel). Only
+        the task's own parts go; a dest that can no longer be opened safely is left as it
+        is."""
+        unfinished = [
+            state
+            for state, result in zip(self.states, self.results, strict=True)
+            if result is None and state.part is not None
+        ]
+        if not unfinished:
+            return
+        try:
+            directory = await self._open_dest(create=False)
+        except (DestError, OSError):
+            return
+        try:
+            for state in unfinished:
+                await remove_partial(directory, state)
+        finally:
+            directory.close()

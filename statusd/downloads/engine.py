@@ -1,0 +1,766 @@
+"""The download engine: one item, from an http(s) URL to a file inside ``dest``.
+
+``download_item`` is the whole of it; the task's job (``job.py``) runs many of them
+(batches, concurrency, journal) and knows nothing of HTTP. How an answer is judged lives
+in ``rules.py`` (pure), every blocking file operation in ``files.py``. What one call
+guarantees:
+
+- **where**: ``dest`` is an open ``Directory`` and every file is named relative to its fd,
+  so nothing is ever written outside it (the job opens it with ``files.open_dest``, which
+  follows no symlink). The file name comes from the item's ``filename``, the server's
+  ``Content-Disposition``, the final URL's path, the original URL's path, or ``download``,
+  in that order, reduced to one safe component by ``statusd.names``.
+- **whose**: data goes to the item's own part file, ``.NAME.<owner>.part`` (``owner``: the
+  task id and the item's index; random when not given), created with ``O_EXCL``. Its name
+  is reported to ``on_state`` before it is created. The finished part is linked to a free
+  final name with ``os.link``, which never replaces a file: a taken NAME becomes
+  ``NAME.1.ext``, ``NAME.2.ext``, ... No call opens, truncates, resumes into or removes a
+  file that is not its own part.
+- **durability**: the data is fdatasynced before the link, and the directory after it,
+  before the item is reported done.
+- **resume**: ``ItemState`` (name, part and validator) is handed to ``on_state`` whenever
+  it changes, and ``on_state`` is awaited before any data is written under it, so a caller
+  that journals it there durably never loses a part file to a crash. ``done`` is reported
+  while the part is still linked to the final name (when there is an ``on_state``): a crash
+  before the caller has it finds the part linked to a visible name and finishes, rather
+  than fetch the file again. With a part of N bytes and a validator, a retry (or a call
+  after a restart) asks for ``Range: bytes=N-`` with ``If-Range``; ``rules.body_decision``
+  says whether the answer is appended, started from zero (in a new part inode) or asked
+  for again without a range. A 416 saying the entity is N bytes means the part holds it
+  all: it is completed once the item's sha256 agrees or, without one, when the answer
+  carries the validator the part was fetched under (``rules.range_not_satisfiable``).
+  Invariant: the part always holds a prefix of the entity that ``state.validator`` names
+  (it is replaced *before* a new validator is reported). A state journalled before parts
+  were owned (a name, no part) is not resumed: the item starts again under a new part.
+- **retries**: connection errors, timeouts, a body cut short, 5xx and 429 are retried up
+  to ``max_attempts`` attempts in all, waiting ``backoff_initial * 2**(k-1)`` seconds after
+  the k-th failure (at most ``backoff_max``), or what ``Retry-After`` asks (at most
+  ``max_retry_after``). Other 4xx, TLS certificate errors, a size over the cap, a sha256
+  mismatch, a full disk and too many redirects fail the item at once.
+- **failures** are returned as ``ItemResult(error=...)`` and the item's part is removed;
+  only ``trio.Cancelled`` (and bugs) propagate. On cancellation the part stays, for a
+  resume after a daemon restart; a user's cancel removes it with ``remove_partial``.
+- **progress**: ``on_bytes(delta, total)`` after every piece received; the sum of all
+  deltas is always the amount of data the item holds (when ``on_state`` hears ``done``:
+  the file's size), so a restart from zero reports a
+  negative delta, a resume reports the bytes already on disk, and a failure takes back
+  what it reported. ``total`` is the file's full size when the server said it.
+
+Speed (figures in docs/bench-downloads.md): the body is received into pooled buffers of
+``chunk_size`` bytes, straight from the socket for large bodies (``Response.receive_into``);
+a full buffer is written, and hashed when a digest is wanted, by worker threads while the
+next one fills, so disk and network overlap. A file that fits in one buffer costs one
+hand-off to a worker in all (create the part, write, fsync, link, unlink), and the
+workers share one directory fsync among the files they finish together. Blocking file
+work never runs on the event loop.
+
+Must not depend on the task manager, the journal or the RPC layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from statusd import names
+from statusd.downloads import files, rules
+from statusd.downloads.files import BUFFERS, FILES, HASHES, Directory, Part, ThreadPool, in_thread
+from statusd.http import HTTPClient, HTTPError, Response, TLSError
+
+NAME_BYTES = names.MAX_NAME_BYTES
+FALLBACK_NAME = "download"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so the connection stays
+_T = TypeVar("_T")
+
+
+def _check_sha256(_instance: Any, _attribute: Any, value: str | None) -> None:
+    if value is not None and not _SHA256.fullmatch(value):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, not {value!r}")
+
+
+def _check_url(_instance: Any, _attribute: Any, value: str) -> None:
+    names.validate_url(value)
+
+
+@attrs.frozen
+class DownloadItem:
+    """One thing to download: ``url``, and optionally the file name and expected sha256."""
+
+    url: str = attrs.field(validator=_check_url)
+    filename: str | None = None
+    sha256: str | None = attrs.field(default=None, validator=_check_sha256)
+
+
+def _at_least(minimum: float) -> Callable[[Any, Any, float], None]:
+    def check(_instance: Any, attribute: Any, value: float) -> None:
+        if value < minimum:
+            raise ValueError(f"{attribute.name} must be >= {minimum:g}, not {value}")
+
+    return check
+
+
+def _positive(_instance: Any, attribute: Any, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, not {value}")
+
+
+def _optional_cap(_instance: Any, attribute: Any, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be >= 0 or None, not {value}")
+
+
+@attrs.frozen
+class DownloadSettings:
+    """How hard to try and how much to accept; one value shared by all items of a task."""
+
+    max_redirects: int = attrs.field(default=10, validator=_at_least(0))
+    max_attempts: int = attrs.field(default=5, validator=_at_least(1))
+    backoff_initial: float = attrs.field(default=0.5, validator=_at_least(0))
+    backoff_max: float = attrs.field(default=30.0, validator=_at_least(0))
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    read_timeout: float = attrs.field(default=30.0, validator=_positive)
+    max_file_bytes: int | None = attrs.field(default=None, validator=_optional_cap)
+    chunk_size: int = attrs.field(default=1 << 20, validator=_at_least(1))
+    # A server asking for a longer pause than this gets this long.
+    max_retry_after: float = attrs.field(default=300.0, validator=_at_least(0))
+    # Hash every file (ItemResult.sha256), not only items that name an expected sha256.
+    # Off by default: hashing runs beside the writes, but at about 1.8 GB/s per core it
+    # cost a quarter of the large-file throughput on a 2-CPU machine (docs/bench-downloads.md).
+    sha256_always: bool = False
+
+    def backoff(self, failures: int) -> float:
+        """The pause after the ``failures``-th failed attempt when the server gave none."""
+        return rules.backoff(failures, self.backoff_initial, self.backoff_max)
+
+
+@attrs.define
+class ItemState:
+    """What must survive a daemon restart for an item to resume; the caller journals it
+    whenever ``on_state`` reports a change."""
+
+    name: str | None = None  # the name asked for; once done, the final name inside dest
+    validator: str | None = None  # ETag (strong) or Last-Modified of the part's data
+    done: bool = False
+    part: str | None = None  # the item's own part file (files.part_name); None: none yet
+
+
+@attrs.frozen
+class ItemResult:
+    """How an item ended: ``path`` and ``sha256`` on success, ``error`` otherwise."""
+
+    url: str
+    path: str | None
+    bytes: int
+    sha256: str | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _ignore_bytes(delta: int, total: int | None) -> None:
+    pass
+
+
+async def _ignore_state(state: ItemState) -> None:
+    pass
+
+
+async def download_item(
+    client: HTTPClient,
+    item: DownloadItem,
+    dest: Directory | Path,
+    settings: DownloadSettings,
+    state: ItemState,
+    *,
+    owner: str | None = None,
+    on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
+    on_state: Callable[[ItemState], Awaitable[None]] = _ignore_state,
+) -> ItemResult:
+    """Download ``item`` into the directory ``dest`` (a Path is opened, and created if
+    missing, for this call; the caller trusts it).
+
+    ``owner`` names the item's part file (no dots; unique among everything that writes
+    into ``dest``); without one a random owner is made. ``on_state`` is awaited, and
+    nothing is written under a name, part or validator before it returns: a caller that
+    journals the state durably there can always resume. Never raises for a failed
+    download (see ``ItemResult.error``); ``trio.Cancelled`` propagates at once, also while
+    a server hangs.
+    """
+    owner = owner or secrets.token_hex(8)
+    if not isinstance(dest, Directory):
+        async with _directory(dest) as directory:
+            return await download_item(
+                client,
+                item,
+                directory,
+                settings,
+                state,
+                owner=owner,
+                on_bytes=on_bytes,
+                on_state=on_state,
+            )
+    download = _Download(client, item, dest, settings, state, owner, on_bytes, on_state)
+    try:
+        return await download.run()
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
+async def remove_partial(dest: Directory | Path, state: ItemState) -> bool:
+    """Remove the item's own part (after a user's cancel); True if there was one. A
+    finished item keeps its file; only its part still linked to it goes. An unfinished
+    state without a part of its own (journalled before parts were owned) removes
+    nothing."""
+    if state.done and state.name is not None:
+        async with _directory(dest) as directory:
+            await in_thread(files.settle_done, directory, state.name, state.part)
+        return False
+    if state.part is None:
+        return False
+    async with _directory(dest) as directory:
+        return await in_thread(files.unlink_quietly, directory, state.part)
+
+
+@contextlib.asynccontextmanager
+async def _directory(dest: Directory | Path) -> AsyncIterator[Directory]:
+    if isinstance(dest, Directory):
+        yield dest
+        return
+    directory = await in_thread(Directory.open, dest)
+    try:
+        yield directory
+    finally:
+        directory.close()
+
+
+def make_client(settings: DownloadSettings | None = None) -> HTTPClient:
+    """An HTTP client set up for downloads with ``settings`` (reads of chunk_size)."""
+    settings = settings or DownloadSettings()
+    return HTTPClient(
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        receive_size=settings.chunk_size,
+    )
+
+
+async def download_items(
+    client: HTTPClient,
+    items: Sequence[DownloadItem],
+    dest: Path,
+    settings: DownloadSettings,
+    *,
+    concurrency: int = 4,
+    on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
+) -> list[ItemResult]:
+    """Download ``items`` with at most ``concurrency`` at a time; results in item order.
+
+    A convenience without journal or resume across restarts (the task's job does
+    batching and persistence itself).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+    results: list[ItemResult | None] = [None] * len(items)
+    pending = iter(enumerate(items))
+    run = secrets.token_hex(6)
+
+    async def worker(directory: Directory) -> None:
+        for index, item in pending:
+            results[index] = await download_item(
+                client,
+                item,
+                directory,
+                settings,
+                ItemState(),
+                owner=f"{run}-{index}",
+                on_bytes=on_bytes,
+            )
+
+    async with _directory(dest) as directory:
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(concurrency, len(items))):
+                    nursery.start_soon(worker, directory)
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+    return [result for result in results if result is not None]
+
+
+# --- the engine -------------------------------------------------------------------------
+
+
+class _Fail(Exception):
+    """The item fails now, with this message."""
+
+
+class _Retry(Exception):
+    """This attempt failed in a way worth another; ``delay`` is the server's Retry-After."""
+
+    def __init__(self, message: str, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+class _Restart(Exception):
+    """The server's partial answer cannot be appended: ask again, without a range."""
+
+
+class _Download:
+    def __init__(
+        self,
+        client: HTTPClient,
+        item: DownloadItem,
+        directory: Directory,
+        settings: DownloadSettings,
+        state: ItemState,
+        owner: str,
+        on_bytes: Callable[[int, int | None], None],
+        on_state: Callable[[ItemState], Awaitable[None]],
+    ) -> None:
+        self.client = client
+        self.item = item
+        self.directory = directory
+        self.settings = settings
+        self.state = state
+        self.owner = owner
+        self.on_bytes = on_bytes
+        self.on_state = on_state
+        self.reported = 0  # the sum of the deltas given to on_bytes
+        self.total: int | None = None
+        self.allow_range = True
+        self.hashing = settings.sha256_always or item.sha256 is not None
+        self.part: Part | None = None
+        self.has_part = False  # whether the part is on disk, to remove on failure
+        # A caller that journals the state hears of ``done`` while the part is still
+        # linked to the final name: a crash before the journal has it then finds the pair
+        # on the next run (``_finished_earlier``) instead of fetching the file again as
+        # NAME.1. Without a journal the part goes in the same thread hop as the link.
+        self.keep_part_until_done = on_state is not _ignore_state
+        # The body being received: the buffer being filled, how full, the file position.
+        self.buffer = bytearray()
+        self.filled = 0
+        self.position = 0
+
+    async def run(self) -> ItemResult:
+        if self.state.done and self.state.name is not None:
+            size = await in_thread(
+                files.settle_done, self.directory, self.state.name, self.state.part
+            )
+            if size is not None:
+                self._report(size)
+                return ItemResult(
+                    self.item.url,
+                    self.directory.join(self.state.name),
+                    size,
+                    self.item.sha256,
+                    None,
+                )
+            self.state.done = False  # the finished file is gone: its part may still hold it
+        if self.state.part is None:
+            # Nothing of its own on disk (or a state from before parts were owned, whose
+            # NAME.part this item cannot prove is its own): start as a fresh item.
+            self.state.name = self.state.validator = None
+        failures = 0
+        while True:
+            try:
+                return await self._attempt()
+            except _Restart:
+                self.allow_range = False
+            except _Retry as exc:
+                failures += 1
+                if failures >= self.settings.max_attempts:
+                    return await self._failed(f"{exc} (gave up after {failures} attempts)")
+                delay = self.settings.backoff(failures) if exc.delay is None else exc.delay
+                await trio.sleep(delay)
+            except _Fail as exc:
+                return await self._failed(str(exc))
+
+    async def _failed(self, message: str) -> ItemResult:
+        if self.state.part is not None and self.has_part:
+            await in_thread(files.unlink_quietly, self.directory, self.state.part)
+            self.has_part = False
+        self._report(0)
+        return ItemResult(self.item.url, None, 0, None, message)
+
+    def _report(self, held: int) -> None:
+        """Tell on_bytes that the item now holds ``held`` bytes."""
+        if held != self.reported:
+            delta, self.reported = held - self.reported, held
+            self.on_bytes(delta, self.total)
+
+    async def _attempt(self) -> ItemResult:
+        offset = 0
+        if self.allow_range and self.state.part is not None:
+            found = await self._file_work(files.inspect_part, self.directory, self.state.part)
+            if found.final is not None:
+                return await self._finished_earlier(found.final)
+            if found.size is not None:
+                self.has_part = True
+                # Without a validator nothing can check a resumed answer: start again.
+                offset = found.size if self.state.validator is not None else 0
+        self.allow_range = True
+        headers = []
+        if offset > 0:
+            assert self.state.validator is not None
+            headers = [("Range", f"bytes={offset}-"), ("If-Range", self.state.validator)]
+        url = self.item.url
+        for _ in range(self.settings.max_redirects + 1):
+            try:
+                async with self.client.stream(
+                    "GET",
+                    url,
+                    headers,
+                    connect_timeout=self.settings.connect_timeout,
+                    read_timeout=self.settings.read_timeout,
+                ) as response:
+                    location = response.headers.get("location")
+                    if rules.is_redirect(response.status, location):
+                        assert location is not None
+                        url = _redirect_target(url, location)
+                        await _drain(response)
+                        continue
+                    if 200 <= response.status < 300:
+                        return await self._receive(response, offset)
+                    if response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
+                        return await self._unsatisfiable(response, offset)
+                    raise _status_error(response, self.settings.max_retry_after)
+            except TLSError as exc:
+                raise _Fail(str(exc)) from exc
+            except HTTPError as exc:
+                raise _Retry(str(exc)) from exc
+        raise _Fail(f"too many redirects ({self.settings.max_redirects})")
+
+    async def _finished_earlier(self, final: str) -> ItemResult:
+        """A crash came between linking the part to ``final`` and journalling it: finish."""
+        assert self.state.part is not None
+        size = await in_thread(files.file_size, self.directory, final) or 0
+        self._report(size)
+        self.state.name = final
+        self.state.done = True
+        await self.on_state(self.state)
+        await in_thread(files.unlink_quietly, self.directory, self.state.part)
+        self.has_part = False
+        return ItemResult(self.item.url, self.directory.join(final), size, self.item.sha256, None)
+
+    async def _unsatisfiable(self, response: Response, offset: int) -> ItemResult:
+        """A 416 to our range: the part may hold the whole entity already."""
+        decision = rules.range_not_satisfiable(
+            response.headers, offset, self.state.validator, self.item.sha256 is not None
+        )
+        await _drain(response)
+        if isinstance(decision, rules.Restart):
+            raise _Restart()
+        assert self.state.part is not None
+        self.total = offset
+        self.part = await self._file_work(
+            files.open_part, self.directory, self.state.part, offset, self.hashing
+        )
+        try:
+            self._report(offset)
+            self.position = offset
+            self.buffer, self.filled = bytearray(), 0
+            # A part whose digest is not the item's was some other entity's prefix: it is
+            # gone (``finish`` removed it), and the item starts again from zero.
+            return await self._complete(on_mismatch=_Restart)
+        finally:
+            if self.part is not None:
+                self.part.close()
+                self.part = None
+
+    async def _receive(self, response: Response, offset: int) -> ItemResult:
+        decision = rules.body_decision(
+            response.status, response.headers, offset, self.state.validator
+        )
+        if isinstance(decision, rules.Restart):
+            raise _Restart()
+        if isinstance(decision, rules.Reject):
+            raise _Fail(decision.message)
+        start, validator = decision.start, decision.validator
+        self.total = decision.total
+        cap = self.settings.max_file_bytes
+        if cap is not None and self.total is not None and self.total > cap:
+            raise _Fail(_cap_message(cap))
+
+        self.part = None
+        try:
+            if self.state.part is None:
+                # A fresh item: claim a name and its own part and report them before
+                # anything is written; the part is created (O_EXCL) with the first write,
+                # in the same thread hop as the whole of a small file.
+                self.state.name = self._first_candidate(response)
+                self.state.part = files.part_name(self.state.name, self.owner)
+                self.state.validator = validator
+                await self.on_state(self.state)
+            else:
+                # Resuming, or starting again: a new part inode *before* a new validator
+                # is reported, so the part only ever holds that entity's prefix.
+                self.part = await self._file_work(
+                    files.open_part, self.directory, self.state.part, start, self.hashing
+                )
+                self.has_part = True
+                if validator != self.state.validator:
+                    self.state.validator = validator
+                    await self.on_state(self.state)
+            self._report(start)
+            return await self._stream(response, start)
+        finally:
+            if self.part is not None:
+                self.part.close()
+                self.part = None
+
+    def _first_candidate(self, response: Response) -> str:
+        sources: list[Callable[[], str | None]] = [
+            lambda: self.item.filename,
+            lambda: _maybe(
+                names.filename_from_content_disposition, response, "content-disposition"
+            ),
+            lambda: names.filename_from_url(response.url),
+            lambda: names.filename_from_url(self.item.url),
+        ]
+        for source in sources:
+            candidate = source()
+            if candidate:
+                fitted = names.safe_filename(candidate, max_bytes=NAME_BYTES)
+                if fitted:
+                    return fitted
+        return FALLBACK_NAME
+
+    async def _file_work(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking file work in a thread; a file system error fails the item."""
+        try:
+            return await in_thread(work, *args)
+        except OSError as exc:
+            raise self._part_failure(exc) from exc
+
+    async def _stream(self, response: Response, start: int) -> ItemResult:
+        """Receive the body into pooled buffers of ``chunk_size`` bytes. The first one is
+        filled before any file work, so a file that fits costs one thread hop in all;
+        after that each full buffer goes to the writer while the next one fills."""
+        self.position = start
+        self.buffer = BUFFERS.take(self.settings.chunk_size)
+        self.filled = 0
+        try:
+            try:
+                await self._fill(response)
+                if self.filled == len(self.buffer):
+                    await self._stream_large(response)
+            except HTTPError:
+                await self._keep()
+                raise
+            except trio.Cancelled:
+                # Shutting down: keep what is in memory for the resume (milliseconds).
+                with trio.CancelScope(shield=True), contextlib.suppress(_Fail):
+                    await self._keep()
+                raise
+            return await self._complete(on_mismatch=_Fail)
+        finally:
+            BUFFERS.give(self.buffer)
+
+    async def _fill(self, response: Response) -> None:
+        """Read into the buffer until it is full or the body ends."""
+        cap = self.settings.max_file_bytes
+        view = memoryview(self.buffer)
+        while self.filled < len(view):
+            count = await response.receive_into(view[self.filled :])
+            if count == 0:
+                return
+            self.position += count
+            if cap is not None and self.position > cap:
+                raise _Fail(_cap_message(cap))
+            self.filled += count
+            self._report(self.position)
+
+    async def _stream_large(self, response: Response) -> None:
+        part = await self._ensure_part()
+        try:
+            async with _open_nursery() as nursery:
+                writer = _Writer(nursery, part)
+                while self.filled == len(self.buffer):
+                    await writer.write(self.buffer)  # the writer owns it from here
+                    self.buffer = BUFFERS.take(self.settings.chunk_size)
+                    self.filled = 0
+                    await self._fill(response)
+                await writer.wait()
+        except OSError as exc:
+            raise self._part_failure(exc) from exc
+
+    async def _ensure_part(self) -> Part:
+        """The open part file, created (O_EXCL) if there is none yet."""
+        if self.part is None:
+            assert self.state.part is not None
+            self.part = await self._file_work(
+                files.create_part, self.directory, self.state.part, self.hashing
+            )
+            self.has_part = True
+        return self.part
+
+    async def _keep(self) -> None:
+        """Write what arrived before a connection broke, for the retry to resume after."""
+        if self.filled and self.state.validator is not None:
+            part = await self._ensure_part()
+            await self._file_work(files.write_data, part, memoryview(self.buffer)[: self.filled])
+
+    def _part_failure(self, exc: OSError) -> _Fail:
+        part = self.directory.join(self.state.part or FALLBACK_NAME)
+        return _Fail(files.file_error(exc, part))
+
+    async def _complete(self, on_mismatch: type[Exception]) -> ItemResult:
+        assert self.state.name is not None
+        assert self.state.part is not None
+        data = memoryview(self.buffer)[: self.filled]
+        try:
+            outcome = await FILES.run(
+                files.finish,
+                self.part,
+                data,
+                self.directory,
+                self.state.part,
+                self.state.name,
+                self.item.sha256,
+                self.hashing,
+                self.keep_part_until_done,
+                sync_directory=self.directory,
+            )
+        except OSError as exc:
+            self.part = None
+            self.has_part = False  # finish removed it, or never created one
+            raise self._part_failure(exc) from exc
+        self.part = None  # closed by finish
+        if outcome.final is None:
+            self.has_part = False  # finish removed it
+            raise on_mismatch(f"sha256 mismatch: expected {self.item.sha256}, got {outcome.digest}")
+        self.state.name = outcome.final
+        self.state.done = True
+        await self.on_state(self.state)
+        if self.keep_part_until_done:
+            await in_thread(files.unlink_quietly, self.directory, self.state.part)
+        self.has_part = False
+        path = self.directory.join(outcome.final)
+        return ItemResult(self.item.url, path, self.position, outcome.digest, None)
+
+
+class _Writer:
+    """Appends full buffers to the part and feeds them to the hasher, each in its own
+    worker thread (file writes and hashlib both release the GIL), one buffer in flight at a
+    time, while the event loop fills the next. A buffer goes back to the pool when both
+    are done with it. Never raises into its nursery: a write error is kept and raised by
+    the next ``write`` or ``wait``."""
+
+    def __init__(self, nursery: trio.Nursery, part: Part) -> None:
+        self._nursery = nursery
+        self._part = part
+        self._idle = trio.Event()
+        self._idle.set()
+        self._running = 0
+        self._error: OSError | None = None
+
+    async def write(self, buffer: bytearray) -> None:
+        """Start writing ``buffer`` (all of it) once the previous one is written."""
+        await self.wait()
+        view = memoryview(buffer)
+        self._idle = trio.Event()
+        self._running = 2
+        self._nursery.start_soon(self._run, FILES, files.write_all, self._part.fd, view, buffer)
+        if self._part.hasher is None:
+            self._running = 1
+        else:
+            self._nursery.start_soon(
+                self._run, HASHES, files.hash_data, self._part.hasher, view, buffer
+            )
+        self._part.position += len(view)
+
+    async def wait(self) -> None:
+        await self._idle.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def _run(
+        self,
+        pool: ThreadPool,
+        work: Callable[[Any, memoryview], None],
+        target: Any,
+        view: memoryview,
+        buffer: bytearray,
+    ) -> None:
+        try:
+            await pool.run(work, target, view)
+        except OSError as exc:
+            self._error = exc
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                BUFFERS.give(buffer)
+                self._idle.set()
+
+
+@contextlib.asynccontextmanager
+async def _open_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery that lets its one error out as itself rather than in an exception group,
+    so callers of download_item can ``except trio.Cancelled`` and ``except OSError``."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves = list(_leaves(group))
+    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if not errors:
+        return leaves[0]
+    if len(errors) == 1:
+        return errors[0]
+    return group
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+# --- what the server said ------------------------------------------------------------
+
+
+def _status_error(response: Response, max_retry_after: float) -> Exception:
+    failure = rules.status_failure(
+        response.status, response.reason, response.headers, datetime.now(UTC)
+    )
+    if isinstance(failure, rules.Reject):
+        return _Fail(failure.message)
+    delay = None if failure.delay is None else min(failure.delay, max_retry_after)
+    return _Retry(failure.message, delay)
+
+
+def _redirect_target(url: str, location: str) -> str:
+    try:
+        return rules.redirect_target(url, location)
+    except ValueError as exc:
+        raise _Fail(str(exc)) from None
+
+
+async def _drain(response: Response) -> None:
+    length = rules.content_length(response.headers.get("content-length"))
+    if length is not None and length <= _DRAIN_LIMIT:
+        with contextlib.suppress(HTTPError):
+            await response.read(_DRAIN_LIMIT)
+
+
+def _cap_message(cap: int) -> str:
+    return f"file exceeds the size cap of {cap} bytes"
+
+
+def _maybe(parse: Callable[[str], str | None], response: Response, header: str) -> str | None:
+    value = response.headers.get(header)
+    return None if value is None else parse(value)

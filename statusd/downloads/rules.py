@@ -1,0 +1,215 @@
+"""What a download does with a server's answer: the rules, as pure functions.
+
+Resume (RFC 9110 14 and 13.1.5), the 416 rule, redirect targets, which failures are worth
+another attempt and how long to wait, and the parsing of the headers these rules read.
+Everything here takes values in and gives a decision out; the engine (``engine.py``) does
+the I/O. Tested as tables in ``tests/test_download_rules.py``.
+
+Pure: no trio, no I/O, no clock (callers pass ``now``). Must not depend on the engine.
+"""
+
+from __future__ import annotations
+
+import http
+import re
+import urllib.parse
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+import attrs
+
+from statusd import names
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+RETRY_STATUSES = frozenset({429})  # and every 5xx
+RANGE_NOT_SATISFIABLE = 416
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+class HeaderSource(Protocol):
+    def get(self, name: str) -> str | None: ...
+
+
+# --- decisions ------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Append:
+    """Write the body at ``start`` (0: from the beginning) of an entity of ``total`` bytes
+    (None: unknown), which ``validator`` names."""
+
+    start: int
+    total: int | None
+    validator: str | None
+
+
+@attrs.frozen
+class Restart:
+    """The answer cannot be appended to what the part holds: ask again without a range."""
+
+
+@attrs.frozen
+class Reject:
+    """The item fails with ``message``."""
+
+    message: str
+
+
+@attrs.frozen
+class Retry:
+    """This attempt failed in a way worth another; ``delay`` is what the server asked."""
+
+    message: str
+    delay: float | None = None
+
+
+@attrs.frozen
+class Complete:
+    """The part already holds the whole entity (a 416 for a range starting at its end);
+    ``verify`` says the item's sha256 must be checked before the part is accepted."""
+
+    verify: bool
+
+
+def body_decision(
+    status: int,
+    headers: HeaderSource,
+    offset: int,
+    stored_validator: str | None,
+) -> Append | Restart | Reject:
+    """What to do with a 2xx answer to a request that asked for bytes from ``offset`` on
+    (0: no range) with ``stored_validator`` in If-Range.
+
+    A 206 from ``offset`` with the same validator (or none) is appended; a 200 is the
+    whole entity from zero; a 206 from elsewhere or with another validator is asked for
+    again without a range; a 206 to a request without range is refused.
+    """
+    tag = validator(headers)
+    length = content_length(headers.get("content-length"))
+    if status != 206:
+        return Append(0, length, tag)
+    span = content_range(headers.get("content-range"))
+    if offset > 0:
+        if span is None or span[0] != offset or (tag is not None and tag != stored_validator):
+            return Restart()
+        total = span[2] if span[2] is not None else _add(offset, length)
+        return Append(offset, total, stored_validator)
+    if span is not None and span[0] == 0:
+        return Append(0, span[2] if span[2] is not None else length, tag)
+    return Reject("server answered 206 partial content to a request without range")
+
+
+def range_not_satisfiable(
+    headers: HeaderSource,
+    offset: int,
+    stored_validator: str | None,
+    has_sha256: bool,
+) -> Complete | Restart:
+    """A 416 to ``Range: bytes=OFFSET-``. ``Content-Range: bytes */N`` with N == offset
+    says the part already holds all N bytes (a body that arrived whole on a connection
+    that broke before its end): complete it, as curl and aria2 do, once the item's sha256
+    agrees, or else when the answer's validator is the one the part was fetched under.
+    Any other 416 restarts without a range."""
+    if offset <= 0 or unsatisfied_range_total(headers.get("content-range")) != offset:
+        return Restart()
+    if has_sha256:
+        return Complete(verify=True)
+    tag = validator(headers)
+    if stored_validator is not None and tag == stored_validator:
+        return Complete(verify=False)
+    return Restart()
+
+
+def status_failure(
+    status: int, reason: str, headers: HeaderSource, now: datetime
+) -> Retry | Reject:
+    """A non-2xx, non-redirect answer: 429 and 5xx are worth another attempt (after the
+    server's Retry-After, if it gave one), every other status fails the item."""
+    try:
+        phrase = http.HTTPStatus(status).phrase.lower()
+    except ValueError:
+        phrase = reason.lower() or "unknown status"
+    message = f"http {status} {phrase}"
+    if status in RETRY_STATUSES or 500 <= status <= 599:
+        return Retry(message, retry_after(headers.get("retry-after"), now))
+    return Reject(message)
+
+
+def is_redirect(status: int, location: str | None) -> bool:
+    return status in REDIRECT_STATUSES and bool(location)
+
+
+def redirect_target(url: str, location: str) -> str:
+    """The absolute URL a redirect from ``url`` points at; ValueError if unusable."""
+    target = urllib.parse.urljoin(url, location.strip())
+    try:
+        return names.validate_url(target)
+    except ValueError as exc:
+        raise ValueError(f"redirect to an unusable url: {exc}") from None
+
+
+def backoff(failures: int, initial: float, maximum: float) -> float:
+    """The pause after the ``failures``-th failed attempt when the server gave none."""
+    return float(min(maximum, initial * 2 ** (failures - 1)))
+
+
+# --- header parsing -------------------------------------------------------------------
+
+
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds from ``now``: delta-seconds or an HTTP-date (RFC 9110)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+def validator(headers: HeaderSource) -> str | None:
+    """What If-Range may carry: a strong ETag, else Last-Modified (RFC 9110 13.1.5)."""
+    etag = headers.get("etag")
+    if etag is not None and not etag.startswith("W/") and etag.strip():
+        return etag.strip()
+    modified = headers.get("last-modified")
+    return modified.strip() if modified and modified.strip() else None
+
+
+def content_length(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total) of ``Content-Range: bytes first-last/total``; total None for *."""
+    if value is None:
+        return None
+    match = _CONTENT_RANGE.fullmatch(value.strip())
+    if match is None:
+        return None
+    first, last = int(match[1]), int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    if last < first or (total is not None and last >= total):
+        return None
+    return first, last, total
+
+
+def unsatisfied_range_total(value: str | None) -> int | None:
+    """N of ``Content-Range: bytes */N`` (a 416's answer), else None."""
+    if value is None:
+        return None
+    match = _UNSATISFIED_RANGE.fullmatch(value.strip())
+    return None if match is None else int(match[1])
+
+
+def _add(offset: int, length: int | None) -> int | None:
+    return None if length is None else offset + length
