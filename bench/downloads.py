@@ -24,7 +24,7 @@ How each is timed:
   "statusd +sha256" row hashes every file (``sha256_always=True``);
 - httpx: ``httpx.AsyncClient`` under trio, ``aiter_raw()``, plain ``write`` per chunk, no
   fsync: the "as-is" baseline that motivated statusd's own client;
-- ``statusd.http`` and ``httpx.http`` (not run by default): the HTTP layers alone, bodies
+- ``statusd.downloads.http`` and ``httpx.http`` (not run by default): the HTTP layers alone, bodies
   read and dropped, nothing written: what chose the HTTP layer.
 
 Usage::
@@ -405,7 +405,7 @@ async def _http_only(contender: str, urls: list[str], parallel: int) -> float:
                     pass
 
     if contender == "statusd.http":
-        from statusd.http import HTTPClient
+        from statusd.downloads.http import HTTPClient
 
         client: Any = HTTPClient()
         worker = statusd_worker

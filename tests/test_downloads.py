@@ -33,7 +33,7 @@ from statusd.downloads import (
     part_name,
     remove_partial,
 )
-from statusd.http import HTTPClient, ProtocolError
+from statusd.downloads.http import HTTPClient, ProtocolError
 from tests import http_servers
 from tests.http_servers import (
     HTTPTestServer,

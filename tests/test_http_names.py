@@ -1,4 +1,4 @@
-"""statusd.http: the host a URL names, as it goes to DNS, TLS (SNI) and the Host header."""
+"""The HTTP client: the host a URL names, as it goes to DNS, TLS (SNI) and the Host header."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from statusd.http import HTTPClient, HTTPError, Origin, _ascii_host, split_url
+from statusd.downloads.http import HTTPClient, HTTPError, Origin, _ascii_host, split_url
 from tests import http_servers
 from tests.http_servers import HTTPTestServer, serve_data
 

@@ -1,4 +1,4 @@
-"""statusd.http's pool of idle keep-alive connections: reuse, the idle timeout and its sweep,
+"""The HTTP client's pool of idle keep-alive connections: reuse, the idle timeout and its sweep,
 the caps per origin and in total, and connections their server closed while idle.
 
 Real servers on 127.0.0.1; "origins" are ports of one server (``MultiPortHTTPServer``).
@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from statusd.http import (
+from statusd.downloads.http import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_IDLE_TOTAL,
     LIVENESS_CHECK_AFTER,

@@ -1,4 +1,4 @@
-"""statusd.names: safe file names, Content-Disposition, URL names, numbering, URL checks."""
+"""File names and URL checks: safe names, Content-Disposition, URL names, numbering."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from statusd.names import (
+from statusd.downloads.names import (
     MAX_NAME_BYTES,
     filename_from_content_disposition,
     filename_from_url,

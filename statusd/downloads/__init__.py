@@ -6,7 +6,8 @@
 - ``rules.py``: pure decisions on a server's answer (resume, 416, redirects, retries);
 - ``files.py``: every blocking file operation (owned part files, links, the dest
   directory fd) and the worker threads that run them;
-- the HTTP client and its pool are ``statusd.http``.
+- ``http.py``: the HTTP/1.1 client (h11) and its pool of idle keep-alive connections;
+- ``names.py``: pure: safe file names and URL checks.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ guarantees:
   so nothing is ever written outside it (the job opens it with ``files.open_dest``, which
   follows no symlink). The file name comes from the item's ``filename``, the server's
   ``Content-Disposition``, the final URL's path, the original URL's path, or ``download``,
-  in that order, reduced to one safe component by ``statusd.names``.
+  in that order, reduced to one safe component by ``statusd.downloads.names``.
 - **whose**: data goes to the item's own part file, ``.NAME.<owner>.part`` (``owner``: the
   task id and the item's index; random when not given), created with ``O_EXCL``. Its name
   is reported to ``on_state`` before it is created. The finished part is linked to a free
@@ -70,10 +70,9 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd import names
-from statusd.downloads import files, rules
+from statusd.downloads import files, names, rules
 from statusd.downloads.files import BUFFERS, FILES, HASHES, Directory, Part, ThreadPool, in_thread
-from statusd.http import HTTPClient, HTTPError, Response, TLSError
+from statusd.downloads.http import HTTPClient, HTTPError, Response, TLSError
 
 NAME_BYTES = names.MAX_NAME_BYTES
 FALLBACK_NAME = "download"

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd import names
+from statusd.downloads import names
 
 _T = TypeVar("_T")
 _HASH_BLOCK = 1 << 20

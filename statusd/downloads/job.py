@@ -39,10 +39,10 @@ from statusd.downloads.engine import (
     remove_partial,
 )
 from statusd.downloads.files import DestError, Directory
+from statusd.downloads.http import HTTPClient
+from statusd.downloads.names import validate_url
 from statusd.errors import Forbidden, InvalidParams
-from statusd.http import HTTPClient
 from statusd.identity import Caller
-from statusd.names import validate_url
 from statusd.protocol.codec import converter, unstructure
 from statusd.state.status import Level
 from statusd.tasks import JobFailed, Reporter

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import attrs
 
-from statusd import names
+from statusd.downloads import names
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 RETRY_STATUSES = frozenset({429})  # and every 5xx

@@ -162,7 +162,7 @@ def validate_url(url: str) -> str:
         if parts.hostname.isascii():
             parts.hostname.encode("idna")  # label lengths; DNS allows more than IDNA does
         else:
-            idna.encode(parts.hostname, uts46=True)  # IDNA 2008, as statusd.http sends it
+            idna.encode(parts.hostname, uts46=True)  # IDNA 2008, as statusd.downloads.http sends it
     except UnicodeError:
         raise ValueError(f"url host is not a valid host name: '{parts.hostname}'") from None
     return url
