@@ -350,7 +350,7 @@ class TaskManager:
     async def resume_task(self, task_id: str) -> None:
         """Queue a paused task again (at the end); it continues where it stopped."""
         entry = self._entries[task_id]
-        await self._run_exited(entry)
+        await self._run_exited(entry, TaskStatus.PAUSED)
         async with entry.lock:
             if entry.task.status is not TaskStatus.PAUSED:
                 raise _conflict(entry, "resumed")
@@ -362,7 +362,7 @@ class TaskManager:
     async def retry_task(self, task_id: str) -> None:
         """Run a failed or cancelled task again; its job fetches only what did not finish."""
         entry = self._entries[task_id]
-        await self._run_exited(entry)
+        await self._run_exited(entry, TaskStatus.FAILED, TaskStatus.CANCELLED)
         async with entry.lock:
             task = entry.task
             if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
@@ -568,10 +568,11 @@ class TaskManager:
         self._queue.append(entry.task.id)
         self._dispatch()
 
-    async def _run_exited(self, entry: _Entry) -> None:
-        # A paused or cancelled run may still be unwinding; its successor must not share
-        # the job's files with it.
-        if entry.run_exited is not None:
+    async def _run_exited(self, entry: _Entry, *states: TaskStatus) -> None:
+        """Wait until the last run of a task in one of ``states`` has exited: a paused or
+        cancelled run may still be unwinding, and its successor must not share the job's
+        files with it. (In any other state the caller refuses, without waiting.)"""
+        if entry.task.status in states and entry.run_exited is not None:
             await entry.run_exited.wait()
 
     def _job_or_none(self, entry: _Entry) -> Job | None:
@@ -656,12 +657,14 @@ class TaskManager:
                     apply()
                 return
             except StoreError as exc:
-                message = (
-                    f"could not record {what} in {self._journal_path}: {_reason(exc)}; "
-                    f"trying again in {delay:g} s"
+                log.error("task %s: could not record %s: %s", task.id, what, exc)
+                # The status line is short (200 characters): the reason, not the path.
+                self.publish_status(
+                    Level.ERROR,
+                    f"Task {task.id}: could not record {what} ({_reason(exc)}); "
+                    f"trying again in {delay:g} s",
+                    task,
                 )
-                log.error("task %s: %s", task.id, message)
-                self.publish_status(Level.ERROR, f"Task {task.id}: {message}", task)
             await trio.sleep(delay)
             delay = min(delay * 2, RECORD_RETRY_MAX)
 
