@@ -300,3 +300,37 @@ async def test_concurrent_ends_of_one_task_notify_once(tmp_path: Path) -> None:
             for _ in range(3):
                 nursery.start_soon(service.notify_task_finished, _task(), TaskStatus.CANCELLED)
         assert len(service.get_user_notifications("alice")) == 1
+
+
+def test_a_download_job_keeps_its_successes_and_a_retry_forgets_its_failures(
+    tmp_path: Path,
+) -> None:
+    from statusd.download_job import DownloadService
+    from tests.conftest import make_config
+
+    urls = [f"http://127.0.0.1:9/{n}.bin" for n in range(3)]
+    spec = {"items": [{"url": url} for url in urls], "dest": str(tmp_path), "batch_size": 10}
+
+    def result(n: int, error: str | None) -> dict[str, Any]:
+        path = str(tmp_path / f"{n}.bin")
+        return {"url": urls[n], "path": path, "bytes": 5, "sha256": None, "error": error}
+
+    state = {"name": "0.bin", "validator": '"v1"', "done": True}
+    checkpoints = [
+        {"item": 0, "state": state},
+        {"item": 0, "state": state, "result": result(0, None), "settle": True},
+        {"item": 1, "state": {"name": "1.bin", "validator": None, "done": False}},
+        {"item": 1, "state": {"name": "1.bin"}, "result": result(1, "HTTP 404")},
+    ]
+    service = DownloadService(make_config(tmp_path))
+    job = service.job(spec, checkpoints)
+    # Only the success, as its latest checkpoint; the failure and the unrun item go.
+    assert job.checkpoints_to_keep() == [
+        {"item": 0, "state": state, "result": result(0, None)},
+    ]
+    assert [r is not None for r in job.results] == [True, True, False]
+    retried = service.job(spec, [*checkpoints, {"retry": True}])
+    assert [r is not None for r in retried.results] == [True, False, False]
+    assert retried.states[1].name == "1.bin"  # kept: a partial file resumes
+    again = service.job(spec, [*job.checkpoints_to_keep(), {"retry": True}])
+    assert [r is not None for r in again.results] == [True, False, False]
