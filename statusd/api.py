@@ -88,6 +88,12 @@ class DownloadItemParams:
     sha256: str | None = None
 
 
+def _batch_size(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    # Checked here, not where the default is filled in: 0 is a bad value, not "not given".
+    if value is not None and not 1 <= value <= 1000:
+        raise InvalidParams(attribute.name, f"must be from 1 to 1000, not {value}")
+
+
 @attrs.frozen
 class DownloadParams:
     urls: list[str] | None = None
@@ -95,7 +101,7 @@ class DownloadParams:
     dest: str | None = None
     name: str | None = None
     topic: str | None = None
-    batch_size: int | None = None
+    batch_size: int | None = attrs.field(default=None, validator=_batch_size)
 
 
 @attrs.frozen

@@ -409,3 +409,14 @@ async def test_someone_elses_task_cannot_be_paused_resumed_or_retried(
     assert await trio.to_thread.run_sync(run_as_nobody, try_all) == [-32001] * 4
     assert (await task_of(client, task_id))["status"] == "running"
     await trio.aclose_forcefully(client.stream)
+
+
+async def test_a_batch_size_of_zero_is_refused_not_taken_for_the_default(connect: Any) -> None:
+    client = await connect()
+    for bad in (0, -1, 1001):
+        params = {"urls": ["http://127.0.0.1:9/a"], "batch_size": bad}
+        answer = await client.request("tasks.download", params)
+        assert answer["error"]["code"] == -32602, answer
+        assert f"must be from 1 to 1000, not {bad}" in answer["error"]["message"]
+        assert answer["error"]["data"]["field"] == "batch_size"
+    assert (await client.call("tasks.list"))["tasks"] == []
