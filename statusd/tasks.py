@@ -68,7 +68,9 @@ class JobFailed(Exception):
 
 
 class Job(Protocol):
-    """A task's body."""
+    """A task's body. Its ``run`` is cancelled (through the task's scope) by a cancel or a
+    pause; after a pause nothing is discarded, and the resume builds a new job from the
+    task's factory, spec and checkpoints, exactly as a restart does."""
 
     async def run(self, reporter: Reporter) -> dict[str, Any] | None: ...
 
@@ -266,7 +268,8 @@ class TaskManager:
         topic: str | None = None,
         spec: dict[str, Any] | None = None,
     ) -> str:
-        """Record a new pending task; returns its id once the journal has it."""
+        """Record a new pending task; returns its id once the journal has it
+        (``InternalError`` if the journal cannot take it: then there is no task)."""
         task = TaskInfo(
             id=self._new_id(),
             name=name,
@@ -280,7 +283,7 @@ class TaskManager:
         )
         record = {"op": "create", "task": unstructure(task), "spec": spec}
         async with self._gate.change():
-            await self._append_many([record])
+            await self._append_or_refuse([record])
             self._entries[task.id] = _Entry(task, spec=spec)
         return task.id
 

@@ -190,9 +190,12 @@ async def test_a_change_asked_for_on_a_full_disk_is_refused_and_nothing_moves(
         for task_id in (running_id, queued_id):
             with pytest.raises(InternalError, match="no space left on device; nothing was"):
                 await change(task_id)
+    with pytest.raises(InternalError, match=r"could not record the change in .*tasks\.jsonl"):
+        await manager.create_task("new", owner="alice")
     assert status_of(manager, running_id) is TaskStatus.RUNNING
     assert status_of(manager, queued_id) is TaskStatus.PENDING
     assert not running.discarded
+    assert len(manager.list_tasks()) == 2
     disk.full = False
     assert await manager.cancel_task(running_id)
     await queued.started.wait()
