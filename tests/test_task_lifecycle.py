@@ -221,8 +221,13 @@ async def test_a_cancel_that_cannot_be_journalled_is_refused_and_nothing_moves(
     client = await start(process, *flags)
     task_id = await download(client, url)
     await wait_status(client, task_id, "running")
-    await until(lambda: _true_when(bool(http_server.requests_for("/hang.bin"))))
-    await trio.sleep(0.2)  # its first checkpoint is written; nothing more until it ends
+
+    async def checkpointed() -> bool:
+        # After its first checkpoint (the file name), a stalled item writes no more records.
+        records = await trio.to_thread.run_sync(load, state / "tasks.jsonl")
+        return any(r["op"] == "checkpoint" and r["id"] == task_id for r in records.records)
+
+    await until(checkpointed)
     await align_journal(client, state / "tasks.jsonl", http_server.route("/pad", status(404)))
     filler = await trio.to_thread.run_sync(fill, state)
 
@@ -244,10 +249,6 @@ async def test_a_cancel_that_cannot_be_journalled_is_refused_and_nothing_moves(
     assert len(http_server.requests_for("/hang.bin")) == 1
     assert journal_statuses(process, state)[task_id][-1] == "cancelled"
     await trio.aclose_forcefully(client.stream)
-
-
-async def _true_when(value: bool) -> bool:
-    return value
 
 
 async def align_journal(client: RawClient, journal: Path, url: str) -> None:
