@@ -41,6 +41,7 @@ from statusctl.client import (
     RemoteError,
     resolve_socket_path,
 )
+from statusd.errors import CONFLICT, NOT_FOUND
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -384,7 +385,7 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
 
 def tasks_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--status", choices=("pending", "running", "completed", "failed", "cancelled")
+        "--status", choices=("pending", "running", "paused", "completed", "failed", "cancelled")
     )
 
 
@@ -407,9 +408,68 @@ def run_task(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def task_or_all_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("task_id", metavar="ID", nargs="?")
+    which.add_argument(
+        "--all", action="store_true", help="every task of yours (an admin's: everyone's)"
+    )
+
+
+@attrs.frozen
+class _Control:
+    """A task control: its method, the states it applies to (for --all), its past tense."""
+
+    method: str
+    states: tuple[str, ...]
+    done: str
+
+
+_CANCEL = _Control("tasks.cancel", ("pending", "running", "paused"), "cancelled")
+_PAUSE = _Control("tasks.pause", ("pending", "running"), "paused")
+_RESUME = _Control("tasks.resume", ("paused",), "resumed")
+
+
+def _control(context: Context, args: argparse.Namespace, control: _Control) -> int:
+    if args.task_id is not None:
+        result = context.call(control.method, {"task_id": args.task_id})
+        context.emit(result, [f"{control.done} {args.task_id}"])
+        return EXIT_OK
+    listed = context.call("tasks.list")
+    changed = []
+    for task in listed["tasks"]:
+        if task["status"] not in control.states:
+            continue
+        try:
+            context.call(control.method, {"task_id": task["id"]})
+        except RemoteError as error:
+            # Moved on (finished, or changed by someone else) since it was listed.
+            if error.code not in (NOT_FOUND, CONFLICT):
+                raise
+            continue
+        changed.append(task["id"])
+    context.emit(
+        {control.done: len(changed), "task_ids": changed},
+        [render.format_changed(control.done, len(changed))],
+    )
+    return EXIT_OK
+
+
 def run_cancel(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("tasks.cancel", {"task_id": args.task_id})
-    context.emit(result, [f"cancelled {args.task_id}"])
+    return _control(context, args, _CANCEL)
+
+
+def run_pause(context: Context, args: argparse.Namespace) -> int:
+    return _control(context, args, _PAUSE)
+
+
+def run_resume(context: Context, args: argparse.Namespace) -> int:
+    return _control(context, args, _RESUME)
+
+
+def run_retry(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("tasks.retry", {"task_id": args.task_id})
+    context.emit(result, [f"retrying {result['task_id']}"])
     return EXIT_OK
 
 
@@ -555,7 +615,30 @@ COMMANDS: tuple[Command, ...] = (
     Command("download", "download URLs as one task", run_download, download_arguments),
     Command("tasks", "list your tasks, newest first", run_tasks, tasks_arguments),
     Command("task", "show one task", run_task, task_id_argument),
-    Command("cancel", "cancel a pending or running task", run_cancel, task_id_argument),
+    Command(
+        "cancel",
+        "cancel a pending, running or paused task (or --all)",
+        run_cancel,
+        task_or_all_arguments,
+    ),
+    Command(
+        "pause",
+        "pause a pending or running task, keeping what it has (or --all)",
+        run_pause,
+        task_or_all_arguments,
+    ),
+    Command(
+        "resume",
+        "queue a paused task again; it continues where it stopped (or --all)",
+        run_resume,
+        task_or_all_arguments,
+    ),
+    Command(
+        "retry",
+        "run a failed or cancelled task again (only what did not finish)",
+        run_retry,
+        task_id_argument,
+    ),
     Command("summary", "count tasks by status", run_summary),
     Command("cleanup", "forget finished tasks older than N hours", run_cleanup, cleanup_arguments),
     Command(

@@ -309,3 +309,8 @@ class RateMeter:
         if span < 0.2:
             return None
         return max(0.0, (bytes_done - first_bytes) / span)
+
+
+def format_changed(done: str, count: int) -> str:
+    """What ``cancel --all`` and the like did: ``paused 3 tasks``."""
+    return f"{done} {count} {'task' if count == 1 else 'tasks'}"

@@ -107,7 +107,7 @@ class DownloadParams:
     dest: str | None = None
     name: str | None = None
     topic: str | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # 1 to 1000, checked with the other download params
 
 
 @attrs.frozen
@@ -225,6 +225,9 @@ class Api:
             "tasks.get": Method(TaskIdParams, self.tasks_get),
             "tasks.list": Method(ListTasksParams, self.tasks_list),
             "tasks.cancel": Method(TaskIdParams, self.tasks_cancel),
+            "tasks.pause": Method(TaskIdParams, self.tasks_pause),
+            "tasks.resume": Method(TaskIdParams, self.tasks_resume),
+            "tasks.retry": Method(TaskIdParams, self.tasks_retry),
             "tasks.summary": Method(NoParams, self.tasks_summary),
             "tasks.cleanup": Method(CleanupParams, self.tasks_cleanup),
             "notifications.list": Method(ListNotificationsParams, self.notifications_list),
@@ -398,6 +401,21 @@ class Api:
                 {"task_id": task.id, "status": task.status.value},
             )
         return {"cancelled": True}
+
+    async def tasks_pause(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
+        task = self._visible_task(session.caller, params.task_id)
+        await self.tasks.pause_task(task.id)
+        return {"paused": True}
+
+    async def tasks_resume(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
+        task = self._visible_task(session.caller, params.task_id)
+        await self.tasks.resume_task(task.id)
+        return {"resumed": True}
+
+    async def tasks_retry(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
+        task = self._visible_task(session.caller, params.task_id)
+        await self.tasks.retry_task(task.id)
+        return {"task_id": task.id}
 
     async def tasks_summary(self, session: Session, _params: NoParams) -> dict[str, int]:
         return self._summary(session.caller)

@@ -15,8 +15,10 @@ the snapshot and the rewrite.
 Task ends become notifications through ``notify_task_finished``, the hook the task
 manager calls *before* it journals the end: a crash in between re-runs the task (its
 checkpoints make that quick) and the hook is called again, and the notification's key
-(``task:<id>:<status>``) makes the second call a no-op. So a task-end notification is
-never lost, and never doubled for the same outcome.
+(``task:<id>:<status>``) makes the second call a no-op. Calls for task ends are taken one
+at a time, so the key check and the create are one step even when two ends of one task
+arrive together. So a task-end notification is never lost, and never doubled for the same
+outcome.
 
 Depends on the store, the pure index and the event feed; knows nothing of sockets or
 sessions.
@@ -98,6 +100,8 @@ class NotificationService:
         self._journal_records = journal_records
         self._compact_min_records = compact_min_records
         self._compact_at = compact_min_records
+        # Task ends one at a time: see notify_task_finished.
+        self._task_ends = trio.Lock()
         self._compact_wanted = trio.Event()
         self._gate = ChangeGate()
         self._compactions = 0
@@ -211,14 +215,17 @@ class NotificationService:
     async def notify_task_finished(self, task: TaskInfo, status: TaskStatus) -> None:
         """The task manager's ``on_finished`` hook: tell the task's owner how it ended."""
         type_, title, message = task_end_text(task, status)
-        await self.create_notification(
-            task.owner,
-            type_,
-            title,
-            message,
-            TASK_LINK_PREFIX + task.id,
-            key=f"task:{task.id}:{status.value}",
-        )
+        # The key is checked before the create's write and recorded after it: two calls
+        # for one end that overlapped there would both find no key and both create.
+        async with self._task_ends:
+            await self.create_notification(
+                task.owner,
+                type_,
+                title,
+                message,
+                TASK_LINK_PREFIX + task.id,
+                key=f"task:{task.id}:{status.value}",
+            )
 
     # -- writing ---------------------------------------------------------------------------
 

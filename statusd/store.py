@@ -42,7 +42,9 @@ Rules (they are what makes an acknowledged write safe):
   and a crash could then leave good lines after a hole, which is indistinguishable from
   damage.
 
-Blocking file work runs in ``trio.to_thread.run_sync``, one call per batch. This module
+Blocking file work runs in ``trio.to_thread.run_sync``, one call per batch, on each store's
+own thread limiter: threads stuck elsewhere (DNS lookups on trio's default limiter) must
+never hold back a journal write, and a store never needs more than one thread. This module
 knows nothing of what the records mean (tasks, notifications): it depends on trio, attrs,
 the stdlib and ``statusd.errors`` only.
 """
@@ -358,9 +360,10 @@ class _Batch:
 class JsonLinesStore:
     """An append-only file of checksummed JSON records. Open with ``open_store``."""
 
-    def __init__(self, path: Path, fd: int, loaded: _Loaded) -> None:
+    def __init__(self, path: Path, fd: int, loaded: _Loaded, limiter: trio.CapacityLimiter) -> None:
         self.path = path
         self._fd = fd
+        self._limiter = limiter
         self._size = loaded.size
         self._crc = loaded.crc
         self._sealed = loaded.sealed
@@ -405,7 +408,9 @@ class JsonLinesStore:
                 raise StoreError("store is closed")
             if self._broken is not None:
                 raise StoreError(self._broken)
-            await trio.to_thread.run_sync(self._write_and_sync, b"".join(batch.lines))
+            await trio.to_thread.run_sync(
+                self._write_and_sync, b"".join(batch.lines), limiter=self._limiter
+            )
         except (OSError, StoreError) as exc:
             batch.error = exc
         except BaseException as exc:
@@ -469,9 +474,11 @@ class JsonLinesStore:
                     raise StoreError(f"{self.path}: store is closed")
                 try:
                     if encode_in_thread:
-                        await trio.to_thread.run_sync(self._encode_and_rewrite, items)
+                        await trio.to_thread.run_sync(
+                            self._encode_and_rewrite, items, limiter=self._limiter
+                        )
                     else:
-                        await trio.to_thread.run_sync(self._rewrite, data)
+                        await trio.to_thread.run_sync(self._rewrite, data, limiter=self._limiter)
                 except OSError as exc:
                     raise StoreError(f"{self.path}: compaction failed: {exc}") from exc
         self._compactions += 1
@@ -518,7 +525,7 @@ class JsonLinesStore:
             async with self._lock:
                 if not self._closed:
                     self._closed = True
-                    await trio.to_thread.run_sync(self._seal_and_close)
+                    await trio.to_thread.run_sync(self._seal_and_close, limiter=self._limiter)
 
     def _seal_and_close(self) -> None:
         try:
@@ -552,14 +559,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _open_sync(path: Path, loads: Loads) -> tuple[JsonLinesStore, LoadReport]:
+def _open_sync(
+    path: Path, loads: Loads, limiter: trio.CapacityLimiter
+) -> tuple[JsonLinesStore, LoadReport]:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     loaded = _load(path, loads)
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     if created:
         _fsync_directory(path.parent)
-    return JsonLinesStore(path, fd, loaded), loaded.report
+    return JsonLinesStore(path, fd, loaded, limiter), loaded.report
 
 
 async def open_store(path: Path, *, loads: Loads = json.loads) -> tuple[JsonLinesStore, LoadReport]:
@@ -567,4 +576,6 @@ async def open_store(path: Path, *, loads: Loads = json.loads) -> tuple[JsonLine
 
     ``loads`` is as for ``load``.
     """
-    return await trio.to_thread.run_sync(_open_sync, path, loads)
+    # One thread at a time is all a store uses: its writes are serialized by its lock.
+    limiter = trio.CapacityLimiter(1)
+    return await trio.to_thread.run_sync(_open_sync, path, loads, limiter, limiter=limiter)

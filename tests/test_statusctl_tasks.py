@@ -78,3 +78,65 @@ def test_bad_url_is_a_daemon_error(daemon_process: Any) -> None:
     result = statusctl(process.socket, "download", "file:///etc/passwd")
     assert result.returncode == 4
     assert "urls[0]" in result.stderr
+
+
+@pytest.fixture
+def silent_url() -> Any:
+    """A server that accepts connections (the kernel does, from the backlog) and never
+    answers: a download from it stays running until it is paused or cancelled."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_pause_resume_retry_and_cancel_all(
+    daemon_process: Any, silent_url: str, files_url: str, short_tmp: Path
+) -> None:
+    config = short_tmp / "statusd.toml"
+    config.write_text("max_running_tasks = 1\n")
+    process = daemon_process()
+    process.start("--config", str(config))
+    socket = process.socket
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return statusctl(socket, *args)
+
+    done = run("download", f"{files_url}/done.txt", "--wait")
+    assert done.returncode == 0, done.stderr  # finished: never touched by --all below
+    done_id = done.stdout.splitlines()[0]
+    ids = [run("download", f"{silent_url}/{n}.bin").stdout.strip() for n in range(3)]
+
+    paused = run("pause", "--all")
+    assert (paused.returncode, paused.stdout) == (0, "paused 3 tasks\n"), paused.stderr
+    listed = json.loads(run("--json", "tasks", "--status", "paused").stdout)
+    assert sorted(task["id"] for task in listed["tasks"]) == sorted(ids)
+    again = run("pause", ids[0])
+    assert again.returncode == 4
+    assert "-32003" in again.stderr
+
+    resumed = json.loads(run("--json", "resume", "--all").stdout)
+    assert resumed["resumed"] == 3
+    assert sorted(resumed["task_ids"]) == sorted(ids)
+    assert run("pause", ids[2]).stdout == f"paused {ids[2]}\n"
+    assert run("resume", ids[2]).stdout == f"resumed {ids[2]}\n"
+
+    cancelled = run("cancel", "--all")
+    assert cancelled.stdout == "cancelled 3 tasks\n"
+    assert run("cancel", "--all").stdout == "cancelled 0 tasks\n"
+
+    retried = run("--json", "retry", ids[1])
+    assert retried.returncode == 0
+    assert json.loads(retried.stdout) == {"task_id": ids[1]}
+    task = json.loads(run("--json", "task", ids[1]).stdout)
+    assert task["status"] in ("pending", "running")
+    assert run("cancel", ids[1]).stdout == f"cancelled {ids[1]}\n"
+    final = run("retry", done_id)
+    assert final.returncode == 4
+    assert "-32003" in final.stderr
+    usage = run("pause")
+    assert usage.returncode == 2
+    summary = json.loads(run("--json", "summary").stdout)
+    assert (summary["cancelled"], summary["completed"], summary["paused"]) == (3, 1, 0)

@@ -36,6 +36,12 @@ def test_transition_table(current: TaskStatus, new: TaskStatus) -> None:
         (TaskStatus.RUNNING, TaskStatus.FAILED),
         (TaskStatus.RUNNING, TaskStatus.CANCELLED),
         (TaskStatus.RUNNING, TaskStatus.PENDING),
+        (TaskStatus.PENDING, TaskStatus.PAUSED),
+        (TaskStatus.RUNNING, TaskStatus.PAUSED),
+        (TaskStatus.PAUSED, TaskStatus.PENDING),
+        (TaskStatus.PAUSED, TaskStatus.CANCELLED),
+        (TaskStatus.FAILED, TaskStatus.PENDING),
+        (TaskStatus.CANCELLED, TaskStatus.PENDING),
     }
     if (current, new) in legal:
         check_transition(current, new)
@@ -45,11 +51,26 @@ def test_transition_table(current: TaskStatus, new: TaskStatus) -> None:
     assert (new in TRANSITIONS[current]) == ((current, new) in legal)
 
 
-def test_finished_states_are_final() -> None:
+def test_finished_states_lead_only_to_a_retry() -> None:
     for status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
         assert status.finished
-        assert not TRANSITIONS[status]
+    assert not TRANSITIONS[TaskStatus.COMPLETED]
+    assert TRANSITIONS[TaskStatus.FAILED] == TRANSITIONS[TaskStatus.CANCELLED]
+    assert TRANSITIONS[TaskStatus.FAILED] == {TaskStatus.PENDING}
     assert not TaskStatus.PENDING.finished
+    assert not TaskStatus.PAUSED.finished
+
+
+def test_a_retry_forgets_the_old_end_and_a_pause_keeps_the_start() -> None:
+    task = make_task()
+    task.move_to(TaskStatus.RUNNING, T0)
+    task.move_to(TaskStatus.PAUSED, T1)
+    assert (task.started_at, task.completed_at) == (T0, None)
+    task.move_to(TaskStatus.CANCELLED, T1)
+    task.result, task.error = {"items": []}, "cancelled"
+    task.move_to(TaskStatus.PENDING, T1)
+    assert [task.completed_at, task.started_at] == [None, None]
+    assert [task.result, task.error] == [None, None]
 
 
 def test_move_to_stamps_times_and_completes_progress() -> None:

@@ -46,6 +46,9 @@ class FakeJob:
     async def discard(self) -> None:
         self.discarded = True
 
+    def checkpoints_to_keep(self) -> list[dict[str, Any]]:
+        return []
+
 
 class Clock:
     def __init__(self) -> None:
@@ -158,6 +161,7 @@ async def test_list_newest_first_and_summary(nursery: trio.Nursery) -> None:
         "total": 3,
         "pending": 3,
         "running": 0,
+        "paused": 0,
         "completed": 0,
         "failed": 0,
         "cancelled": 0,

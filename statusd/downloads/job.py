@@ -190,6 +190,9 @@ class DownloadJob:
         self._settled = []
         self._journalled = {}
         for checkpoint in self.checkpoints:
+            if checkpoint.get("retry"):
+                self._forget_failures()
+                continue
             self.unsettled.difference_update(checkpoint.get("settled", ()))
             index = checkpoint["item"]
             if checkpoint.get("settle"):
@@ -358,3 +361,19 @@ class DownloadJob:
                 await remove_partial(directory, state)
         finally:
             directory.close()
+
+    def _forget_failures(self) -> None:
+        """A retry: failed items are fetched again (their states are kept for the resume)."""
+        for index, result in enumerate(self.results):
+            if result is not None and result.error:
+                self.results[index] = None
+                self.sizes[index] = None
+
+    def checkpoints_to_keep(self) -> list[dict[str, Any]]:
+        """What a retry needs once the task has finished: each successful item's latest
+        state and result; failed and unrun items start afresh."""
+        return [
+            {"item": index, "state": unstructure(state), "result": unstructure(result)}
+            for index, (state, result) in enumerate(zip(self.states, self.results, strict=True))
+            if result is not None and not result.error
+        ]

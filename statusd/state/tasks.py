@@ -2,8 +2,10 @@
 
 Pure. ``pending -> running -> completed | failed | cancelled``; a pending task may also be
 cancelled (or fail before it starts), and a running task goes back to pending only when the
-daemon stopped under it and it is queued again on the next start. Everything else is
-refused with ``IllegalTransition``, so no caller can, say, revive a finished task.
+daemon stopped under it and it is queued again on the next start. A pending or running task
+may be paused; a paused one is resumed (back to pending) or cancelled. A failed or cancelled
+task may be retried (back to pending); a completed one is final. Everything else is refused
+with ``IllegalTransition``, so no caller can, say, revive a completed task.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import attrs
 class TaskStatus(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
+    PAUSED = "paused"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -30,13 +33,24 @@ class TaskStatus(enum.StrEnum):
 _FINISHED = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
-    TaskStatus.PENDING: frozenset({TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}),
-    TaskStatus.RUNNING: frozenset(
-        {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.PENDING}
+    TaskStatus.PENDING: frozenset(
+        {TaskStatus.RUNNING, TaskStatus.PAUSED, TaskStatus.CANCELLED, TaskStatus.FAILED}
     ),
+    TaskStatus.RUNNING: frozenset(
+        {
+            TaskStatus.COMPLETED,
+            TaskStatus.FAILED,
+            TaskStatus.CANCELLED,
+            TaskStatus.PENDING,
+            TaskStatus.PAUSED,
+        }
+    ),
+    # resume, or cancel
+    TaskStatus.PAUSED: frozenset({TaskStatus.PENDING, TaskStatus.CANCELLED}),
     TaskStatus.COMPLETED: frozenset(),
-    TaskStatus.FAILED: frozenset(),
-    TaskStatus.CANCELLED: frozenset(),
+    # retry
+    TaskStatus.FAILED: frozenset({TaskStatus.PENDING}),
+    TaskStatus.CANCELLED: frozenset({TaskStatus.PENDING}),
 }
 
 
@@ -77,11 +91,17 @@ class TaskInfo:
 
     def move_to(self, new: TaskStatus, at: datetime) -> None:
         check_transition(self.status, new)
+        retried = self.status.finished
         self.status = new
         if new is TaskStatus.RUNNING:
             self.started_at = at
         elif new is TaskStatus.PENDING:
             self.started_at = None
+            if retried:
+                # A retry starts a new run: the old end no longer describes the task.
+                self.completed_at = None
+                self.result = None
+                self.error = None
         elif new.finished:
             self.completed_at = at
             self.current_item = None
