@@ -24,7 +24,7 @@ How each is timed:
   "statusd +sha256" row hashes every file (``sha256_always=True``);
 - httpx: ``httpx.AsyncClient`` under trio, ``aiter_raw()``, plain ``write`` per chunk, no
   fsync: the "as-is" baseline that motivated statusd's own client;
-- ``statusd.downloads.http`` and ``httpx.http`` (not run by default): the HTTP layers alone, bodies
+- ``statusd.http`` and ``httpx.http`` (not run by default): the HTTP layers alone, bodies
   read and dropped, nothing written: what chose the HTTP layer.
 
 Usage::
