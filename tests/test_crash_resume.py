@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-import signal
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from statusd.downloads import part_name
-from tests.conftest import DaemonProcess, RawClient
 from tests.http_servers import (
     HTTPTestServer,
     hang_after_head,
@@ -28,41 +24,13 @@ from tests.http_servers import (
     sequence,
     serve_data,
 )
+from tests.processes import FINISHED, download_dir, kill, start, task_of, until
 
 __all__ = ["http_server"]
 
 SMALL = {f"/small{n}.txt": f"small file {n}\n".encode() * (n + 1) for n in range(3)}
 LARGE = random.Random(3).randbytes(3 << 20)
 SENT_BEFORE_STALL = 1_300_000  # more than one receive buffer (1 MiB), so some reach disk
-FINISHED = ("completed", "failed", "cancelled")
-POLL_LIMIT = 10.0
-
-
-async def start(process: DaemonProcess) -> RawClient:
-    await trio.to_thread.run_sync(process.start)
-    return await RawClient.connect(process.socket)
-
-
-async def kill(process: DaemonProcess, client: RawClient) -> None:
-    await trio.aclose_forcefully(client.stream)
-    process.signal(signal.SIGKILL)
-    assert await trio.to_thread.run_sync(process.wait) == -signal.SIGKILL
-
-
-async def until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Poll another process's files and answers: it has no event of ours to wait on."""
-    with trio.fail_after(POLL_LIMIT):
-        while not await condition():  # noqa: ASYNC110 - the state is in another process
-            await trio.sleep(0.005)
-
-
-async def task_of(client: RawClient, task_id: str) -> dict[str, Any]:
-    task: dict[str, Any] = await client.call("tasks.get", {"task_id": task_id})
-    return task
-
-
-def download_dir(process: DaemonProcess) -> Path:
-    return process.directory / "state" / "downloads"
 
 
 async def test_sigkill_mid_download_resumes_after_restart(

@@ -13,8 +13,6 @@ import hashlib
 import json
 import os
 import random
-import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 import trio
 
 from statusd.downloads import DestError, open_dest
-from tests.conftest import DaemonProcess, RawClient
+from tests.conftest import DaemonProcess
 from tests.http_servers import (
     HTTPTestServer,
     chunked_cut_before_last_chunk,
@@ -32,6 +30,7 @@ from tests.http_servers import (
     sequence,
     serve_data,
 )
+from tests.processes import download_dir, finished, kill, start, task_of, until
 
 __all__ = ["http_server"]
 
@@ -39,43 +38,6 @@ A_DATA = random.Random(10).randbytes(3 << 20)
 B_DATA = random.Random(11).randbytes(3 << 20)
 B_SENT = 1_300_000  # more than one receive buffer (1 MiB): B's part is on disk
 A_SENT = 100_000  # less than one buffer: A has a name journalled, no part file yet
-FINISHED = ("completed", "failed", "cancelled")
-POLL_LIMIT = 15.0
-
-
-async def start(process: DaemonProcess, *extra: str) -> RawClient:
-    await trio.to_thread.run_sync(lambda: process.start(*extra))
-    return await RawClient.connect(process.socket)
-
-
-async def kill(process: DaemonProcess, client: RawClient) -> None:
-    await trio.aclose_forcefully(client.stream)
-    process.signal(signal.SIGKILL)
-    assert await trio.to_thread.run_sync(process.wait) == -signal.SIGKILL
-
-
-async def until(condition: Callable[[], Awaitable[bool]]) -> None:
-    """Poll another process's files and answers: it has no event of ours to wait on."""
-    with trio.fail_after(POLL_LIMIT):
-        while not await condition():  # noqa: ASYNC110 - the state is in another process
-            await trio.sleep(0.005)
-
-
-async def task_of(client: RawClient, task_id: str) -> dict[str, Any]:
-    task: dict[str, Any] = await client.call("tasks.get", {"task_id": task_id})
-    return task
-
-
-async def finished(client: RawClient, task_id: str) -> dict[str, Any]:
-    async def done() -> bool:
-        return (await task_of(client, task_id))["status"] in FINISHED
-
-    await until(done)
-    return await task_of(client, task_id)
-
-
-def download_dir(process: DaemonProcess) -> Path:
-    return process.directory / "state" / "downloads"
 
 
 def journalled_states(process: DaemonProcess, task_id: str) -> list[dict[str, Any]]:

@@ -31,16 +31,11 @@ from tests.http_servers import (
     serve_data,
     status,
 )
-from tests.test_crash_resume import FINISHED, kill, task_of, until
+from tests.processes import FINISHED, kill, start, task_of, until
 
 __all__ = ["http_server"]
 
 DATA = random.Random(10).randbytes(300_000)
-
-
-async def start(process: DaemonProcess, *extra: str) -> RawClient:
-    await trio.to_thread.run_sync(lambda: process.start(*extra))
-    return await RawClient.connect(process.socket)
 
 
 def one_slot_config(directory: Path) -> Path:
