@@ -330,3 +330,63 @@ async def http_server(nursery: trio.Nursery) -> HTTPTestServer:
     server = HTTPTestServer()
     await nursery.start(server.serve)
     return server
+
+
+# -- slow bodies, for kills mid-stream ------------------------------------------------------
+
+
+@attrs.define
+class Answering:
+    """How many answers the handlers that share it are giving right now: a kill of the
+    client while ``count`` > 0 landed mid-transfer."""
+
+    count: int = 0
+
+
+def serve_slowly(
+    data: bytes,
+    *,
+    etag: str,
+    answering: Answering,
+    piece: int = 64 * 1024,
+    pause: float = 0.02,
+) -> Handler:
+    """Serve ``data`` with a strong ``etag``, honouring ``Range`` with ``If-Range`` as
+    ``serve_data`` does (416 ``bytes */N`` from the end on), but send the body in pieces
+    of ``piece`` bytes with ``pause`` seconds between them, so that a client killed at a
+    random moment is likely to be killed in the middle of a body."""
+
+    async def handler(request: Request, responder: Responder) -> None:
+        answering.count += 1
+        try:
+            await _send_slowly(request, responder, data, etag, piece, pause)
+        finally:
+            answering.count -= 1
+
+    return handler
+
+
+async def _send_slowly(
+    request: Request, responder: Responder, data: bytes, etag: str, piece: int, pause: float
+) -> None:
+    headers = [
+        ("Content-Type", "application/octet-stream"),
+        ("Accept-Ranges", "bytes"),
+        ("ETag", etag),
+    ]
+    first = 0
+    match = _RANGE.fullmatch(request.headers.get("range", ""))
+    partial = match is not None and request.headers.get("if-range") == etag
+    if match is not None and partial:
+        first = int(match[1])
+        if first >= len(data):
+            await responder.send(416, [("Content-Range", f"bytes */{len(data)}")])
+            return
+        headers.append(("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}"))
+    body = memoryview(data)[first:]
+    headers.append(("Content-Length", str(len(body))))
+    await responder.send_head(206 if partial else 200, headers)
+    for start in range(0, len(body), piece):
+        await responder.send_raw(bytes(body[start : start + piece]))
+        if start + piece < len(body):
+            await trio.sleep(pause)
