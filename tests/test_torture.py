@@ -51,20 +51,26 @@ __all__ = ["http_server"]
 KiB = 1024
 MiB = 1024 * KiB
 KILLS = 20
-SUBMIT_AT = {0: (0, 1, 2, 3), 6: (4,), 12: (5,)}  # round -> the tasks submitted in it
+# (task letters, the name of their big item, the filename of their second one, the round
+# they are submitted in): a wave races for names while the earlier ones still stream.
+WAVES = (
+    ("abcd", "big.iso", "same.bin", 0),
+    ("ef", "late.iso", "late.bin", 6),
+    ("gh", "last.iso", "last.bin", 12),
+)
 FINISHED = ("completed", "failed", "cancelled")
 EMPTY_NAME = "empty.dat"
 PIECE = 64 * KiB
 # Seconds between two pieces, per URL: about 3, 1.3 and 0.5 MiB/s a connection. A slow
 # item holds its name's part file while faster ones of other tasks claim the same name.
-PAUSES = (0.02, 0.05, 0.12)
+PAUSES = (0.02, 0.05, 0.1)
 CALL_LIMIT = 20.0  # seconds for one answer from the daemon
 SETTLE_LIMIT = 10.0  # seconds for the dead daemon's connections to drain at the server
 FINAL_LIMIT = 45.0  # seconds for every task to complete after the last restart
 CONFIG = """\
-max_running_tasks = 3
+max_running_tasks = 4
 [downloads]
-parallel_items = 3
+parallel_items = 2
 """
 
 
@@ -89,23 +95,27 @@ class Source:
 
 
 def make_plan(rng: random.Random) -> list[list[Source]]:
-    """Six tasks of 3 to 6 items, 0 bytes to 4 MiB, whose names collide."""
+    """Three waves of tasks (see ``WAVES``) of 3 to 6 items, 0 bytes to 3 MiB. The tasks
+    of a wave start together and their first two items want the same two names, so
+    every wave races for fresh names; other items want those names, or the same name
+    from their URL (``extra0.bin``), or the first wave's."""
     tasks = []
-    for number, letter in enumerate("abcdef"):
-        items = [
-            Source(f"/{letter}/big.iso", rng.randbytes(rng.randint(2 * MiB, 4 * MiB))),
-            Source(f"/{letter}/same", rng.randbytes(rng.randint(100 * KiB, MiB)), "same.bin"),
-        ]
-        for extra in range(rng.randint(1, 3 if number == 0 else 4)):
-            size = rng.choice([rng.randint(16, 64 * KiB), rng.randint(64 * KiB, 2 * MiB)])
-            filename = rng.choice([None, None, "big.iso", "same.bin"])
-            items.append(Source(f"/{letter}/extra{extra}.bin", rng.randbytes(size), filename))
-        items = [attrs.evolve(item, pause=rng.choice(PAUSES)) for item in items]
-        if number == 0:
-            # The only empty item: its bytes cannot say which item it is, its name can.
-            items.append(Source("/a/empty", b"", EMPTY_NAME))
-        rng.shuffle(items)
-        tasks.append(items)
+    for letters, iso, bin_name, _round in WAVES:
+        for letter in letters:
+            items = [
+                Source(f"/{letter}/{iso}", rng.randbytes(rng.randint(3 * MiB // 2, 3 * MiB))),
+                Source(f"/{letter}/bin", rng.randbytes(rng.randint(MiB // 2, 2 * MiB)), bin_name),
+            ]
+            extras = []
+            for extra in range(rng.randint(1, 4)):
+                size = rng.choice([rng.randint(16, 64 * KiB), rng.randint(64 * KiB, 2 * MiB)])
+                filename = rng.choice([None, iso, bin_name, "big.iso"])
+                extras.append(Source(f"/{letter}/extra{extra}.bin", rng.randbytes(size), filename))
+            if letter == "a":
+                # The only empty item: its bytes cannot say which item it is, its name can.
+                extras.append(Source("/a/empty", b"", EMPTY_NAME))
+            rng.shuffle(extras)
+            tasks.append([attrs.evolve(item, pause=rng.choice(PAUSES)) for item in items + extras])
     return tasks
 
 
@@ -114,11 +124,11 @@ def kill_delay(rng: random.Random) -> float:
     acknowledgement, or while the daemon replays its journal), mostly within a second,
     and sometimes long enough for a full receive buffer (1 MiB) to reach a part file."""
     kind = rng.random()
-    if kind < 0.15:
+    if kind < 0.1:
         return 0.0
-    if kind < 0.85:
-        return rng.uniform(0.05, 1.2)
-    return rng.uniform(1.2, 3.0)
+    if kind < 0.6:
+        return rng.uniform(0.05, 1.0)
+    return rng.uniform(1.0, 2.5)
 
 
 @attrs.frozen
@@ -228,8 +238,8 @@ class Torture:
 
     # -- the rules ----------------------------------------------------------------------------
 
-    async def submit(self, number: int) -> None:
-        items = [source.item(self.server.base_url) for source in self.plan[number]]
+    async def submit(self, sources: list[Source]) -> None:
+        items = [source.item(self.server.base_url) for source in sources]
         result = await self.call("tasks.download", {"items": items})
         self.acknowledged.append(result["task_id"])
 
@@ -412,13 +422,15 @@ async def test_twenty_sigkills_while_names_collide(
         handler = serve_slowly(source.data, etag=etag, answering=answering, pause=source.pause)
         torture.by_url[http_server.route(source.path, handler)] = source
 
+    submit_rounds = [wave[3] for wave in WAVES for _letter in wave[0]]
     with reported(torture):
         for round_number in range(KILLS):
             await torture.start()
             torture.check_results(await torture.check_listed())
             torture.fail_if_problems(f"after restart {round_number}")
-            for number in SUBMIT_AT.get(round_number, ()):
-                await torture.submit(number)
+            for sources, first_round in zip(torture.plan, submit_rounds, strict=True):
+                if first_round == round_number:
+                    await torture.submit(sources)
             delay = kill_delay(rng)
             await trio.sleep(delay)
             torture.check_round(delay, await torture.kill())
