@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import signal
 import stat
 from collections.abc import Iterator
@@ -44,7 +45,7 @@ import trio
 import trio.testing
 
 from tests.conftest import DaemonProcess, RawClient
-from tests.http_servers import Answering, HTTPTestServer, http_server, serve_slowly
+from tests.http_servers import Handler, HTTPTestServer, Request, Responder, http_server
 
 __all__ = ["http_server"]
 
@@ -67,6 +68,7 @@ PAUSES = (0.02, 0.05, 0.1)
 CALL_LIMIT = 20.0  # seconds for one answer from the daemon
 SETTLE_LIMIT = 10.0  # seconds for the dead daemon's connections to drain at the server
 FINAL_LIMIT = 45.0  # seconds for every task to complete after the last restart
+RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 CONFIG = """\
 max_running_tasks = 4
 [downloads]
@@ -129,6 +131,63 @@ def kill_delay(rng: random.Random) -> float:
     if kind < 0.6:
         return rng.uniform(0.05, 1.0)
     return rng.uniform(1.0, 2.5)
+
+
+@attrs.define
+class Answering:
+    """How many answers the handlers that share it are giving right now: a kill of the
+    client while ``count`` > 0 landed mid-transfer."""
+
+    count: int = 0
+
+
+def serve_slowly(
+    data: bytes,
+    *,
+    etag: str,
+    answering: Answering,
+    piece: int = PIECE,
+    pause: float = 0.02,
+) -> Handler:
+    """Serve ``data`` with a strong ``etag``, honouring ``Range`` with ``If-Range`` as
+    ``serve_data`` does (416 ``bytes */N`` from the end on), but send the body in pieces
+    of ``piece`` bytes with ``pause`` seconds between them, so that a client killed at a
+    random moment is likely to be killed in the middle of a body."""
+
+    async def handler(request: Request, responder: Responder) -> None:
+        answering.count += 1
+        try:
+            await _send_slowly(request, responder, data, etag, piece, pause)
+        finally:
+            answering.count -= 1
+
+    return handler
+
+
+async def _send_slowly(
+    request: Request, responder: Responder, data: bytes, etag: str, piece: int, pause: float
+) -> None:
+    headers = [
+        ("Content-Type", "application/octet-stream"),
+        ("Accept-Ranges", "bytes"),
+        ("ETag", etag),
+    ]
+    first = 0
+    match = RANGE.fullmatch(request.headers.get("range", ""))
+    partial = match is not None and request.headers.get("if-range") == etag
+    if match is not None and partial:
+        first = int(match[1])
+        if first >= len(data):
+            await responder.send(416, [("Content-Range", f"bytes */{len(data)}")])
+            return
+        headers.append(("Content-Range", f"bytes {first}-{len(data) - 1}/{len(data)}"))
+    body = memoryview(data)[first:]
+    headers.append(("Content-Length", str(len(body))))
+    await responder.send_head(206 if partial else 200, headers)
+    for start in range(0, len(body), piece):
+        await responder.send_raw(bytes(body[start : start + piece]))
+        if start + piece < len(body):
+            await trio.sleep(pause)
 
 
 @attrs.frozen
