@@ -5,8 +5,12 @@ The HTTP server runs in the test's own trio run, so it outlives every daemon pro
 counts every request any of them made. Each URL serves its own random bytes (so a file's
 content says which item it came from), slowly, in 64 KiB pieces, with a strong ETag: a kill
 usually lands in the middle of a body, and the next daemon resumes with Range and If-Range.
-The names collide on purpose: every task has a ``big.iso`` from its own directory and an
-item with the explicit filename ``same.bin``, and some items ask for those names too.
+The names collide on purpose. Tasks come in three waves (four, then two, then two more
+while the first ones still stream); the tasks of a wave start together, and each wants a
+fresh name for its first item from its own directory (``/a/big.iso``, ``/b/big.iso``, ...)
+and for its second by explicit filename (``same.bin``); its other items want those names
+too, or the first wave's ``big.iso``, or a name their URLs share (``/a/extra0.bin``,
+``/b/extra0.bin``).
 
 What must hold after every restart, and at the end once every task has completed:
 
@@ -246,7 +250,10 @@ class Torture:
     # -- the daemon's life ------------------------------------------------------------------
 
     async def start(self) -> RawClient:
-        await trio.to_thread.run_sync(self.process.start, "--config", str(self.config_file()))
+        try:
+            await trio.to_thread.run_sync(self.process.start, "--config", str(self.config_file()))
+        except AssertionError as exc:
+            self.fail(f"the daemon did not start again after kill {self.kills}: {exc}")
         self.client = await RawClient.connect(self.process.socket)
         return self.client
 
@@ -276,7 +283,7 @@ class Torture:
     async def settle(self) -> None:
         """Wait until the server has logged every request the dead daemon sent: one still
         in a socket buffer or the accept backlog must not count as the next daemon's."""
-        with trio.fail_after(SETTLE_LIMIT):
+        with trio.move_on_after(SETTLE_LIMIT):
             while True:
                 before = len(self.server.requests)
                 while self.answering.count:  # noqa: ASYNC110 - ends when sends fail
@@ -284,11 +291,16 @@ class Torture:
                 await trio.testing.wait_all_tasks_blocked(0.05)
                 if len(self.server.requests) == before and not self.answering.count:
                     return
+        self.fail(f"the test server still answered a dead daemon after {SETTLE_LIMIT:g} s")
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         assert self.client is not None
         with trio.move_on_after(CALL_LIMIT) as scope:
-            response = await self.client.request(method, params)
+            try:
+                response = await self.client.request(method, params)
+            except (EOFError, OSError, trio.BrokenResourceError) as exc:
+                code = self.process.process.poll() if self.process.process else None
+                self.fail(f"the daemon dropped the connection ({exc!r}) during {method}: {code}")
         if scope.cancelled_caught:
             self.fail(f"no answer to {method} within {CALL_LIMIT:g} s")
         if "result" not in response:
@@ -322,10 +334,10 @@ class Torture:
             if task["status"] not in FINISHED:
                 continue
             for entry in (task["result"] or {}).get("items", []):
-                where = f"{task['status']} task {task['id']} item {entry.get('url')}"
-                path = entry.get("path")
                 if entry.get("error") is not None and task["status"] != "completed":
                     continue
+                where = f"{task['status']} task {task['id']} item {entry.get('url')}"
+                path = entry.get("path")
                 if path is None:
                     self.problems.append(f"{where}: completed, but without a path: {entry}")
                     continue
@@ -409,11 +421,14 @@ class Torture:
         self.fail_if_problems(f"after kill {self.kills} of {KILLS}")
 
     async def wait_all_finished(self) -> list[dict[str, Any]]:
+        """Poll until every task is finished (the daemon is in another process: there is
+        nothing of ours to wait on); returns the listed tasks."""
+        tasks: list[dict[str, Any]] = []
         with trio.move_on_after(FINAL_LIMIT):
             while True:
-                tasks = await self.check_listed()
+                tasks = (await self.call("tasks.list"))["tasks"]
                 if all(task["status"] in FINISHED for task in tasks):
-                    return tasks
+                    return await self.check_listed()
                 await trio.sleep(0.05)
         unfinished = [f"{task['id']}: {task['status']}" for task in tasks]
         self.fail(f"not every task finished within {FINAL_LIMIT:g} s: {unfinished}")
