@@ -60,8 +60,9 @@ KILLS = 20
 # they are submitted in): a wave races for names while the earlier ones still stream.
 WAVES = (
     ("abcd", "big.iso", "same.bin", 0),
-    ("ef", "late.iso", "late.bin", 6),
-    ("gh", "last.iso", "last.bin", 12),
+    ("ef", "late.iso", "late.bin", 4),
+    ("gh", "later.iso", "later.bin", 8),
+    ("ij", "last.iso", "last.bin", 12),
 )
 FINISHED = ("completed", "failed", "cancelled")
 EMPTY_NAME = "empty.dat"
@@ -109,11 +110,13 @@ def make_plan(rng: random.Random) -> list[list[Source]]:
     for letters, iso, bin_name, _round in WAVES:
         for letter in letters:
             items = [
-                Source(f"/{letter}/{iso}", rng.randbytes(rng.randint(3 * MiB // 2, 3 * MiB))),
-                Source(f"/{letter}/bin", rng.randbytes(rng.randint(MiB // 2, 2 * MiB)), bin_name),
+                Source(f"/{letter}/{iso}", rng.randbytes(rng.randint(5 * MiB // 4, 5 * MiB // 2))),
+                Source(
+                    f"/{letter}/bin", rng.randbytes(rng.randint(MiB // 2, 3 * MiB // 2)), bin_name
+                ),
             ]
             extras = []
-            for extra in range(rng.randint(1, 4)):
+            for extra in range(rng.randint(1, 3)):
                 size = rng.choice([rng.randint(16, 64 * KiB), rng.randint(64 * KiB, 2 * MiB)])
                 filename = rng.choice([None, iso, bin_name, "big.iso"])
                 extras.append(Source(f"/{letter}/extra{extra}.bin", rng.randbytes(size), filename))
