@@ -5,18 +5,18 @@ The HTTP server runs in the test's own trio run, so it outlives every daemon pro
 counts every request any of them made. Each URL serves its own random bytes (so a file's
 content says which item it came from), slowly, in 64 KiB pieces, with a strong ETag: a kill
 usually lands in the middle of a body, and the next daemon resumes with Range and If-Range.
-The names collide on purpose. Tasks come in three waves (four, then two, then two more
-while the first ones still stream); the tasks of a wave start together, and each wants a
-fresh name for its first item from its own directory (``/a/big.iso``, ``/b/big.iso``, ...)
-and for its second by explicit filename (``same.bin``); its other items want those names
-too, or the first wave's ``big.iso``, or a name their URLs share (``/a/extra0.bin``,
-``/b/extra0.bin``).
+The names collide on purpose. Tasks come in four waves (four tasks, then three pairs,
+submitted while the earlier ones still stream, see ``WAVES``); the tasks of a wave are
+submitted together, and each wants a fresh name for its first item from its own directory
+(``/a/big.iso``, ``/b/big.iso``, ...) and for its second by explicit filename
+(``same.bin``); its other items want those names too, or the first wave's ``big.iso``, or a
+name their URLs share (``/a/extra0.bin``, ``/b/extra0.bin``).
 
 What must hold after every restart, and at the end once every task has completed:
 
 - every acknowledged task (``tasks.download`` answered with its id) is listed, once;
-- every item of a completed task names a file holding exactly its URL's bytes, and no two
-  items name one path or one inode;
+- every completed item (of a completed task, or one that completed in a failed task)
+  names a file holding exactly its URL's bytes, and no two items name one path or inode;
 - a finished item is never requested again. Seen from outside, while the daemon is dead,
   an item is finished when a file that is not a part file holds exactly its bytes and has
   no other link: the daemon journals "done" while the part is still linked to the final
@@ -102,9 +102,9 @@ class Source:
 
 
 def make_plan(rng: random.Random) -> list[list[Source]]:
-    """Three waves of tasks (see ``WAVES``) of 3 to 6 items, 0 bytes to 3 MiB. The tasks
-    of a wave start together and their first two items want the same two names, so
-    every wave races for fresh names; other items want those names, or the same name
+    """Four waves of tasks (see ``WAVES``) of 3 to 6 items, 0 bytes to 2.5 MiB. The tasks
+    of a wave are submitted together and their first two items want the same two names,
+    so every wave races for fresh names; other items want those names, or the same name
     from their URL (``extra0.bin``), or the first wave's."""
     tasks = []
     for letters, iso, bin_name, _round in WAVES:
