@@ -74,8 +74,10 @@ CALL_LIMIT = 20.0  # seconds for one answer from the daemon
 SETTLE_LIMIT = 10.0  # seconds for the dead daemon's connections to drain at the server
 FINAL_LIMIT = 45.0  # seconds for every task to complete after the last restart
 RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+# Every task runs at once, so a wave races for its names as soon as it is submitted; two
+# items of a task at a time, so its later items start (and claim names) while others stream.
 CONFIG = """\
-max_running_tasks = 4
+max_running_tasks = 8
 [downloads]
 parallel_items = 2
 """
