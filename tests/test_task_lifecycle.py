@@ -147,7 +147,11 @@ async def test_a_stop_starts_none_of_the_queued_tasks(
     process = daemon_process()
     client = await start(process, "--config", str(one_slot_config(process.directory)))
     running = await download(client, url)
-    await wait_status(client, running, "running")
+
+    async def asked() -> bool:
+        return len(http_server.requests_for("/hang.bin")) == 1
+
+    await until(asked)  # the running task holds the one slot, its request made
     requests = [
         jsonrpc.request("tasks.download", {"urls": [url]}, n) for n in range(1, 61)
     ]  # one batch: the queue is full before the stop
@@ -269,7 +273,11 @@ async def test_an_acknowledged_cancel_survives_a_kill_before_the_task_ended(
     process = daemon_process()
     client = await start(process)
     task_id = await download(client, url)
-    await wait_status(client, task_id, "running")
+
+    async def asked() -> bool:
+        return len(http_server.requests_for("/hang.bin")) == 1
+
+    await until(asked)  # running, and the one request a restart must not repeat is made
     await client.call("tasks.cancel", {"task_id": task_id})
     await kill(process, client)
     path = process.directory / "state" / "tasks.jsonl"
