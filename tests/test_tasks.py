@@ -366,11 +366,11 @@ async def test_tasks_created_during_a_compaction_are_kept(
         async def create(n: int) -> None:
             created.append(await manager.create_task(f"new {n}", owner="alice"))
 
-        for n in range(8):
-            nursery.start_soon(create, n)
-        # Removes the three old tasks, then compacts while the creates are being written.
-        assert await manager.cleanup_old_tasks() == 3
-        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as creates:
+            for n in range(8):
+                creates.start_soon(create, n)
+            # Removes the three old tasks, then compacts while the creates are being written.
+            assert await manager.cleanup_old_tasks() == 3
         assert len(created) == 8
         nursery.cancel_scope.cancel()
 
