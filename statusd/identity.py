@@ -2,7 +2,7 @@
 
 Admins are uid 0, the daemon's own uid, and members of ``admin_group`` (CONTRACT.md).
 The functions here do the passwd/group lookups of the standard library, which block:
-under LDAP or SSSD for seconds. The transports ask a ``Directory`` instead, which runs
+under LDAP or SSSD for seconds. The transports ask a ``CallerLookups`` instead, which runs
 them in threads of its own and remembers each answer for ``LOOKUP_TTL`` seconds.
 Imports trio and nothing of statusd.
 """
@@ -94,7 +94,7 @@ _MISSING = _Missing()
 
 
 @attrs.define
-class Directory:
+class CallerLookups:
     """``caller_for_uid`` and ``caller_for_username`` off the event loop, cached briefly.
 
     The lookups run in threads limited by a ``CapacityLimiter`` of their own: a directory
@@ -103,7 +103,7 @@ class Directory:
     needs. A caller waiting for a lookup can be cancelled (its connection closes, the
     daemon stops); the thread then finishes, or not, on its own.
 
-    Root and the daemon's own user are looked up once, when the directory is made (at
+    Root and the daemon's own user are looked up once, when this is made (at
     start-up), and answered from then on without a thread: they are admins whatever the
     groups say, and a per-user daemon's every caller is its own user.
     """
@@ -125,6 +125,8 @@ class Directory:
             raise ValueError(f"ttl must be >= 0, not {self.ttl}")
         if self.max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, not {self.max_entries}")
+        if self.max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, not {self.max_threads}")
         self._limiter = trio.CapacityLimiter(self.max_threads)
         self._admins = {uid: username_for(uid) for uid in (0, self.daemon_uid)}
 

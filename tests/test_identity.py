@@ -1,7 +1,7 @@
 """Caller look-ups off the event loop (issue 11, item 11).
 
 ``getpwuid``, ``getgrnam`` and ``getgrouplist`` block for seconds under LDAP or SSSD. The
-``Directory`` runs them in threads of its own and caches each answer for ``LOOKUP_TTL``;
+``CallerLookups`` runs them in threads of its own and caches each answer for ``LOOKUP_TTL``;
 these tests put a fake slow look-up (blocked on a ``threading.Event``) in their place.
 """
 
@@ -18,7 +18,7 @@ import trio.testing
 
 from statusd import identity
 from statusd.daemon import Daemon, run
-from statusd.identity import LOOKUP_TTL, Caller, Directory
+from statusd.identity import LOOKUP_TTL, Caller, CallerLookups
 from tests.conftest import NOBODY_UID, RawClient, blocking_call, make_config, run_as_nobody
 from tests.websocket_clients import RpcClient, make_token, open_ws, ws_daemon
 
@@ -30,7 +30,7 @@ STRANGER = 4242  # a uid nobody is: not root, not the daemon's
 
 @pytest.fixture
 def lookups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every uid the directory asks the system about (answered at once, as a stranger)."""
+    """Every uid the lookups ask the system about (answered at once, as a stranger)."""
     asked: list[int] = []
 
     def fake(uid: int, admin_group: str | None, **_options: Any) -> Caller:
@@ -44,50 +44,50 @@ def lookups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 async def test_cache_hits_within_the_ttl_and_misses_after(
     mock_clock: trio.testing.MockClock, lookups: list[int]
 ) -> None:
-    directory = Directory()
-    first = await directory.caller_for_uid(STRANGER, None, pid=10)
+    callers = CallerLookups()
+    first = await callers.caller_for_uid(STRANGER, None, pid=10)
     assert first == Caller(STRANGER, f"user{STRANGER}", False, 10)
     mock_clock.jump(LOOKUP_TTL - 1)
-    again = await directory.caller_for_uid(STRANGER, None, pid=11)
+    again = await callers.caller_for_uid(STRANGER, None, pid=11)
     assert again.pid == 11  # the pid is the connection's, never a cached one
     assert lookups == [STRANGER]
     mock_clock.jump(1)
-    await directory.caller_for_uid(STRANGER, None)
+    await callers.caller_for_uid(STRANGER, None)
     assert lookups == [STRANGER, STRANGER]
 
 
 async def test_admin_group_is_part_of_the_key(lookups: list[int]) -> None:
-    directory = Directory()
-    await directory.caller_for_uid(STRANGER, None)
-    await directory.caller_for_uid(STRANGER, "wheel")  # a reload changed admin_group
+    callers = CallerLookups()
+    await callers.caller_for_uid(STRANGER, None)
+    await callers.caller_for_uid(STRANGER, "wheel")  # a reload changed admin_group
     assert lookups == [STRANGER, STRANGER]
 
 
 async def test_the_cache_forgets_the_oldest_past_its_size(lookups: list[int]) -> None:
-    directory = Directory(max_entries=2)
+    callers = CallerLookups(max_entries=2)
     for uid in (5001, 5002, 5003, 5002):
-        await directory.caller_for_uid(uid, None)
-    assert directory.cached == 2
-    await directory.caller_for_uid(5001, None)  # forgotten: asked again
+        await callers.caller_for_uid(uid, None)
+    assert callers.cached == 2
+    await callers.caller_for_uid(5001, None)  # forgotten: asked again
     assert lookups == [5001, 5002, 5003, 5001]
 
 
 async def test_root_and_the_daemon_user_need_no_lookup(lookups: list[int]) -> None:
-    directory = Directory(daemon_uid=STRANGER + 1)
-    root = await directory.caller_for_uid(0, None, pid=3)
+    callers = CallerLookups(daemon_uid=STRANGER + 1)
+    root = await callers.caller_for_uid(0, None, pid=3)
     assert (root.uid, root.admin, root.pid) == (0, True, 3)
-    assert (await directory.caller_for_uid(STRANGER + 1, None)).admin
-    assert await directory.caller_for_username(root.username, None) == Caller(
-        0, root.username, True
-    )
+    assert (await callers.caller_for_uid(STRANGER + 1, None)).admin
+    assert await callers.caller_for_username(root.username, None) == Caller(0, root.username, True)
     assert lookups == []
 
 
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="max_entries must be >= 1, not 0"):
-        Directory(max_entries=0)
+        CallerLookups(max_entries=0)
     with pytest.raises(ValueError, match="ttl must be >= 0, not -1"):
-        Directory(ttl=-1)
+        CallerLookups(ttl=-1)
+    with pytest.raises(ValueError, match="max_threads must be >= 1, not 0"):
+        CallerLookups(max_threads=0)
 
 
 @pytest.fixture
@@ -119,12 +119,12 @@ def stuck(monkeypatch: pytest.MonkeyPatch) -> Any:
     Stuck.release.set()
 
 
-async def test_stuck_lookups_take_only_the_directory_threads(stuck: Any) -> None:
+async def test_stuck_lookups_take_only_their_own_threads(stuck: Any) -> None:
     stuck.uids = set(range(6000, 6050))
-    directory = Directory(max_threads=3)
+    callers = CallerLookups(max_threads=3)
     async with trio.open_nursery() as nursery:
         for uid in stuck.uids:
-            nursery.start_soon(directory.caller_for_uid, uid, None)
+            nursery.start_soon(callers.caller_for_uid, uid, None)
         for _ in range(3):
             await trio.to_thread.run_sync(stuck.entered.acquire)
         # Fifty callers wait, three threads are stuck, and trio's own threads still run.
@@ -136,11 +136,11 @@ async def test_stuck_lookups_take_only_the_directory_threads(stuck: Any) -> None
 
 async def test_one_lookup_per_user_at_a_time(stuck: Any) -> None:
     stuck.uids = {STRANGER}
-    directory = Directory()
+    lookups = CallerLookups()
     callers: list[Caller] = []
 
     async def connect() -> None:
-        callers.append(await directory.caller_for_uid(STRANGER, None))
+        callers.append(await lookups.caller_for_uid(STRANGER, None))
 
     async with trio.open_nursery() as nursery:
         for _ in range(5):

@@ -42,7 +42,7 @@ from statusd.api import Api
 from statusd.config import Config
 from statusd.errors import Busy, StartupError
 from statusd.events import Streams
-from statusd.identity import Caller, Directory
+from statusd.identity import Caller, CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
@@ -129,7 +129,7 @@ class WebSocketServer:
         self._frames = rules.FrameCache()
         # A token's user is looked up in passwd and groups, which can block for seconds
         # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
-        self.directory = Directory()
+        self.lookups = CallerLookups()
         tokens.on_revoked(self._revoked)
 
     @property
@@ -233,7 +233,7 @@ class WebSocketServer:
         record = self._tokens.verify(token)
         if record is None:
             return rules.Refusal(401, "the token is not valid (revoked, or never issued)")
-        caller = await self.directory.caller_for_username(record.username, config.admin_group)
+        caller = await self.lookups.caller_for_username(record.username, config.admin_group)
         if caller is None:
             return rules.Refusal(401, f"the token's user {record.username!r} does not exist")
         if isinstance(target, rules.Refusal):
