@@ -11,6 +11,10 @@ are turned into exit statuses in one place, ``main``:
 ``--json`` prints exactly one JSON document on stdout (the method's result, or the error
 object when the daemon answered with one); ``watch --json`` prints one per line.
 
+Whatever is printed, on stdout or stderr, goes through ``render.one_line`` on its way out
+(``Context.line``, ``Context.complain``, ``TaskDisplay``): text from the daemon, much of it
+written by other users, never reaches the terminal with a raw control or format character.
+
 ``watch`` and ``download --wait`` show task progress as bars redrawn in place when stdout
 is a terminal (``TaskDisplay``; the bar lines themselves are ``render.progress_line``), and
 as one plain line per update otherwise.
@@ -80,8 +84,13 @@ class Context:
 
     def line(self, text: str) -> None:
         # Flushed per line: ``watch`` output is read live through pipes.
-        self.stdout.write(text + "\n")
+        self.stdout.write(render.one_line(text) + "\n")
         self.stdout.flush()
+
+    def complain(self, text: str) -> None:
+        """``statusctl: text`` on stderr; daemon errors are other users' text too."""
+        self.stderr.write(f"statusctl: {render.one_line(text)}\n")
+        self.stderr.flush()
 
     def close(self) -> None:
         if self._client is not None:
@@ -312,11 +321,11 @@ class TaskDisplay:
         width = self._width()
         now = time.monotonic()
         out = [f"\x1b[{self._drawn}A" if self._drawn else "", "\r\x1b[J"]
-        out += [line + "\n" for line in permanent]
+        out += [render.one_line(line) + "\n" for line in permanent]
         for job_id, state in self._tasks.items():
             meter = self._rates.setdefault(job_id, render.RateMeter())
             rate = meter.sample(now, float(state.get("bytes_done") or 0))
-            out.append(render.progress_line(state, width, rate) + "\n")
+            out.append(render.one_line(render.progress_line(state, width, rate)) + "\n")
         self._drawn = len(self._tasks)
         self._context.stdout.write("".join(out))
         self._context.stdout.flush()
@@ -332,7 +341,10 @@ def _is_terminal(stream: TextIO) -> bool:
 def _task_line(task: Mapping[str, Any]) -> str:
     progress = f"{task.get('progress', 0):5.1f}%"
     items = f"{task.get('processed_items', 0)}/{task.get('total_items', 0)}"
-    return f"{task['id']}  {task['status']:<9} {progress} {items:>9}  {task.get('name', '')}"
+    # Escaped field by field (not only as a whole line) so the columns still line up.
+    task_id, status = render.one_line(str(task["id"])), render.one_line(str(task["status"]))
+    name = render.one_line(str(task.get("name", "")))
+    return f"{task_id}  {status:<9} {progress} {items:>9}  {name}"
 
 
 def download_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,7 +360,7 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.name is not None or args.sha256 is not None:
         if len(args.urls) != 1:
-            context.stderr.write("statusctl: --name and --sha256 take exactly one URL\n")
+            context.complain("--name and --sha256 take exactly one URL")
             return EXIT_USAGE
         item: dict[str, Any] = {"url": args.urls[0]}
         if args.name is not None:
@@ -401,9 +413,11 @@ def task_id_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_task(context: Context, args: argparse.Namespace) -> int:
     task = context.call("tasks.get", {"task_id": args.task_id})
-    lines = [f"{key}: {value}" for key, value in task.items() if key != "result"]
+    one_line = render.one_line
+    lines = [f"{key}: {one_line(str(value))}" for key, value in task.items() if key != "result"]
     for item in (task.get("result") or {}).get("items", []):
-        lines.append(f"item: {item.get('url')} -> {item.get('path')} {item.get('error') or 'ok'}")
+        url, path = one_line(str(item.get("url"))), one_line(str(item.get("path")))
+        lines.append(f"item: {url} -> {path} {one_line(str(item.get('error') or 'ok'))}")
     context.emit(task, lines)
     return EXIT_OK
 
@@ -522,7 +536,7 @@ def run_notifications(context: Context, args: argparse.Namespace) -> int:
         context.emit(result, lines)
         return EXIT_OK
     if args.unread or args.limit is not None:
-        context.stderr.write(f"statusctl: --unread and --limit list; they do not {args.action}\n")
+        context.complain(f"--unread and --limit list; they do not {args.action}")
         return EXIT_USAGE
     if args.action == "read":
         if args.all:
@@ -584,15 +598,19 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
         context.emit(result, [result["token"]])
         if not context.json:
             context.stderr.write(
-                f"token {result['token_id']} for {result['username']}, scope "
-                f"{result['scope']}: keep it secret, it is not shown again\n"
+                render.one_line(
+                    f"token {result['token_id']} for {result['username']}, scope "
+                    f"{result['scope']}: keep it secret, it is not shown again"
+                )
+                + "\n"
             )
         return EXIT_OK
     if args.token_action == "list":
         result = context.call("tokens.list")
+        one_line = render.one_line
         lines = [
-            f"{token['token_id']}  {token['username']:<16} {token['scope']:<8} "
-            f"{token['created_at']}"
+            f"{one_line(str(token['token_id']))}  {one_line(str(token['username'])):<16} "
+            f"{one_line(str(token['scope'])):<8} {one_line(str(token['created_at']))}"
             for token in result["tokens"]
         ]
         context.emit(result, lines)
@@ -698,14 +716,14 @@ def main(
     except RemoteError as error:
         if context.json:
             context.line(render.to_json(error.to_wire()))
-        print(f"statusctl: {render.format_error(error.code, error.message)}", file=err)
+        context.complain(render.format_error(error.code, error.message))
         return EXIT_REMOTE_ERROR
     except DaemonUnreachable as exc:
-        print(f"statusctl: {exc}", file=err)
+        context.complain(str(exc))
         return EXIT_UNREACHABLE
     except TimeoutError as exc:
         # A daemon that accepts but never answers is as unreachable as one that is gone.
-        print(f"statusctl: {exc}", file=err)
+        context.complain(str(exc))
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -1,24 +1,28 @@
 """statusctl's text output: results in, lines out. Pure: no I/O, no trio, no client.
 
 Human output is one line per item (supervisorctl style), so it greps and pipes well.
-Text that came from other users (status messages, operation ids) has its control
-characters escaped: a message must not be able to break the one-line rule or send
-escape sequences to the reader's terminal.
+Every piece of text that came from the daemon (task names, messages, URLs, topics,
+errors: much of it written by other users) goes through ``one_line``, which shows
+control and invisible format characters as escapes: a task name must not be able to
+break the one-line rule, reorder what the reader sees, or send escape sequences to
+an admin's terminal. ``to_json`` keeps ``--json`` exact JSON with none of them raw.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-# C0 controls, DEL and C1 controls; everything else prints as itself.
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_CONTROL_ESCAPES = {
-    code: _NAMED_ESCAPES.get(chr(code), f"\\x{code:02x}")
-    for code in (*range(0x20), *range(0x7F, 0xA0))
-}
+# Controls (C0, DEL, C1: Cc), invisible format characters (bidi overrides such as U+202E,
+# zero-width ones: Cf), line and paragraph separators (Zl, Zp) and lone surrogates (Cs,
+# which a JSON string may carry and no terminal encoding can print) are shown escaped.
+# Other characters print as themselves, other users' scripts and emoji included.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 _LEVEL_WIDTH = 8  # "success" and "warning" are 7; one space more lines messages up
 
@@ -47,21 +51,64 @@ _STREAM_NOUNS = {
 }
 
 
+def _escape(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def one_line(text: str) -> str:
-    """``text`` with newlines and other control characters escaped."""
-    return text.translate(_CONTROL_ESCAPES)
+    """``text`` safe to print as (part of) one line of human output: newlines, other
+    control characters and invisible format characters shown as ``\\n``, ``\\x1b``,
+    ``\\u202e``. Escaping twice changes nothing: the escapes are printable ASCII.
+    Backslashes are not doubled: this is for reading, not for parsing back."""
+    if text.isprintable():
+        # The common case, checked in C: str.isprintable() is false for every escaped
+        # category (and for spaces other than " ", which the slow path keeps).
+        return text
+    return "".join(map(_escape, text))
+
+
+# json.dumps escapes C0 controls but not DEL, nor anything beyond ASCII.
+_MAYBE_UNSAFE = re.compile(r"[^\x00-\x7e]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if unicodedata.category(char) not in _ESCAPED_CATEGORIES:
+        return char
+    code = ord(char)
+    if code > 0xFFFF:  # JSON spells a character beyond the BMP as a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
 
 
 def to_json(value: Any) -> str:
-    """One JSON document on one line: for ``--json`` output and ``watch --json``."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """One JSON document on one line: for ``--json`` output and ``watch --json``.
+
+    Non-ASCII text stays readable, except the characters ``one_line`` escapes: json.dumps
+    escapes only C0 controls, so DEL, C1 controls, format characters, separators and lone
+    surrogates are written as ``\\uXXXX`` here. They can only occur inside JSON strings,
+    where that escape means the same character, so the document decodes to the same value.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if text.isprintable():
+        return text
+    return _MAYBE_UNSAFE.sub(_json_escape, text)
 
 
 def format_status(message: Mapping[str, Any]) -> str:
     """``2026-11-23T10:30:00.123Z  #42 info     System ready  [op-id]``"""
-    level = str(message.get("level", "?"))
+    level = one_line(str(message.get("level", "?")))
     text = one_line(str(message.get("message", "")))
-    stamp, seq = message.get("timestamp", "-"), message.get("seq", "?")
+    stamp = one_line(str(message.get("timestamp", "-")))
+    seq = one_line(str(message.get("seq", "?")))
     line = f"{stamp}  #{seq} {level:<{_LEVEL_WIDTH}} {text}"
     operation_id = message.get("operation_id")
     if operation_id:
@@ -98,9 +145,9 @@ def format_notification(notification: Mapping[str, Any]) -> str:
     ``*`` marks an unread one; a system-wide one ends with ``(everyone)``.
     """
     mark = " " if notification.get("read") else "*"
-    stamp = notification.get("created_at", "-")
+    stamp = one_line(str(notification.get("created_at", "-")))
     kind = one_line(str(notification.get("type", "?")))
-    line = f"{notification.get('id', '?')!s:>5} {mark} {stamp}  {kind}  "
+    line = f"{one_line(str(notification.get('id', '?'))):>5} {mark} {stamp}  {kind}  "
     line += one_line(str(notification.get("title", "")))
     message = notification.get("message")
     if message:

@@ -1,7 +1,10 @@
 """Who is calling: a uid (from SO_PEERCRED, or a token's user) becomes a ``Caller``.
 
 Admins are uid 0, the daemon's own uid, and members of ``admin_group`` (CONTRACT.md).
-Pure apart from the passwd/group lookups of the standard library.
+The functions here do the passwd/group lookups of the standard library, which block:
+under LDAP or SSSD for seconds. The transports ask a ``CallerLookups`` instead, which runs
+them in threads of its own and remembers each answer for ``LOOKUP_TTL`` seconds.
+Imports trio and nothing of statusd.
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import attrs
+import trio
 
 
 @attrs.frozen
@@ -73,3 +79,122 @@ def caller_for_username(
         return None
     own = os.getuid() if daemon_uid is None else daemon_uid
     return Caller(uid, username, is_admin(uid, username, admin_group, daemon_uid=own))
+
+
+LOOKUP_TTL = 60.0  # seconds an answer is reused: a group change takes effect within this
+MAX_CACHED_LOOKUPS = 1024  # answers remembered; the oldest is forgotten first
+MAX_LOOKUP_THREADS = 4  # a stuck directory service holds at most this many threads
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+@attrs.define
+class CallerLookups:
+    """``caller_for_uid`` and ``caller_for_username`` off the event loop, cached briefly.
+
+    The lookups run in threads limited by a ``CapacityLimiter`` of their own: a directory
+    service that never answers holds ``max_threads`` threads and makes later lookups wait,
+    but cannot take the threads trio's other ``to_thread`` work (file writes, fsync)
+    needs. A caller waiting for a lookup can be cancelled (its connection closes, the
+    daemon stops); the thread then finishes, or not, on its own.
+
+    Root and the daemon's own user are looked up once, when this is made (at
+    start-up), and answered from then on without a thread: they are admins whatever the
+    groups say, and a per-user daemon's every caller is its own user.
+    """
+
+    ttl: float = LOOKUP_TTL
+    max_entries: int = MAX_CACHED_LOOKUPS
+    max_threads: int = MAX_LOOKUP_THREADS
+    daemon_uid: int = attrs.field(factory=os.getuid)
+    _limiter: trio.CapacityLimiter = attrs.field(init=False)
+    # key -> (when it expires, the answer); oldest first, as every entry lives ``ttl``.
+    _cache: OrderedDict[Hashable, tuple[float, Caller | None]] = attrs.field(
+        init=False, factory=OrderedDict
+    )
+    _pending: dict[Hashable, trio.Event] = attrs.field(init=False, factory=dict)
+    _admins: dict[int, str] = attrs.field(init=False, factory=dict)  # uid -> name
+
+    def __attrs_post_init__(self) -> None:
+        if self.ttl < 0:
+            raise ValueError(f"ttl must be >= 0, not {self.ttl}")
+        if self.max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, not {self.max_entries}")
+        if self.max_threads < 1:
+            raise ValueError(f"max_threads must be >= 1, not {self.max_threads}")
+        self._limiter = trio.CapacityLimiter(self.max_threads)
+        self._admins = {uid: username_for(uid) for uid in (0, self.daemon_uid)}
+
+    async def caller_for_uid(
+        self, uid: int, admin_group: str | None, *, pid: int | None = None
+    ) -> Caller:
+        """The caller a peer's uid is (``caller_for_uid``), from the cache when fresh."""
+        if uid in self._admins:
+            return Caller(uid, self._admins[uid], True, pid)
+
+        def lookup() -> Caller:
+            return caller_for_uid(uid, admin_group, daemon_uid=self.daemon_uid)
+
+        caller = await self._resolve(("uid", uid, admin_group), lookup)
+        assert caller is not None
+        return attrs.evolve(caller, pid=pid)
+
+    async def caller_for_username(self, username: str, admin_group: str | None) -> Caller | None:
+        """The caller a token's user is (``caller_for_username``); None if no such user."""
+        for uid, name in self._admins.items():
+            if name == username:
+                return Caller(uid, name, True)
+
+        def lookup() -> Caller | None:
+            return caller_for_username(username, admin_group, daemon_uid=self.daemon_uid)
+
+        return await self._resolve(("user", username, admin_group), lookup)
+
+    @property
+    def cached(self) -> int:
+        """How many answers are held (fresh or not yet found stale)."""
+        return len(self._cache)
+
+    async def _resolve(self, key: Hashable, lookup: Callable[[], Caller | None]) -> Caller | None:
+        while True:
+            found = self._fresh(key)
+            if not isinstance(found, _Missing):
+                return found
+            pending = self._pending.get(key)
+            if pending is None:
+                break
+            # One lookup per key at a time: a burst of connections from one user under a
+            # slow directory waits for one answer instead of taking every thread.
+            await pending.wait()
+        done = self._pending[key] = trio.Event()
+        try:
+            answer = await trio.to_thread.run_sync(
+                lookup, limiter=self._limiter, abandon_on_cancel=True
+            )
+            self._remember(key, answer)
+            return answer
+        finally:
+            del self._pending[key]
+            # Waiters look again: they find the answer, or (this one failed) look it up.
+            done.set()
+
+    def _fresh(self, key: Hashable) -> Caller | _Missing | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return _MISSING
+        expires, answer = entry
+        if trio.current_time() >= expires:
+            del self._cache[key]
+            return _MISSING
+        return answer
+
+    def _remember(self, key: Hashable, answer: Caller | None) -> None:
+        self._cache.pop(key, None)
+        self._cache[key] = (trio.current_time() + self.ttl, answer)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)

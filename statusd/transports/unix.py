@@ -24,7 +24,7 @@ from statusd.api import Api
 from statusd.config import Config
 from statusd.errors import Busy, InvalidRequest, StartupError
 from statusd.events import Streams
-from statusd.identity import caller_for_uid
+from statusd.identity import CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
 from statusd.session import Session
@@ -135,6 +135,8 @@ class UnixServer:
         self._identity: os.stat_result | None = None
         self._connections_changed = trio.lowlevel.ParkingLot()
         self.max_connections = config.max_connections
+        # Passwd and group lookups can block for seconds (LDAP, SSSD): never on the loop.
+        self.lookups = CallerLookups()
 
     @property
     def connections(self) -> int:
@@ -201,7 +203,7 @@ class UnixServer:
                 await self._refuse(stream)
                 return
             pid, uid, _gid = peer_credentials(stream.socket)
-            caller = caller_for_uid(uid, self._config.admin_group, pid=pid)
+            caller = await self.lookups.caller_for_uid(uid, self._config.admin_group, pid=pid)
             session = Session(caller, self._streams)
             self._sessions.add(session)
             try:

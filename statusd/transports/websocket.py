@@ -42,7 +42,7 @@ from statusd.api import Api
 from statusd.config import Config
 from statusd.errors import Busy, StartupError
 from statusd.events import Streams
-from statusd.identity import Caller, caller_for_username
+from statusd.identity import Caller, CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
@@ -127,6 +127,9 @@ class WebSocketServer:
         self._connections_changed = trio.lowlevel.ParkingLot()
         self.addresses: list[str] = []
         self._frames = rules.FrameCache()
+        # A token's user is looked up in passwd and groups, which can block for seconds
+        # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
+        self.lookups = CallerLookups()
         tokens.on_revoked(self._revoked)
 
     @property
@@ -201,7 +204,7 @@ class WebSocketServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _check(
+    async def _check(
         self, request: WebSocketRequest
     ) -> rules.Refusal | tuple[TokenRecord, Caller, rules.Route]:
         """Everything decided before accept(), in this order: Host, Origin, token, path."""
@@ -230,7 +233,7 @@ class WebSocketServer:
         record = self._tokens.verify(token)
         if record is None:
             return rules.Refusal(401, "the token is not valid (revoked, or never issued)")
-        caller = caller_for_username(record.username, config.admin_group)
+        caller = await self.lookups.caller_for_username(record.username, config.admin_group)
         if caller is None:
             return rules.Refusal(401, f"the token's user {record.username!r} does not exist")
         if isinstance(target, rules.Refusal):
@@ -238,7 +241,7 @@ class WebSocketServer:
         return record, caller, target
 
     async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
-        checked = self._check(request)
+        checked = await self._check(request)
         if isinstance(checked, rules.Refusal):
             log.info(
                 "WebSocket handshake from %s refused: %d %s",
