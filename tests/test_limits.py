@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,35 @@ SERVED_WITHIN = 5.0
 BUSY = -32004
 
 
-async def start_daemon(nursery: trio.Nursery, directory: Path, **limits: Any) -> Daemon:
-    config = make_config(directory, limits=LimitsConfig(**limits))
-    daemon: Daemon = await nursery.start(run, config)
-    return daemon
+@attrs.define
+class Limited:
+    """An in-process daemon on a real socket with the limits a test asks for, and its
+    clients; everything is closed after the test, whatever it asserted."""
+
+    daemon: Daemon
+    clients: list[RawClient] = attrs.Factory(list)
+
+    async def connect(self) -> RawClient:
+        client = await RawClient.connect(self.daemon.config.socket)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture
+async def start_daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Any]:
+    started: list[Limited] = []
+
+    async def _start(**limits: Any) -> Limited:
+        config = make_config(short_tmp, limits=LimitsConfig(**limits))
+        started.append(Limited(await nursery.start(run, config)))
+        return started[-1]
+
+    yield _start
+    for limited in started:
+        for client in limited.clients:
+            await trio.aclose_forcefully(client.stream)
+        limited.daemon.request_stop()
+        await limited.daemon.wait_stopped()
 
 
 def batch(requests: list[dict[str, Any]]) -> bytes:
@@ -55,13 +81,13 @@ async def served_meanwhile(client: RawClient) -> None:
 
 
 async def test_subscriptions_per_connection_are_capped_and_unsubscribe_frees_one(
-    nursery: trio.Nursery, short_tmp: Path
+    start_daemon: Any,
 ) -> None:
-    daemon = await start_daemon(nursery, short_tmp)
+    limited = await start_daemon()
     most = LimitsConfig().max_subscriptions_per_connection
     assert 100 <= most < 1000
-    client = await RawClient.connect(daemon.config.socket)
-    other = await RawClient.connect(daemon.config.socket)
+    client = await limited.connect()
+    other = await limited.connect()
     # The issue's attack, scaled down: as many as a batch may hold, then more.
     await client.send(batch([entry("subscribe", i, {"tasks": "all"}) for i in range(most)]))
     with trio.fail_after(SERVED_WITHIN * 2):
@@ -83,22 +109,18 @@ async def test_subscriptions_per_connection_are_capped_and_unsubscribe_frees_one
     assert await client.call("unsubscribe", {"subscription": taken[0]}) == {"success": True}
     assert "subscription" in await client.call("subscribe", {"status": True})
     assert (await client.request("subscribe", {"status": True}))["error"]["code"] == BUSY
-    for each in (client, other):
-        await each.aclose()
-    daemon.request_stop()
-    await daemon.wait_stopped()
 
 
 # --- item 5: batch entries ----------------------------------------------------------------------
 
 
 async def test_the_issues_batch_of_3000_is_refused_whole_and_others_are_served(
-    nursery: trio.Nursery, short_tmp: Path
+    start_daemon: Any,
 ) -> None:
-    daemon = await start_daemon(nursery, short_tmp)
+    limited = await start_daemon()
     most = LimitsConfig().max_batch_entries
-    client = await RawClient.connect(daemon.config.socket)
-    other = await RawClient.connect(daemon.config.socket)
+    client = await limited.connect()
+    other = await limited.connect()
     for n in range(100):
         await client.call("status.publish", {"level": "info", "message": f"{n:03d} " + "x" * 190})
     seq = (await client.call("daemon.info"))["status_seq"]
@@ -125,22 +147,19 @@ async def test_the_issues_batch_of_3000_is_refused_whole_and_others_are_served(
     # A batch at the limit is answered in full.
     await client.send(batch([entry("daemon.info", i) for i in range(most)]))
     assert [a["id"] for a in await client.receive()] == list(range(most))
-    for each in (client, other):
-        await each.aclose()
-    daemon.request_stop()
-    await daemon.wait_stopped()
 
 
 # --- item 5: reply bytes ------------------------------------------------------------------------
 
 
 async def test_a_reply_stops_at_max_reply_bytes_and_the_rest_are_refused(
-    nursery: trio.Nursery, short_tmp: Path
+    start_daemon: Any,
 ) -> None:
     limit = 1024 * 1024
-    daemon = await start_daemon(nursery, short_tmp, max_reply_bytes=limit)
-    client = await RawClient.connect(daemon.config.socket)
-    other = await RawClient.connect(daemon.config.socket)
+    limited = await start_daemon(max_reply_bytes=limit)
+    daemon = limited.daemon
+    client = await limited.connect()
+    other = await limited.connect()
     for n in range(100):
         await client.call("status.publish", {"level": "info", "message": f"{n:03d} " + "x" * 190})
     seq = (await client.call("daemon.info"))["status_seq"]
@@ -177,10 +196,6 @@ async def test_a_reply_stops_at_max_reply_bytes_and_the_rest_are_refused(
     assert single["error"]["data"] == {"limit": 10_000}
     assert single["id"] is not None
     await served_meanwhile(client)
-    for each in (client, other):
-        await each.aclose()
-    daemon.request_stop()
-    await daemon.wait_stopped()
 
 
 async def receive_raw_line(client: RawClient) -> bytes:
@@ -226,9 +241,9 @@ def test_retry_after_is_rounded_up_to_the_millisecond() -> None:
 
 
 async def test_publish_rate_on_the_daemons_clock(
-    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, short_tmp: Path
+    autojump_clock: trio.testing.MockClock, start_daemon: Any
 ) -> None:
-    daemon = await start_daemon(nursery, short_tmp, publish_rate=2.0, publish_burst=3)
+    daemon = (await start_daemon(publish_rate=2.0, publish_burst=3)).daemon
     user = Session(Caller(65534, "nobody", admin=False), daemon.streams)
     admin = Session(Caller(0, "root", admin=True), daemon.streams)
     payload = {"jsonrpc": "2.0", "method": "status.publish", "params": {"level": "info"}}
@@ -255,8 +270,6 @@ async def test_publish_rate_on_the_daemons_clock(
     assert "error" in await publish(user, 5)
     await trio.sleep(10)
     assert ["result" in await publish(user, n) for n in range(6, 10)] == [True] * 3 + [False]
-    daemon.request_stop()
-    await daemon.wait_stopped()
 
 
 def test_a_publish_flood_from_another_user_keeps_the_history_of_others(
