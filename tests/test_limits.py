@@ -307,3 +307,15 @@ def test_a_publish_flood_from_another_user_keeps_the_history_of_others(
     recent = blocking_call(process.socket, "status.recent")["result"]["messages"]
     texts = [m["message"] for m in recent]
     assert [t for t in texts if t.startswith("mine")] == [f"mine {n}" for n in range(10)]
+
+
+async def test_limits_change_on_reload(start_daemon: Any) -> None:
+    limited = await start_daemon()
+    daemon = limited.daemon
+    new = attrs.evolve(daemon.config, limits=LimitsConfig(max_subscriptions_per_connection=1))
+    assert await daemon.reload(lambda: new)
+    assert daemon.api.config.limits == new.limits
+    client = await limited.connect()
+    assert "subscription" in await client.call("subscribe", {"status": True})
+    refused = await client.request("subscribe", {"status": True})
+    assert refused["error"]["data"] == {"limit": 1}
