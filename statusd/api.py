@@ -1,7 +1,9 @@
 """The JSON-RPC methods: a caller's session and typed params in, wire-ready results out.
 
-Transport-agnostic: the Unix socket and the WebSocket both hand ``Api.handle_line`` a
-message and a ``Session`` and send back what it returns. Every method's params are an
+Transport-agnostic: the Unix socket and the WebSocket both hand ``Api.handle_message`` a
+message and a ``Session`` and send back the line it returns. The per-client limits of
+``config.limits`` (batch entries, reply bytes, subscriptions, publish rate) are enforced here,
+read at each request so a reload applies at once. Every method's params are an
 attrs class structured by the one strict converter, so a bad field is a -32602 naming it.
 """
 
@@ -18,13 +20,14 @@ import trio
 
 import statusd
 from statusd.channel import StatusChannel
-from statusd.config import Config
+from statusd.config import Config, LimitsConfig
 from statusd.errors import (
     Busy,
     Conflict,
     Forbidden,
     InternalError,
     InvalidParams,
+    InvalidRequest,
     MethodNotFound,
     NotFound,
     RpcError,
@@ -36,6 +39,7 @@ from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
 from statusd.session import Session
 from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
+from statusd.state.rate import RateLimiter, retry_after
 from statusd.state.status import Level
 from statusd.state.tasks import TaskInfo, TaskStatus
 from statusd.tasks import Job, TaskManager
@@ -213,8 +217,11 @@ class Api:
     started_at: datetime = attrs.Factory(lambda: datetime.now(UTC))
     _started_clock: float = attrs.Factory(trio.current_time)
     _methods: dict[str, Method] = attrs.field(init=False)
+    _publish_rate: RateLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        limits = self.config.limits
+        self._publish_rate = RateLimiter(limits.publish_rate, limits.publish_burst)
         self._methods = {
             "daemon.info": Method(NoParams, self.daemon_info),
             "status.publish": Method(PublishParams, self.status_publish),
@@ -261,21 +268,36 @@ class Api:
             raise Forbidden(refused, {"method": method, "scope": session.scope})
         return await entry.handler(session, structure_params(params, entry.params))
 
-    async def handle_message(self, session: Session, raw: bytes | str) -> Any | None:
-        """Answer one framed message: a response, a list of them (batch), or None when
-        nothing is to be sent (notifications only)."""
+    async def handle_message(self, session: Session, raw: bytes | str) -> bytes | None:
+        """Answer one framed message: the encoded reply line (one response, or a batch's
+        array of them), or None when nothing is to be sent (notifications only).
+
+        A batch longer than ``limits.max_batch_entries`` is answered with one -32600 and
+        none of it runs. Each answer is encoded as soon as it is made, and once the answers
+        would take the reply past ``limits.max_reply_bytes``, that entry and every later one
+        get a short -32004 instead (the later ones are not run).
+        """
+        limits = self.config.limits
         try:
             incoming = jsonrpc.parse_message(raw)
         except RpcError as error:
-            return jsonrpc.error_response(None, error)
-        responses = []
-        for entry in incoming.entries:
+            return jsonrpc.encode_line(jsonrpc.error_response(None, error))
+        if incoming.batch and len(incoming.entries) > limits.max_batch_entries:
+            return jsonrpc.encode_line(
+                jsonrpc.error_response(None, _batch_too_long(len(incoming.entries), limits))
+            )
+        reply = _Reply(limits.max_reply_bytes)
+        for index, entry in enumerate(incoming.entries):
+            if index:
+                # A batch's entries may each be cheap, but together long: let other clients in.
+                await trio.lowlevel.checkpoint()
+            if reply.full:
+                reply.refuse(entry, ran=False)
+                continue
             response = await self._answer(session, entry)
             if response is not None:
-                responses.append(response)
-        if incoming.batch:
-            return responses or None
-        return responses[0] if responses else None
+                reply.add(entry, response)
+        return reply.line(batch=incoming.batch)
 
     async def _answer(self, session: Session, entry: jsonrpc.Entry) -> dict[str, Any] | None:
         if isinstance(entry, jsonrpc.Invalid):
@@ -312,11 +334,29 @@ class Api:
             "status_seq": self.channel.last_seq,
         }
 
-    async def status_publish(self, _session: Session, params: PublishParams) -> dict[str, Any]:
+    async def status_publish(self, session: Session, params: PublishParams) -> dict[str, Any]:
+        self._check_publish_rate(session.caller)
         message = self.channel.publish_status(params.level, params.message, params.operation_id)
         if message is None:
             raise InternalError("status message could not be published")
         return {"seq": message.seq}
+
+    def _check_publish_rate(self, caller: Caller) -> None:
+        # Admins are exempt: they may stop the daemon anyway, and scripts they run for
+        # everyone (announcements) must not be throttled by a user's bucket.
+        if caller.admin:
+            return
+        limits = self.config.limits
+        self._publish_rate.configure(limits.publish_rate, limits.publish_burst)
+        wait = self._publish_rate.take(caller.username, trio.current_time())
+        if wait > 0:
+            after = retry_after(wait)
+            raise Busy(
+                f"{caller.username} publishes too fast (limits.publish_rate = "
+                f"{limits.publish_rate:g} a second, limits.publish_burst = "
+                f"{limits.publish_burst}); retry after {after:g} s",
+                {"limit": limits.publish_burst, "rate": limits.publish_rate, "retry_after": after},
+            )
 
     async def status_recent(self, _session: Session, params: RecentParams) -> dict[str, Any]:
         messages, dropped = self.channel.recent(params.since)
@@ -335,6 +375,13 @@ class Api:
         status = params.status if params.status is not None else not streams_named
         if not (status or streams_named):
             raise InvalidParams("status", "a subscription needs at least one stream")
+        most = self.config.limits.max_subscriptions_per_connection
+        if session.subscription_count >= most:
+            raise Busy(
+                f"this connection has {most} subscriptions, the most it may have "
+                "(limits.max_subscriptions_per_connection); unsubscribe first",
+                {"limit": most},
+            )
         subscription = session.subscribe(
             status=status,
             since=params.since,
@@ -558,3 +605,57 @@ class Api:
             )
         await store.revoke(record.id)
         return {"success": True}
+
+
+def _batch_too_long(entries: int, limits: LimitsConfig) -> InvalidRequest:
+    most = limits.max_batch_entries
+    return InvalidRequest(
+        f"batch has {entries} entries, more than {most} (limits.max_batch_entries); "
+        "none of them ran",
+        {"limit": most},
+    )
+
+
+class _Reply:
+    """One request's answers, encoded as they come, never more than ``max_bytes`` of them.
+
+    Only results and errors made by running an entry count; the -32004 answers for entries
+    past the limit are short (about 150 bytes and the entry's id each), and how many there
+    can be is bounded by the batch limit and the 1 MiB request line.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.full = False
+        self._parts: list[bytes] = []
+        self._size = 2  # "[" and "]"
+
+    def add(self, entry: jsonrpc.Entry, response: dict[str, Any]) -> None:
+        part = jsonrpc.encode_line(response)[:-1]
+        if self._size + len(part) + 1 > self.max_bytes:
+            self.full = True
+            self.refuse(entry, ran=True)
+            return
+        self._append(part)
+
+    def refuse(self, entry: jsonrpc.Entry, *, ran: bool) -> None:
+        if isinstance(entry, jsonrpc.Request) and entry.notification:
+            return
+        what = "its result was left out" if ran else "it was not run"
+        error = Busy(
+            f"the reply to this request would be over {self.max_bytes} bytes "
+            f"(limits.max_reply_bytes); {what}",
+            {"limit": self.max_bytes},
+        )
+        self._append(jsonrpc.encode_line(jsonrpc.error_response(entry.id, error))[:-1])
+
+    def _append(self, part: bytes) -> None:
+        self._parts.append(part)
+        self._size += len(part) + 1
+
+    def line(self, *, batch: bool) -> bytes | None:
+        if not self._parts:
+            return None
+        if batch:
+            return b"[" + b",".join(self._parts) + b"]\n"
+        return self._parts[0] + b"\n"

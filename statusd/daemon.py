@@ -130,6 +130,8 @@ class Daemon:
         self.tasks.max_running = effective.max_running_tasks
         if self.downloads is not None:
             self.downloads.configure(effective.downloads)
+        # The API reads its limits from its config at each request.
+        self.api.config = effective
         # The WebSocket server reads allowed_origins from here at each handshake.
         self.config = effective
         self.channel.publish_status(Level.INFO, "Configuration reloaded")
@@ -146,6 +148,7 @@ def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
         max_connections=new.max_connections,
         max_running_tasks=new.max_running_tasks,
         downloads=new.downloads,
+        limits=new.limits,
         websocket=attrs.evolve(old.websocket, allowed_origins=new.websocket.allowed_origins),
         config_file=new.config_file,
     )

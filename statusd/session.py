@@ -145,6 +145,10 @@ class Session:
             self._work.set()
         return subscription
 
+    @property
+    def subscription_count(self) -> int:
+        return len(self._subscriptions)
+
     def unsubscribe(self, subscription_id: str) -> bool:
         subscription = self._subscriptions.pop(subscription_id, None)
         if subscription is None:

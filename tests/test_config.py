@@ -19,6 +19,7 @@ import statusd
 from statusd.cli import main
 from statusd.config import (
     Config,
+    LimitsConfig,
     WebSocketConfig,
     default_config_path,
     default_socket_path,
@@ -745,3 +746,73 @@ def test_main_sets_up_logging_and_returns_what_serve_returns(
     assert level == "error"
     assert isinstance(config, Config)
     assert config.config_file == clean_environment
+
+
+# --- [limits] -----------------------------------------------------------------------------------
+
+
+def test_limits_defaults(environ: dict[str, str]) -> None:
+    limits = load(environ)[0].limits
+    assert limits == LimitsConfig(
+        max_subscriptions_per_connection=256,
+        max_batch_entries=256,
+        max_reply_bytes=16 * 1024 * 1024,
+        publish_rate=20.0,
+        publish_burst=50,
+    )
+
+
+def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, str]) -> None:
+    text = "[limits]\nmax_batch_entries = 10\npublish_rate = 2\nmax_reply_bytes = 4096\n"
+    environ["STATUSD_LIMITS_PUBLISH_BURST"] = "5"
+    environ["STATUSD_LIMITS_MAX_REPLY_BYTES"] = "8192"
+    config, _ = load(environ, text, limits_max_subscriptions_per_connection="3")
+    assert config.limits == LimitsConfig(
+        max_subscriptions_per_connection=3,
+        max_batch_entries=10,
+        max_reply_bytes=8192,
+        publish_rate=2.0,
+        publish_burst=5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "max_subscriptions_per_connection = 0",
+            "limits.max_subscriptions_per_connection: must be an integer from 1 to 1000000, not 0",
+        ),
+        ("max_batch_entries = true", "limits.max_batch_entries: must be an integer from 1"),
+        (
+            "max_reply_bytes = 16777217",
+            "limits.max_reply_bytes: must be an integer from 1024 to 16777216, not 16777217",
+        ),
+        (
+            "publish_rate = 0",
+            "limits.publish_rate: must be a number of messages a second from 0 to 1000000, not 0",
+        ),
+        ('publish_rate = "fast"', "limits.publish_rate: must be a number of messages"),
+        ("publish_burst = 0", "limits.publish_burst: must be an integer from 1 to 1000000, not 0"),
+    ],
+)
+def test_bad_limits_are_refused(environ: dict[str, str], text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(environ, f"[limits]\n{text}\n")
+    assert str(caught.value).startswith(expected)
+
+
+def test_limits_keys_at_the_top_level_are_unknown(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"did you mean limits.max_batch_entries\?"):
+        load(environ, "max_batch_entries = 10\n")
+
+
+def test_render_config_round_trips_the_limits(tmp_path: Path, environ: dict[str, str]) -> None:
+    environ["XDG_RUNTIME_DIR"] = str(tmp_path)
+    (tmp_path / "statusd").mkdir()
+    config, _ = load(environ)
+    config = attrs.evolve(
+        config, limits=LimitsConfig(7, 8, 9000, publish_rate=0.5, publish_burst=3)
+    )
+    assert tomllib.loads(render_config(config))["limits"]["publish_rate"] == 0.5
+    assert reload(config, tmp_path, environ).limits == config.limits

@@ -20,10 +20,9 @@ log = logging.getLogger(__name__)
 async def answer(api: Api, session: Session, raw: bytes | str) -> None:
     """Answer one framed message into ``session``'s replies (nothing for notifications)."""
     try:
-        response = await api.handle_message(session, raw)
-        if response is None:
+        line = await api.handle_message(session, raw)
+        if line is None:
             return
-        line = jsonrpc.encode_line(response)
     except Exception:
         log.exception("internal error answering a message from %s", session.caller.username)
         # Which request failed is not known here: the id may be the very value at fault.
