@@ -283,7 +283,7 @@ def _seconds(value: object, context: _Context) -> float:
 def _rate(value: object, context: _Context) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1_000_000:
         raise _BadValue(
-            f"must be a number of messages a second from 0 to 1000000, not {_show(value)}"
+            f"must be a number of messages a second above 0 and at most 1000000, not {_show(value)}"
         )
     return float(value)
 
