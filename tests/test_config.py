@@ -790,7 +790,8 @@ def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, 
         ),
         (
             "publish_rate = 0",
-            "limits.publish_rate: must be a number of messages a second above 0 and at most 1000000, not 0",
+            "limits.publish_rate: must be a number of messages a second above 0 and at most"
+            " 1000000, not 0",
         ),
         ('publish_rate = "fast"', "limits.publish_rate: must be a number of messages"),
         ("publish_burst = 0", "limits.publish_burst: must be an integer from 1 to 1000000, not 0"),
