@@ -62,6 +62,16 @@ def parts_with_data(dest: Path) -> list[str]:
     ]
 
 
+async def a_named_and_b_on_disk(process: DaemonProcess, a_id: str, dest: Path) -> None:
+    """Wait until A has journalled its file name and B's part holds data."""
+
+    async def ready() -> bool:
+        named = any(state.get("name") for state in journalled_states(process, a_id))
+        return named and dest.exists() and bool(parts_with_data(dest))
+
+    await until(ready)
+
+
 def sha(path: str) -> bytes:
     return hashlib.sha256(Path(path).read_bytes()).digest()
 
@@ -97,11 +107,7 @@ async def test_a_task_never_resumes_into_another_tasks_part_after_sigkill(
     b_id = (await client.call("tasks.download", {"urls": [b_url]}))["task_id"]
     a_id = (await client.call("tasks.download", {"urls": [a_url]}))["task_id"]
 
-    async def a_named_and_b_on_disk() -> bool:
-        named = any(state.get("name") for state in journalled_states(process, a_id))
-        return named and dest.exists() and bool(parts_with_data(dest))
-
-    await until(a_named_and_b_on_disk)
+    await a_named_and_b_on_disk(process, a_id, dest)
     await kill(process, client)
 
     client = await start(process)
@@ -133,11 +139,7 @@ async def test_cancelling_a_task_leaves_another_tasks_part_alone(
     b_id = (await client.call("tasks.download", {"urls": [b_url]}))["task_id"]
     a_id = (await client.call("tasks.download", {"urls": [a_url]}))["task_id"]
 
-    async def a_named_and_b_on_disk() -> bool:
-        named = any(state.get("name") for state in journalled_states(process, a_id))
-        return named and dest.exists() and bool(parts_with_data(dest))
-
-    await until(a_named_and_b_on_disk)
+    await a_named_and_b_on_disk(process, a_id, dest)
     assert await client.call("tasks.cancel", {"task_id": a_id}) == {"cancelled": True}
     assert (await finished(client, a_id))["status"] == "cancelled"
     release.set()

@@ -38,6 +38,16 @@ __all__ = ["http_server"]
 DATA = random.Random(10).randbytes(300_000)
 
 
+async def asked_once(server: HTTPTestServer, path: str) -> None:
+    """Wait until the daemon's first request for ``path`` has reached the server (a task is
+    running a moment before its request goes out)."""
+
+    async def asked() -> bool:
+        return len(server.requests_for(path)) == 1
+
+    await until(asked)
+
+
 def one_slot_config(directory: Path) -> Path:
     path = directory / "statusd.toml"
     # nobody's group may reach the socket, for the per-user test.
@@ -147,11 +157,7 @@ async def test_a_stop_starts_none_of_the_queued_tasks(
     process = daemon_process()
     client = await start(process, "--config", str(one_slot_config(process.directory)))
     running = await download(client, url)
-
-    async def asked() -> bool:
-        return len(http_server.requests_for("/hang.bin")) == 1
-
-    await until(asked)  # the running task holds the one slot, its request made
+    await asked_once(http_server, "/hang.bin")  # it holds the one slot
     requests = [
         jsonrpc.request("tasks.download", {"urls": [url]}, n) for n in range(1, 61)
     ]  # one batch: the queue is full before the stop
@@ -273,11 +279,7 @@ async def test_an_acknowledged_cancel_survives_a_kill_before_the_task_ended(
     process = daemon_process()
     client = await start(process)
     task_id = await download(client, url)
-
-    async def asked() -> bool:
-        return len(http_server.requests_for("/hang.bin")) == 1
-
-    await until(asked)  # running, and the one request a restart must not repeat is made
+    await asked_once(http_server, "/hang.bin")  # the one request a restart must not repeat
     await client.call("tasks.cancel", {"task_id": task_id})
     await kill(process, client)
     path = process.directory / "state" / "tasks.jsonl"
