@@ -12,6 +12,10 @@
   started again from zero is replaced by a new inode, never truncated, so a file someone
   linked to it keeps its bytes. Nothing here opens, truncates or removes a name that is
   not the caller's own part (or, after a crash, a final file linked to it).
+- **who reads**: a task asked for by another uid than the daemon's has a reader
+  (``Directory.reader``): its directories and finished files get a POSIX ACL entry for
+  that uid alone (``acl.py``), whatever the umask, and its own directory below the
+  download directory (``open_home_dest``) is entered by nobody else.
 - **threads**: ``FILES`` runs file work in long-lived threads and fsyncs each directory
   once per batch of work (a group commit of the links); ``HASHES`` hashes beside the writes.
 
@@ -35,7 +39,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd.downloads import names
+from statusd.downloads import acl, names
 
 _T = TypeVar("_T")
 _HASH_BLOCK = 1 << 20
@@ -57,6 +61,7 @@ class Directory:
 
     fd: int
     path: str
+    reader: int | None = None  # the uid, other than the daemon's, that reads what is made here
 
     @classmethod
     def open(cls, path: Path | str) -> Directory:
@@ -77,52 +82,137 @@ class Directory:
         os.close(self.fd)
 
 
-def open_dest(root: Path | str, dest: str, *, create: bool = True) -> Directory:
+def open_dest(
+    root: Path | str, dest: str, *, create: bool = True, reader: int | None = None
+) -> Directory:
     """Open ``dest`` below the download directory ``root`` without following a symlink.
 
     ``root`` is configuration and is opened as it is (it may itself be a symlink). A
     relative ``dest`` is walked from ``root``, an absolute one (an admin's dest outside the
     download directory) from ``/``, one component at a time with ``O_NOFOLLOW |
     O_DIRECTORY``, each relative to the fd of the one before; missing ones are created
-    (``create``). Raises DestError naming the component that is a symlink or no directory.
+    (``create``; with a ``reader``, each with that reader's directory ACL). Raises
+    DestError naming the component that is a symlink or no directory.
     """
-    anchor = (
-        Directory.open(root)
-        if not os.path.isabs(dest)
-        else Directory(os.open("/", _DIRECTORY), "/")
-    )
-    directory = anchor
-    path = os.fspath(root) if not os.path.isabs(dest) else ""
+    if os.path.isabs(dest):
+        return _walk(Directory(os.open("/", _DIRECTORY), "/", reader), dest, create)
+    return _walk(attrs.evolve(Directory.open(root), reader=reader), dest, create)
+
+
+def _walk(directory: Directory, dest: str, create: bool) -> Directory:
+    """Open ``dest`` below ``directory`` (which this takes over and closes)."""
+    path = directory.path.rstrip("/")
     try:
         for component in (part for part in dest.split("/") if part not in ("", ".")):
             if component == "..":
                 raise DestError(f"dest {dest!r} must not contain '..'")
             path = f"{path}/{component}"
-            fd = _open_component(directory.fd, component, path, create)
+            fd = _open_component(directory.fd, component, path, create, directory.reader)
             directory.close()
-            directory = Directory(fd, path)
+            directory = Directory(fd, path, directory.reader)
     except BaseException:
         directory.close()
         raise
     return directory
 
 
-def _open_component(parent: int, component: str, path: str, create: bool) -> int:
+def _open_component(
+    parent: int, component: str, path: str, create: bool, reader: int | None = None
+) -> int:
     flags = _DIRECTORY | os.O_NOFOLLOW
     try:
         return os.open(component, flags, dir_fd=parent)
     except FileNotFoundError:
         if not create:
             raise DestError(f"dest directory {path} does not exist") from None
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(component, dir_fd=parent)
-        return _open_component(parent, component, path, create=False)
+        made = True
+        try:
+            os.mkdir(component, 0o700 if reader is not None else 0o777, dir_fd=parent)
+        except FileExistsError:
+            made = False
+        fd = _open_component(parent, component, path, create=False)
+        if made and reader is not None:
+            _set_acl(fd, acl.reader_directory(reader), path)
+        return fd
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise DestError(
                 f"dest directory {path} is a symlink or not a directory; nothing was written"
             ) from None
         raise
+
+
+# Adding one entry to the download directory's ACL reads it, then writes it: two tasks
+# of two new users starting at once would otherwise each write back the ACL without the
+# other's entry.
+_TRAVERSE_LOCK = threading.Lock()
+
+
+class ACLUnsupported(DestError):
+    """The filesystem has no POSIX ACLs: a reader's files cannot be made theirs alone."""
+
+
+def open_home_dest(
+    root: Path | str, home: str, dest: str, reader: int, *, create: bool = True
+) -> Directory:
+    """Open ``dest`` (relative to the download directory ``root``) for a task whose files
+    ``reader`` alone may read, ``dest`` being ``home`` (the reader's own directory,
+    one component below ``root``) or inside it.
+
+    The home directory is the daemon's, and its ACL is set again on every open: the reader
+    lists and enters it, nobody else does (a directory of that name left by anyone else,
+    or made with another uid's entry, is not taken as it is). ``root`` gets a search-only
+    entry for the reader, so that the reader reaches the home without listing ``root``.
+    Raises ``ACLUnsupported`` where the filesystem has no ACLs, before anything is made
+    below ``root``.
+    """
+    if "/" in home or home in ("", ".", ".."):
+        raise DestError(f"home {home!r} must be one directory name")
+    if dest != home and not dest.startswith(f"{home}/"):
+        raise DestError(f"dest {dest!r} must be inside {home!r}")
+    directory = Directory.open(root)
+    try:
+        _grant_traverse(directory, reader)
+        fd = _open_component(directory.fd, home, directory.join(home), create)
+    finally:
+        directory.close()
+    own = Directory(fd, f"{directory.path}/{home}", reader)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise DestError(f"{own.path} belongs to uid {info.st_uid}, not to the daemon")
+        _set_acl(fd, acl.reader_directory(reader), own.path)
+    except BaseException:
+        own.close()
+        raise
+    return _walk(own, dest[len(home) :], create)
+
+
+def _grant_traverse(directory: Directory, reader: int) -> None:
+    with _TRAVERSE_LOCK:
+        entries = acl.get_acl(directory.fd)
+        if acl.searchable_by(entries, reader):
+            return
+        _set_acl(directory.fd, acl.with_traverse(entries, reader), directory.path)
+
+
+def _set_acl(fd: int, entries: tuple[acl.Entry, ...], path: str) -> None:
+    try:
+        acl.set_acl(fd, entries)
+    except OSError as exc:
+        if acl.unsupported(exc):
+            raise ACLUnsupported(
+                f"{path} is on a filesystem without POSIX ACLs, which downloads for "
+                "other users need (so that only they can read their files); nothing was written"
+            ) from None
+        raise
+
+
+def share_with_reader(part: Part, directory: Directory) -> None:
+    """Give the directory's reader (if any) read access to the part, and nobody else
+    (OSError EOPNOTSUPP without ACLs: ``file_error`` says so)."""
+    if directory.reader is not None:
+        acl.set_acl(part.fd, acl.reader_file(directory.reader))
 
 
 def part_name(name: str, owner: str) -> str:
@@ -275,7 +365,13 @@ def finish(
     try:
         try:
             write_data(part, data)
-            os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
+            if directory.reader is None:
+                os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
+            else:
+                # Before the link, so that the final name is never readable by the wrong
+                # uid; fsync, not fdatasync, so that a crash cannot lose the ACL.
+                share_with_reader(part, directory)
+                os.fsync(part.fd)
         finally:
             part.close()
         digest: str | None = None if part.hasher is None else part.hasher.hexdigest()
@@ -355,6 +451,8 @@ def file_size(directory: Directory, name: str) -> int | None:
 def file_error(exc: OSError, path: str) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device writing {path}"
+    if acl.unsupported(exc):
+        return f"cannot give {path} to its reader alone: the filesystem has no POSIX ACLs"
     reason = exc.strerror or str(exc)
     return f"cannot write {path}: {reason[:1].lower()}{reason[1:]}"
 

@@ -15,6 +15,13 @@ The spec journals ``dest`` relative to the download directory (``"."`` for the d
 itself); an admin's dest outside it is journalled as an absolute path and opened from
 ``/`` the same way, one component at a time. A spec from an older journal with an
 absolute dest inside the download directory is read as the relative one.
+
+Whose files: a caller whose uid is neither the daemon's nor root's has a directory of
+their own, ``<download_dir>/<user>`` (the spec's ``home``), where a relative ``dest`` goes
+and out of which a non-admin's may not lead; the task's files are readable by that uid
+(the spec's ``reader_uid``) and by no other non-admin (``files.open_home_dest``, ``acl.py``).
+Both are journalled with the spec, so a task resumed after a restart writes into the same
+directory with the same ACL.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from statusd.downloads.engine import (
 )
 from statusd.downloads.files import DestError, Directory
 from statusd.downloads.http import HTTPClient
-from statusd.downloads.names import validate_url
+from statusd.downloads.names import safe_filename, validate_url
 from statusd.errors import Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
@@ -60,6 +67,7 @@ class Downloads:
         self._config = config
         self.settings = _settings(config.downloads)
         self._client: HTTPClient | None = None
+        self._daemon_uid = os.getuid()
 
     def configure(self, downloads: DownloadsConfig) -> None:
         """New ``[downloads]`` settings (SIGHUP): items that start from now on use them;
@@ -111,27 +119,38 @@ class Downloads:
         )
         if not 1 <= batch_size <= 1000:
             raise InvalidParams("batch_size", f"must be from 1 to 1000, not {batch_size}")
-        dest = self._dest(params.dest, caller)
+        reader = self._reader(caller)
+        home = "." if reader is None else home_name(caller)
+        dest = self._dest(params.dest, caller, home)
         name = params.name or (raw[0]["url"] if len(raw) == 1 else f"Download {len(raw)} files")
-        spec = {"items": raw, "dest": dest, "batch_size": batch_size}
+        spec: dict[str, Any] = {"items": raw, "dest": dest, "batch_size": batch_size}
+        if reader is not None:
+            spec |= {"reader_uid": reader, "home": home}
         return name, len(raw), spec
 
-    def _dest(self, dest: str | None, caller: Caller) -> str:
+    def _reader(self, caller: Caller) -> int | None:
+        """The uid a task's files are made readable for: None for the daemon's own user
+        and root, who read them anyway, and whose files stay in the download directory."""
+        return None if caller.uid in (0, self._daemon_uid) else caller.uid
+
+    def _dest(self, dest: str | None, caller: Caller, home: str) -> str:
         """``dest`` as journalled: relative to the download directory, or absolute when an
-        admin names a directory outside it. Checked here against symlinks as they are
-        now; the job opens it again without following any when it runs."""
+        admin names a directory outside it. A relative one is under the caller's ``home``;
+        a non-admin's must stay inside it. Checked here against symlinks as they are now;
+        the job opens it again without following any when it runs."""
         root = self.root
+        own = root / home if home != "." else root
         if dest is None:
-            return "."
+            return home
         if "\0" in dest:
             raise InvalidParams("dest", "must not contain NUL")
-        path = Path(os.path.realpath(root / dest))
-        if path.is_relative_to(root):
+        path = Path(os.path.realpath(own / dest))
+        if path.is_relative_to(own) or (caller.admin and path.is_relative_to(root)):
             return str(path.relative_to(root))
         if not caller.admin:
             raise Forbidden(
-                f"dest must be inside the download directory {root}",
-                {"field": "dest", "download_dir": str(root)},
+                f"dest must be inside your download directory {own}",
+                {"field": "dest", "download_dir": str(own)},
             )
         return str(path)
 
@@ -148,6 +167,15 @@ class Downloads:
         self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]
     ) -> DownloadJob:
         return DownloadJob(self, task_id, spec, checkpoints)
+
+
+def home_name(caller: Caller) -> str:
+    """The caller's directory below the download directory: their user name, or their
+    uid where the name would not be one plain directory name."""
+    name = caller.username
+    if safe_filename(name) == name and not name.startswith("."):
+        return name
+    return str(caller.uid)
 
 
 def _settings(downloads: DownloadsConfig) -> DownloadSettings:
@@ -214,8 +242,15 @@ class DownloadJob:
         return dest
 
     async def _open_dest(self, *, create: bool) -> Directory:
+        reader: int | None = self.spec.get("reader_uid")
+        home: str | None = self.spec.get("home")
+        dest, root = self.dest, self.service.root
+        if reader is not None and home is not None and (dest + "/").startswith(home + "/"):
+            return await trio.to_thread.run_sync(
+                lambda: files.open_home_dest(root, home, dest, reader, create=create)
+            )
         return await trio.to_thread.run_sync(
-            lambda: files.open_dest(self.service.root, self.dest, create=create)
+            lambda: files.open_dest(root, dest, create=create, reader=reader)
         )
 
     async def run(self, reporter: Reporter) -> dict[str, Any] | None:
