@@ -128,6 +128,7 @@ class DaemonProcess:
     socket: Path
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    umask: int = -1  # the daemon's umask; -1: the test runner's
 
     def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
         env = dict(os.environ, HOME=str(self.directory))
@@ -149,6 +150,7 @@ class DaemonProcess:
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                umask=self.umask,
             )
         if wait:
             self.wait_ready()
@@ -219,16 +221,22 @@ def run_as_nobody(action: Any) -> Any:
 
     The child never execs: the interpreter may live where nobody cannot enter.
     """
+    return run_as(NOBODY_UID, NOBODY_GID, action)
+
+
+def run_as(uid: int, gid: int, action: Any) -> Any:
+    """``run_as_nobody`` for any uid and gid (a third user: one with no passwd entry,
+    such as 65533, will do)."""
     if os.getuid() != 0:
-        pytest.skip(f"per-user rules need a second uid: running as uid {os.getuid()}, not root")
+        pytest.skip(f"per-user rules need other uids: running as uid {os.getuid()}, not root")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(read_end)
         try:
             os.setgroups([])
-            os.setgid(NOBODY_GID)
-            os.setuid(NOBODY_UID)
+            os.setgid(gid)
+            os.setuid(uid)
             outcome = {"result": action()}
         except BaseException as exc:
             outcome = {"error": f"{type(exc).__name__}: {exc}"}
@@ -241,7 +249,7 @@ def run_as_nobody(action: Any) -> Any:
     os.waitpid(pid, 0)
     outcome = json.loads(text)
     if "error" in outcome:
-        raise AssertionError(f"child as nobody failed: {outcome['error']}")
+        raise AssertionError(f"child as uid {uid} failed: {outcome['error']}")
     return outcome["result"]
 
 
