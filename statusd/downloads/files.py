@@ -132,7 +132,11 @@ def _open_component(
             made = False
         fd = _open_component(parent, component, path, create=False)
         if made and reader is not None:
-            _set_acl(fd, acl.reader_directory(reader), path)
+            try:
+                _set_acl(fd, acl.reader_directory(reader), path)
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -173,7 +177,7 @@ def open_home_dest(
     directory = Directory.open(root)
     try:
         _grant_traverse(directory, reader)
-        fd = _open_component(directory.fd, home, directory.join(home), create)
+        fd = _open_component(directory.fd, home, directory.join(home), create, reader)
     finally:
         directory.close()
     own = Directory(fd, f"{directory.path}/{home}", reader)

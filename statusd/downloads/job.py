@@ -139,7 +139,7 @@ class Downloads:
         a non-admin's must stay inside it. Checked here against symlinks as they are now;
         the job opens it again without following any when it runs."""
         root = self.root
-        own = root / home if home != "." else root
+        own = root / home
         if dest is None:
             return home
         if "\0" in dest:
