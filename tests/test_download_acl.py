@@ -21,10 +21,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
-from statusd.downloads import acl
+from statusd.downloads import acl, files
 from statusd.downloads.acl import (
     EXECUTE,
     READ,
@@ -233,6 +234,26 @@ def test_a_filesystem_without_acls_is_refused_before_anything_is_made(ramfs: Pat
     with pytest.raises(ACLUnsupported, match="filesystem without POSIX ACLs"):
         open_home_dest(root, "alice", "alice/a", 4242)
     assert os.listdir(root) == []
+
+
+def test_a_part_whose_acl_cannot_be_set_is_removed_not_linked(ramfs: Path) -> None:
+    """Without ACLs a reader's file would be the daemon's alone, or everyone's: it fails,
+    and neither the part nor a final name is left."""
+    directory = files.Directory.open(ramfs)
+    try:
+        reader = attrs.evolve(directory, reader=4242)
+        part = files.create_part(reader, ".a.bin.t-0.part", hashing=False)
+        with pytest.raises(OSError, match="Operation not supported") as raised:
+            files.finish(
+                part, memoryview(b"data"), reader, ".a.bin.t-0.part", "a.bin", None, False, False
+            )
+    finally:
+        directory.close()
+    assert acl.unsupported(raised.value)
+    assert os.listdir(ramfs) == []
+    assert files.file_error(raised.value, f"{ramfs}/a.bin") == (
+        f"cannot give {ramfs}/a.bin to its reader alone: the filesystem has no POSIX ACLs"
+    )
 
 
 # --- a real daemon, a real second and third uid ---------------------------------------

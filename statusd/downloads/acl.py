@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
+import operator
 import os
 import stat
 import struct
@@ -111,14 +113,15 @@ def with_traverse(entries: Iterable[Entry], reader: int) -> tuple[Entry, ...]:
     """``entries`` plus search (``--x``) for ``reader``, who may then reach a directory
     below without listing this one. The mask is recomputed as ``setfacl`` does (the union
     of the group-class entries) so that no entry loses what it had."""
+    entries = tuple(entries)
     kept = [e for e in entries if e.tag is not Tag.MASK and not _names(e, reader)]
-    had = sum(e.perm for e in entries if _names(e, reader))
-    kept.append(user(reader, had | EXECUTE))
-    group_class = (e.perm for e in kept if e.tag in (Tag.USER, Tag.GROUP_OBJ, Tag.GROUP))
-    union = 0
-    for perm in group_class:
-        union |= perm
-    return (*kept, mask(union))
+    kept.append(user(reader, _union(e.perm for e in entries if _names(e, reader)) | EXECUTE))
+    group_class = _union(e.perm for e in kept if e.tag in (Tag.USER, Tag.GROUP_OBJ, Tag.GROUP))
+    return (*kept, mask(group_class))
+
+
+def _union(perms: Iterable[int]) -> int:
+    return functools.reduce(operator.or_, perms, 0)
 
 
 def searchable_by(entries: Iterable[Entry], reader: int) -> bool:
