@@ -40,7 +40,7 @@ from statusd.protocol.codec import format_timestamp, structure_params, unstructu
 from statusd.session import Session
 from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.rate import RateLimiter, retry_after
-from statusd.state.status import Level
+from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus
 from statusd.tasks import Job, TaskManager
 from statusd.tokens import MAX_TOKENS_PER_USER, Scope, TokenStore, refusal
@@ -63,6 +63,9 @@ class PublishParams:
     level: Level
     message: str
     operation_id: str | None = None
+    # Who reads it besides admins: the publisher alone ("user", the default) or everyone
+    # ("all", admins only).
+    audience: Audience = Audience.USER
 
 
 @attrs.frozen
@@ -335,8 +338,21 @@ class Api:
         }
 
     async def status_publish(self, session: Session, params: PublishParams) -> dict[str, Any]:
-        self._check_publish_rate(session.caller)
-        message = self.channel.publish_status(params.level, params.message, params.operation_id)
+        caller = session.caller
+        if params.audience is Audience.ALL and not caller.admin:
+            raise Forbidden(
+                "audience: only an admin may publish to all users; "
+                "a message of yours reaches you and the admins",
+                {"field": "audience"},
+            )
+        self._check_publish_rate(caller)
+        message = self.channel.publish_status(
+            params.level,
+            params.message,
+            params.operation_id,
+            user=caller.username,
+            audience=params.audience,
+        )
         if message is None:
             raise InternalError("status message could not be published")
         return {"seq": message.seq}
@@ -358,8 +374,8 @@ class Api:
                 {"limit": limits.publish_burst, "rate": limits.publish_rate, "retry_after": after},
             )
 
-    async def status_recent(self, _session: Session, params: RecentParams) -> dict[str, Any]:
-        messages, dropped = self.channel.recent(params.since)
+    async def status_recent(self, session: Session, params: RecentParams) -> dict[str, Any]:
+        messages, dropped = self.channel.recent(params.since, session.reader)
         return {"messages": unstructure(messages), "dropped": dropped}
 
     async def subscribe(self, session: Session, params: SubscribeParams) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 When stderr is the journal (``JOURNAL_STREAM`` names our stderr), each line starts with
 its syslog priority (``<3>`` error ... ``<7>`` debug) and carries no timestamp, since
 journald adds its own (sd-daemon(3)).
+
+Every line goes through ``redact_urls_in``: the log is read by admins and support, and a
+URL's credentials and query string (a signed link's secret) are its owner's alone.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
+from statusd.redact import redact_urls_in
+
 _PRIORITIES = {
     logging.CRITICAL: 2,
     logging.ERROR: 3,
@@ -22,7 +27,18 @@ _PRIORITIES = {
 }
 
 
-class JournalFormatter(logging.Formatter):
+# A record longer than this (a megabyte of traceback) is cut, like a status message.
+MAX_RECORD_CHARS = 1_000_000
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter whose lines show URLs redacted (``statusd.redact``), tracebacks too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_urls_in(super().format(record), limit=MAX_RECORD_CHARS)
+
+
+class JournalFormatter(RedactingFormatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = _PRIORITIES.get(record.levelno, 6)
         text = super().format(record)
@@ -53,7 +69,9 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     if stderr_is_journal(stream):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(
+            RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -39,6 +39,7 @@ import trio
 from statusd.errors import InternalError, StartupError
 from statusd.events import NotificationFeed
 from statusd.protocol.codec import format_timestamp
+from statusd.redact import redact_urls_in
 from statusd.state.notifications import (
     DEFAULT_LIMIT,
     MAX_MESSAGE_CHARS,
@@ -50,7 +51,6 @@ from statusd.state.notifications import (
     Row,
     check_field,
     create_record,
-    cut,
     delete_read_record,
     delete_record,
     one_line,
@@ -316,7 +316,9 @@ def task_end_text(task: TaskInfo, status: TaskStatus) -> tuple[str, str, str]:
     else:
         type_, title = "task_cancelled", f"Task cancelled: {name}"
         message = f"Cancelled after {task.processed_items} of {total} items."
-    return type_, cut(title, MAX_TITLE_CHARS), cut(message, MAX_MESSAGE_CHARS)
+    # An admin may read any inbox: a failed URL's credentials and query stay in the task.
+    title = redact_urls_in(title, limit=MAX_TITLE_CHARS)
+    return type_, title, redact_urls_in(message, limit=MAX_MESSAGE_CHARS)
 
 
 @asynccontextmanager

@@ -24,6 +24,7 @@ import trio
 from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.protocol import jsonrpc
+from statusd.state.status import Reader
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import Scope
 
@@ -87,6 +88,8 @@ class Session:
         self.seed = seed
         self._streams = streams
         self._channel = streams.status
+        # Status pushes are the ones this caller may read (StatusMessage.visible_to).
+        self.reader = Reader(caller.username, caller.admin)
         self._max_pending_replies = max_pending_replies
         self._replies: deque[bytes] = deque()
         self._pushes: deque[tuple[str, bytes]] = deque(maxlen=max_pushes)
@@ -141,7 +144,7 @@ class Session:
             # Already streaming: keep the cursor, so no message is ever sent twice.
             if self._status_cursor is None:
                 self._status_cursor = start
-                self._channel.watch(self._wake)
+                self._channel.watch(self._wake, self.reader)
             self._work.set()
         return subscription
 
@@ -168,7 +171,7 @@ class Session:
 
     def _stop_status(self) -> None:
         if self._status_cursor is not None:
-            self._channel.unwatch(self._wake)
+            self._channel.unwatch(self._wake, self.reader)
             self._status_cursor = None
 
     def push(self, stream: str, line: bytes) -> None:
@@ -194,7 +197,7 @@ class Session:
             self._room.set()
         status_lines: list[bytes] = []
         if self._status_cursor is not None:
-            status_lines, missed = self._channel.lines_after(self._status_cursor)
+            status_lines, missed = self._channel.lines_after(self._status_cursor, self.reader)
             self._status_cursor = None if self.closing else self._channel.last_seq
             if missed:
                 self._count_drop("status", missed)
@@ -217,7 +220,10 @@ class Session:
             self._replies
             or self._pushes
             or self._unreported
-            or (self._status_cursor is not None and self._status_cursor < self._channel.last_seq)
+            or (
+                self._status_cursor is not None
+                and self._status_cursor < self._channel.last_seq_for(self.reader)
+            )
         )
 
     async def wait_pending(self) -> None:
@@ -225,7 +231,7 @@ class Session:
         while not self.has_pending() and not self.closing:
             self._work = trio.Event()
             if self._status_cursor is not None:
-                self._channel.watch(self._wake)
+                self._channel.watch(self._wake, self.reader)
             await self._work.wait()
 
     def _wake(self) -> None:
@@ -237,7 +243,7 @@ class Session:
         # Keep the status cursor: what was published before the close (the daemon's own
         # "Stopping operations...") is still sent; nothing published later wakes us.
         if self._status_cursor is not None:
-            self._channel.unwatch(self._wake)
+            self._channel.unwatch(self._wake, self.reader)
         self._subscriptions.clear()
         self._streams.tasks.discard(self)
         self._streams.notifications.discard(self)

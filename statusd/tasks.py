@@ -47,7 +47,7 @@ from statusd.channel import StatusChannel
 from statusd.errors import Conflict, InternalError
 from statusd.events import TaskFeed
 from statusd.protocol.codec import converter, format_timestamp, unstructure
-from statusd.state.status import Level
+from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus, job_update
 from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
 
@@ -604,7 +604,11 @@ class TaskManager:
         self._feed.publish(task, unstructure(job_update(task, status, timestamp, message, **extra)))
 
     def publish_status(self, level: Level | str, message: str, task: TaskInfo) -> None:
-        self._channel.publish_status(level, message, operation_id=task.id)
+        """A message about ``task``: it and its id reach the task's owner and admins only
+        (the channel redacts the URLs in it; ``tasks.get`` keeps them whole)."""
+        self._channel.publish_status(
+            level, message, operation_id=task.id, user=task.owner, audience=Audience.USER
+        )
 
     # -- the journal -----------------------------------------------------------------------
 

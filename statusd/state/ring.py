@@ -50,6 +50,10 @@ class DropOldestRing(Generic[T]):
     def first_seq(self) -> int:
         return self._last_seq - len(self._items) + 1
 
+    def next_dropped(self) -> T | None:
+        """The item the next ``append`` pushes out, if the ring is full."""
+        return self._items[0] if len(self._items) == self.capacity else None
+
     def append(self, item: T) -> int:
         """Add ``item``; returns its sequence number. Never blocks, never fails."""
         if len(self._items) == self.capacity:

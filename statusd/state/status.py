@@ -1,4 +1,5 @@
-"""Status messages: the seed contract's message shape, levels and length rule.
+"""Status messages: the seed contract's message shape, levels, length rule and who may read
+each one.
 
 Pure. ``StatusMessage`` is what the ring holds and what subscribers receive.
 """
@@ -21,6 +22,21 @@ class Level(enum.StrEnum):
     SUCCESS = "success"
 
 
+class Audience(enum.StrEnum):
+    """Who reads a message besides admins: its ``user`` alone, or everyone."""
+
+    USER = "user"
+    ALL = "all"
+
+
+@attrs.frozen
+class Reader:
+    """Who reads the status stream: a user, who may be an admin."""
+
+    username: str
+    admin: bool = False
+
+
 @attrs.frozen
 class StatusMessage:
     seq: int
@@ -28,6 +44,19 @@ class StatusMessage:
     level: Level
     message: str
     operation_id: str | None = None
+    # Who published it: a task's owner, a status.publish caller; None is the daemon itself.
+    user: str | None = None
+    audience: Audience = Audience.ALL
+
+    def visible_to(self, username: str, admin: bool) -> bool:
+        """Admins read everything; a message for all reaches everyone; any other only its
+        ``user`` (a message for one user with no user reaches admins alone)."""
+        if admin or self.audience is Audience.ALL:
+            return True
+        return self.user is not None and self.user == username
+
+    def visible_to_reader(self, reader: Reader) -> bool:
+        return self.visible_to(reader.username, reader.admin)
 
 
 def truncate_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
