@@ -26,6 +26,7 @@ blocked ``recv`` turns Ctrl-C into ``KeyboardInterrupt`` with no extra machinery
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -46,6 +47,7 @@ from statusctl.client import (
     resolve_socket_path,
 )
 from statusd.errors import CONFLICT, NOT_FOUND
+from statusd.identity import username_for
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,6 +67,11 @@ class Context:
     stdout: TextIO
     stderr: TextIO
     _client: Client | None = None
+
+    @functools.cached_property
+    def username(self) -> str:
+        """Who the daemon takes us for on its socket: our uid's name, as it looks it up."""
+        return username_for(os.getuid())
 
     def client(self) -> Client:
         if self._client is None:
@@ -128,12 +135,19 @@ def publish_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("level", metavar="LEVEL", help="info, warning, error or success")
     parser.add_argument("message", metavar="MESSAGE", help="the text (cut to 200 characters)")
     parser.add_argument("--operation-id", metavar="ID", help="groups related messages")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="for every user (admins only); without it, for you and the admins",
+    )
 
 
 def run_publish(context: Context, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"level": args.level, "message": args.message}
     if args.operation_id is not None:
         params["operation_id"] = args.operation_id
+    if args.all:
+        params["audience"] = "all"
     result = context.call("status.publish", params)
     context.emit(result, [str(result["seq"])])
     return EXIT_OK
@@ -150,7 +164,9 @@ def run_status(context: Context, args: argparse.Namespace) -> int:
     dropped = result.get("dropped", 0)
     if isinstance(dropped, int) and dropped > 0:
         lines.append(render.format_history_gap(dropped))
-    lines.extend(render.format_status(message) for message in result.get("messages", []))
+    lines.extend(
+        render.format_status(message, context.username) for message in result.get("messages", [])
+    )
     context.emit(result, lines)
     return EXIT_OK
 
@@ -237,7 +253,8 @@ class _Follow:
                 return EXIT_OK if params.get("status") == "completed" else EXIT_FAILED
         elif push.method == "status":
             if self._wanted_status(params):
-                self._print(push, lambda: self.display.message(render.format_status(params)))
+                line = render.format_status(params, self.context.username)
+                self._print(push, lambda: self.display.message(line))
         else:
             line = render.format_push(push.method, push.params)
             self._print(push, lambda: self.display.message(line))

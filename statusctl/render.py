@@ -103,13 +103,17 @@ def to_json(value: Any) -> str:
     return _MAYBE_UNSAFE.sub(_json_escape, text)
 
 
-def format_status(message: Mapping[str, Any]) -> str:
-    """``2026-11-23T10:30:00.123Z  #42 info     System ready  [op-id]``"""
+def format_status(message: Mapping[str, Any], reader: str | None = None) -> str:
+    """``2026-11-23T10:30:00.123Z  #42 info     Disk full  (from alice)  [op-id]``: who
+    published it when that is a user other than ``reader`` (an admin reads everyone's)."""
     level = one_line(str(message.get("level", "?")))
     text = one_line(str(message.get("message", "")))
     stamp = one_line(str(message.get("timestamp", "-")))
     seq = one_line(str(message.get("seq", "?")))
     line = f"{stamp}  #{seq} {level:<{_LEVEL_WIDTH}} {text}"
+    user = message.get("user")
+    if user is not None and user != reader:
+        line += f"  (from {one_line(str(user))})"
     operation_id = message.get("operation_id")
     if operation_id:
         line += f"  [{one_line(str(operation_id))}]"

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 from statusd.state.status import truncate_message
 
 # A scheme is at most 32 characters here (RFC 3986 sets no bound, real ones are short): an
-# unbounded one would make a long run of letters without "://" quadratic to scan.
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s<>\"'`]*")
+# unbounded one would make a long run of letters without "://" quadratic to scan. Closing
+# punctuation at the end is the sentence's, not the URL's ("failed: http://h/a?x=1: 403").
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,31}://(?:[^\s<>\"'`]*[^\s<>\"'`.,:;!?)\]}])?")
 # A URL longer than this that runs past what is read is cut, and redacted as a cut one.
 MAX_URL_CHARS = 8192
 HIDDEN = "…"

@@ -78,4 +78,6 @@ def test_status_message_wire_shape() -> None:
         "level": "error",
         "message": "boom",
         "operation_id": None,
+        "user": None,
+        "audience": "all",
     }
