@@ -9,7 +9,8 @@ write. The outgoing buffer is bounded two ways:
   itself;
 - pushed messages are dropped oldest-first and the client is told with a ``dropped``
   notice: status messages come straight from the channel's ring (a cursor per session,
-  no copies), other streams through a per-session deque of ``max_pushes``.
+  no copies; only those the session's user may read), other streams through a
+  per-session deque of ``max_pushes``.
 """
 
 from __future__ import annotations

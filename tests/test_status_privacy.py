@@ -31,6 +31,7 @@ from statusd.channel import StatusChannel
 from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.logs import setup_logging
+from statusd.notifications import task_end_text
 from statusd.protocol import jsonrpc
 from statusd.redact import HIDDEN, MAX_URL_CHARS, redact_url, redact_urls_in
 from statusd.session import Session
@@ -42,6 +43,7 @@ from statusd.state.status import (
     StatusMessage,
     truncate_message,
 )
+from statusd.state.tasks import TaskInfo, TaskStatus
 from tests.conftest import (
     NOBODY_GID,
     DaemonProcess,
@@ -355,6 +357,25 @@ def test_the_channel_redacts_every_message_it_is_given() -> None:
     assert message.message == f"fetch https://h/x?{HIDDEN}"
     lines, _ = channel.lines_after(0)
     assert b"SECRET" not in b"".join(lines)
+
+
+def test_task_end_notices_show_urls_redacted() -> None:
+    """An admin may read any inbox; the task keeps its URLs for its owner."""
+    task = TaskInfo(
+        id="t1",
+        name="https://u:SECRET@h/report-q3.pdf?signature=SECRET",
+        kind="download",
+        owner="alice",
+        status=TaskStatus.FAILED,
+        created_at=_now(),
+        total_items=1,
+        error="internal error: GET http://h/x?token=SECRET failed",
+    )
+    assert task_end_text(task, TaskStatus.FAILED) == (
+        "task_failed",
+        f"Task failed: https://h/report-q3.pdf?{HIDDEN}",
+        f"Failed: internal error: GET http://h/x?{HIDDEN} failed.",
+    )
 
 
 @pytest.fixture
