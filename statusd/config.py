@@ -81,6 +81,14 @@ class LimitsConfig:
     # average, ``publish_burst`` at once; admins are exempt.
     publish_rate: float = 20.0
     publish_burst: int = 50
+    # One user held all 1,024 connections and locked everyone out, root too. Per transport,
+    # per uid on the Unix socket and per token on the WebSocket; admins are exempt.
+    max_connections_per_user: int = 64
+    # The last of max_connections (at most half of them) only admins may take.
+    admin_connections: int = 16
+    # Connections not yet admitted, per transport: WebSocket handshakes in progress, Unix
+    # clients whose identity is being looked up. Slow handshakes held 1,024 open files.
+    max_pending_handshakes: int = 256
 
 
 @attrs.frozen
@@ -417,6 +425,9 @@ _KEYS = (
     _Key("limits.max_reply_bytes", _integer(1024, MAX_REPLY_BYTES), _integer_text),
     _Key("limits.publish_rate", _rate, _number_text),
     _Key("limits.publish_burst", _integer(1, 1_000_000), _integer_text),
+    _Key("limits.max_connections_per_user", _integer(1, 1_000_000), _integer_text),
+    _Key("limits.admin_connections", _integer(0, 1_000_000), _integer_text),
+    _Key("limits.max_pending_handshakes", _integer(1, 1_000_000), _integer_text),
     _Key("websocket.listen", _listen, flag_override="--websocket"),
     _Key("websocket.allowed_origins", _origins, _comma_list),
 )

@@ -41,6 +41,7 @@ from statusd.systemd import (
 )
 from statusd.tasks import TaskManager
 from statusd.tokens import TOKEN_FILE, TokenStore
+from statusd.transports.accept import raise_open_files_limit
 from statusd.transports.unix import UnixServer
 from statusd.transports.websocket import WebSocketServer
 
@@ -124,9 +125,9 @@ class Daemon:
         for name in restart:
             log.warning("%s changed: needs a restart", name)
         logging.getLogger().setLevel(effective.log_level.upper())
-        self.unix.max_connections = effective.max_connections
+        self.unix.configure(effective)
         if self.websocket is not None:
-            self.websocket.max_connections = effective.max_connections
+            self.websocket.configure(effective)
         self.tasks.max_running = effective.max_running_tasks
         if self.downloads is not None:
             self.downloads.configure(effective.downloads)
@@ -294,6 +295,8 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     ``config``.
     """
     failed = False
+    soft, hard = raise_open_files_limit()
+    log.info("open files limit: %d (hard limit %d)", soft, hard)
     try:
         trio.run(_main, config, reload or (lambda: config))
     except* StartupError as group:

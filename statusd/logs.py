@@ -6,15 +6,20 @@ journald adds its own (sd-daemon(3)).
 
 Every line goes through ``redact_urls_in``: the log is read by admins and support, and a
 URL's credentials and query string (a signed link's secret) are its owner's alone.
+``EveryInterval`` keeps a failure that repeats many times a second down to one line per
+interval.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping
 from typing import TextIO
+
+import trio
 
 from statusd.redact import redact_urls_in
 
@@ -75,3 +80,29 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class EveryInterval:
+    """Lets a repeated event be logged at most once per ``interval`` seconds of trio's clock.
+
+    ``ready()`` is asked at each occurrence: it returns how many occurrences were kept quiet
+    since the last one let through, or None to stay quiet. A failure that repeats ten times
+    a second (accept() at the open-files limit) then costs one line per interval, saying
+    how many it stands for, instead of filling the journal.
+    """
+
+    def __init__(self, interval: float) -> None:
+        if not interval > 0:
+            raise ValueError(f"interval must be > 0, not {interval}")
+        self.interval = interval
+        self._next = -math.inf
+        self._quiet = 0
+
+    def ready(self) -> int | None:
+        now = trio.current_time()
+        if now < self._next:
+            self._quiet += 1
+            return None
+        self._next = now + self.interval
+        quiet, self._quiet = self._quiet, 0
+        return quiet

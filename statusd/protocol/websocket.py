@@ -1,7 +1,9 @@
 """Pure WebSocket rules: handshake checks, routes, frames, and the seed's message types.
 
-- ``check_host``, ``check_origin``, ``bearer_token`` and ``route`` look at a handshake's
-  parts and say what to refuse and why, before anything is accepted;
+- ``check_single``, ``check_host``, ``check_origin``, ``bearer_token`` and ``route`` look
+  at a handshake's parts and say what to refuse and why, before anything is accepted;
+  ``busy_response`` is the 503 for a connection refused before its request is read;
+  ``is_loopback`` says whether a listen address is reachable from this machine only;
 - ``frames`` turns a session's pending lines into text frames (one message each, or
   several as one JSON array);
 - the rest builds and parses the seed's messages for ``/ws/bulk-process/{job_id}`` and
@@ -13,12 +15,14 @@ No trio, no sockets, no trio-websocket: strings and bytes in, values out.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
+import h11
 
 from statusd.errors import ParseError
 from statusd.protocol import jsonrpc
@@ -61,6 +65,51 @@ def check_host(header: str | None, allowed: Iterable[str]) -> Refusal | None:
     if name is None or name not in {*LOCAL_HOSTS, *(host.lower() for host in allowed)}:
         return Refusal(403, f"host {header!r} is not allowed (use localhost or the listen address)")
     return None
+
+
+def check_single(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> Refusal | None:
+    """Refuse a request that carries header ``name`` more than once: which of two Origins
+    a check reads, and which one a proxy in front read, is a guess an attacker can win.
+    (Two Hosts never get this far: h11 refuses them.)"""
+    count = sum(1 for header, _ in headers if header.lower() == name)
+    if count > 1:
+        shown = name.decode("latin-1").title()
+        return Refusal(400, f"{count} {shown} headers: a request may carry at most one")
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address only this machine can reach: 127.0.0.0/8, ::1, an
+    IPv4-mapped loopback, or ``localhost``. ``0.0.0.0``, ``::`` and names are not."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def busy_response(message: str) -> bytes:
+    """A whole ``503 Service Unavailable`` response that closes the connection, to send
+    before the request is read."""
+    body = (message + "\n").encode()
+    server = h11.Connection(h11.SERVER)
+    head = h11.Response(
+        status_code=503,
+        reason=b"Service Unavailable",
+        headers=[
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"retry-after", b"1"),
+        ],
+    )
+    return b"".join(
+        server.send(event) or b"" for event in (head, h11.Data(data=body), h11.EndOfMessage())
+    )
 
 
 def check_origin(origin: str | None, allowed: Sequence[str]) -> Refusal | None:

@@ -28,6 +28,8 @@ from statusd.identity import CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
 from statusd.session import Session
+from statusd.state.connections import Connections, Refusal
+from statusd.transports.accept import connection_limits, serve_listeners
 from statusd.transports.answer import answer
 
 log = logging.getLogger(__name__)
@@ -130,17 +132,29 @@ class UnixServer:
         self._api = api
         self._streams = streams
         self._sessions: set[Session] = set()
+        self._admitted = Connections(connection_limits(config))
+        # Connections whose caller is still being looked up, not yet admitted or refused.
+        self._pending = 0
+        self._max_pending = config.limits.max_pending_handshakes
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._identity: os.stat_result | None = None
         self._connections_changed = trio.lowlevel.ParkingLot()
-        self.max_connections = config.max_connections
         # Passwd and group lookups can block for seconds (LDAP, SSSD): never on the loop.
         self.lookups = CallerLookups()
 
     @property
     def connections(self) -> int:
         return len(self._sessions)
+
+    @property
+    def max_connections(self) -> int:
+        return self._admitted.limits.max_connections
+
+    def configure(self, config: Config) -> None:
+        """The connection limits of a reloaded configuration; held connections stay."""
+        self._admitted.configure(connection_limits(config))
+        self._max_pending = config.limits.max_pending_handshakes
 
     async def serve(
         self,
@@ -165,7 +179,7 @@ class UnixServer:
     async def _accept(self, listener: trio.SocketListener) -> None:
         assert self._nursery is not None
         with self._accept_scope:
-            await trio.serve_listeners(self._handle, [listener], handler_nursery=self._nursery)
+            await serve_listeners(self._handle, [listener], self._nursery, "unix socket")
 
     async def wait_connections_at_most(self, count: int) -> None:
         while len(self._sessions) > count:
@@ -199,19 +213,25 @@ class UnixServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            if len(self._sessions) >= self.max_connections:
-                await self._refuse(stream)
-                return
             pid, uid, _gid = peer_credentials(stream.socket)
-            caller = await self.lookups.caller_for_uid(uid, self._config.admin_group, pid=pid)
-            session = Session(caller, self._streams)
-            self._sessions.add(session)
+            # Nobody, admins included, gets past max_connections: say so before a lookup.
+            refusal = self._admitted.check(uid, admin=True) or self._pending_refusal()
+            if refusal is not None:
+                await self._refuse(stream, refusal)
+                return
+            self._pending += 1
             try:
-                await self._run_session(stream, session)
+                caller = await self.lookups.caller_for_uid(uid, self._config.admin_group, pid=pid)
             finally:
-                session.close()
-                self._sessions.discard(session)
-                self._connections_changed.unpark_all()
+                self._pending -= 1
+            refusal = self._admitted.admit(uid, caller.admin)
+            if refusal is not None:
+                await self._refuse(stream, refusal)
+                return
+            try:
+                await self._serve(stream, Session(caller, self._streams))
+            finally:
+                self._admitted.release(uid)
         except Exception:
             # serve_listeners runs every handler in one nursery: an exception let out of
             # here would end every client's connection and the daemon with them.
@@ -219,8 +239,28 @@ class UnixServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _refuse(self, stream: trio.SocketStream) -> None:
-        error = Busy(f"too many connections (max_connections = {self.max_connections})")
+    async def _serve(self, stream: trio.SocketStream, session: Session) -> None:
+        self._sessions.add(session)
+        try:
+            await self._run_session(stream, session)
+        finally:
+            session.close()
+            self._sessions.discard(session)
+            self._connections_changed.unpark_all()
+
+    def _pending_refusal(self) -> Refusal | None:
+        if self._pending < self._max_pending:
+            return None
+        return Refusal(
+            f"too many connections waiting to be admitted "
+            f"(limits.max_pending_handshakes = {self._max_pending})",
+            "limits.max_pending_handshakes",
+            self._max_pending,
+        )
+
+    async def _refuse(self, stream: trio.SocketStream, refusal: Refusal) -> None:
+        log.debug("connection refused: %s", refusal.message)
+        error = Busy(refusal.message, refusal.data)
         line = jsonrpc.encode_line(jsonrpc.error_response(None, error))
         with trio.move_on_after(1), contextlib.suppress(*_GONE):
             await stream.send_all(line)

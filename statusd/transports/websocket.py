@@ -47,8 +47,10 @@ from statusd.protocol import jsonrpc
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
 from statusd.session import Session
+from statusd.state.connections import Connections, Refusal
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import TokenRecord, TokenStore
+from statusd.transports.accept import connection_limits, serve_listeners
 from statusd.transports.answer import answer
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,30 @@ def _address(sockname: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _warn_unless_loopback(listeners: list[trio.SocketListener]) -> None:
+    for listener in listeners:
+        host = listener.socket.getsockname()[0]
+        if not rules.is_loopback(host):
+            log.warning(
+                "the WebSocket listens on %s, which is not a loopback address: tokens travel "
+                "in clear text (ws://, no TLS) to anyone on the path; listen on 127.0.0.1, or "
+                "put a TLS proxy in front and listen behind it",
+                _address(listener.socket.getsockname()),
+            )
+
+
+async def _refuse_handshake(stream: trio.SocketStream, most: int) -> None:
+    # Answered before the request is read: waiting for a slow request is the very thing
+    # being refused.
+    log.info("WebSocket connection refused: %d handshakes in progress", most)
+    response = rules.busy_response(
+        f"too many WebSocket handshakes in progress "
+        f"(limits.max_pending_handshakes = {most}); retry later"
+    )
+    with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
+        await stream.send_all(response)
+
+
 async def open_listeners(config: Config, passed: int | None) -> list[trio.SocketListener]:
     """The listening sockets: the one systemd passed, else ``[websocket] listen`` bound."""
     if passed is not None:
@@ -120,8 +146,10 @@ class WebSocketServer:
         self._tokens = tokens
         # allowed_origins and admin_group are read at each handshake: SIGHUP changes them.
         self._config = current_config
-        self.max_connections = current_config().max_connections
+        self._admitted = Connections(connection_limits(current_config()))
         self._links: set[_Link] = set()
+        # TCP connections whose handshake is not yet decided (limits.max_pending_handshakes).
+        self._handshaking: set[trio.SocketStream] = set()
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._connections_changed = trio.lowlevel.ParkingLot()
@@ -137,6 +165,20 @@ class WebSocketServer:
         return len(self._links)
 
     @property
+    def max_connections(self) -> int:
+        return self._admitted.limits.max_connections
+
+    @property
+    def handshakes(self) -> int:
+        """Connections whose handshake is in progress."""
+        return len(self._handshaking)
+
+    def configure(self, config: Config) -> None:
+        """The connection limits of a reloaded configuration; held connections stay.
+        (``max_pending_handshakes`` is read at each connection.)"""
+        self._admitted.configure(connection_limits(config))
+
+    @property
     def address(self) -> str | None:
         return self.addresses[0] if self.addresses else None
 
@@ -149,6 +191,7 @@ class WebSocketServer:
         listeners = await open_listeners(self._config(), passed)
         self.addresses = [_address(listener.socket.getsockname()) for listener in listeners]
         log.info("WebSocket listening on %s", ", ".join(self.addresses))
+        _warn_unless_loopback(listeners)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._accept, listeners)
@@ -157,9 +200,7 @@ class WebSocketServer:
     async def _accept(self, listeners: list[trio.SocketListener]) -> None:
         assert self._nursery is not None
         with self._accept_scope:
-            await trio.serve_listeners(
-                self._handle_stream, listeners, handler_nursery=self._nursery
-            )
+            await serve_listeners(self._handle_stream, listeners, self._nursery, "WebSocket")
 
     async def wait_connections_at_most(self, count: int) -> None:
         while len(self._links) > count:
@@ -186,6 +227,17 @@ class WebSocketServer:
     # -- one TCP connection ----------------------------------------------------------------
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        most = self._config().limits.max_pending_handshakes
+        if len(self._handshaking) >= most:
+            await _refuse_handshake(stream, most)
+            return
+        self._handshaking.add(stream)
+        try:
+            await self._handshake(stream)
+        finally:
+            self._handshaking.discard(stream)
+
+    async def _handshake(self, stream: trio.SocketStream) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 request: WebSocketRequest | None = None
@@ -215,7 +267,7 @@ class WebSocketServer:
         local = request.local
         if isinstance(local, Endpoint):
             allowed.append(str(local.address))
-        refusal = rules.check_host(host, allowed)
+        refusal = rules.check_single(request.headers, b"origin") or rules.check_host(host, allowed)
         if refusal is not None:
             return refusal
         headers = {name.lower(): value for name, value in request.headers}
@@ -242,6 +294,8 @@ class WebSocketServer:
 
     async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
         checked = await self._check(request)
+        # Decided: from here the connection counts against max_connections, or is gone.
+        self._handshaking.discard(stream)
         if isinstance(checked, rules.Refusal):
             log.info(
                 "WebSocket handshake from %s refused: %d %s",
@@ -257,9 +311,25 @@ class WebSocketServer:
             return
         record, caller, target = checked
         connection = await request.accept()
-        if len(self._links) >= self.max_connections:
-            await self._refuse_busy(connection, target)
+        # Said over the WebSocket, not as an HTTP status: a browser's script sees only
+        # that a refused handshake failed, never why.
+        refusal = self._admitted.admit(record.id, caller.admin)
+        if refusal is not None:
+            await self._refuse_busy(connection, target, refusal)
             return
+        try:
+            await self._serve(connection, stream, record, caller, target)
+        finally:
+            self._admitted.release(record.id)
+
+    async def _serve(
+        self,
+        connection: WebSocketConnection,
+        stream: trio.SocketStream,
+        record: TokenRecord,
+        caller: Caller,
+        target: rules.Route,
+    ) -> None:
         session = Session(
             caller,
             self._streams,
@@ -286,8 +356,11 @@ class WebSocketServer:
                 self._links.discard(link)
                 self._connections_changed.unpark_all()
 
-    async def _refuse_busy(self, connection: WebSocketConnection, target: rules.Route) -> None:
-        error = Busy(f"too many connections (max_connections = {self.max_connections})")
+    async def _refuse_busy(
+        self, connection: WebSocketConnection, target: rules.Route, refusal: Refusal
+    ) -> None:
+        log.info("WebSocket connection refused: %s", refusal.message)
+        error = Busy(refusal.message, refusal.data)
         message: Any
         if target.kind == "rpc":
             message = jsonrpc.error_response(None, error)
