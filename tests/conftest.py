@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ class DaemonProcess:
     log: Path | None = None
     umask: int = -1  # the daemon's umask; -1: the test runner's
 
-    def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+    def start(
+        self, *extra: str, wait: bool = True, preexec_fn: Callable[[], None] | None = None
+    ) -> subprocess.Popen[bytes]:
         env = dict(os.environ, HOME=str(self.directory))
         env.pop("NOTIFY_SOCKET", None)
         # stderr goes to a file: a pipe nobody reads would block a chatty daemon.
@@ -151,6 +153,7 @@ class DaemonProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 umask=self.umask,
+                preexec_fn=preexec_fn,
             )
         if wait:
             self.wait_ready()

@@ -45,7 +45,7 @@ def connection_limits(config: Config) -> ConnectionLimits:
 
 async def serve_listeners(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
-    listeners: Sequence[trio.SocketListener],
+    listeners: Sequence[trio.abc.Listener[trio.SocketStream]],
     handler_nursery: trio.Nursery,
     name: str,
 ) -> None:
@@ -58,7 +58,7 @@ async def serve_listeners(
 
 async def _serve_one(
     handler: Callable[[trio.SocketStream], Awaitable[None]],
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     handler_nursery: trio.Nursery,
     name: str,
 ) -> None:

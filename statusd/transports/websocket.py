@@ -61,6 +61,8 @@ CLOSE_TIMEOUT = 5.0  # seconds to complete a closing handshake before the socket
 PING_INTERVAL = 20.0
 PING_TIMEOUT = 20.0
 LISTEN_BACKLOG = 128
+REFUSAL_WAIT = 1.0  # seconds a refused connection may take to send its request
+REFUSAL_HEAD_BYTES = 16 * 1024
 
 NORMAL = 1000
 GOING_AWAY = 1001
@@ -107,16 +109,26 @@ def _warn_unless_loopback(listeners: list[trio.SocketListener]) -> None:
             )
 
 
-async def _refuse_handshake(stream: trio.SocketStream, most: int) -> None:
-    # Answered before the request is read: waiting for a slow request is the very thing
-    # being refused.
+async def _refuse_handshake(stream: trio.SocketStream, most: int, wait: bool) -> None:
+    """Answer 503 without a handshake. When ``wait``, the request's head is read first
+    (for at most ``REFUSAL_WAIT`` seconds): a client whose answer comes before it sent its
+    request, or that is reset because its request was never read, may never see why."""
     log.info("WebSocket connection refused: %d handshakes in progress", most)
     response = rules.busy_response(
         f"too many WebSocket handshakes in progress "
         f"(limits.max_pending_handshakes = {most}); retry later"
     )
-    with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
-        await stream.send_all(response)
+    with contextlib.suppress(trio.BrokenResourceError, OSError):
+        if wait:
+            with trio.move_on_after(REFUSAL_WAIT):
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < REFUSAL_HEAD_BYTES:
+                    data = await stream.receive_some(REFUSAL_HEAD_BYTES)
+                    if not data:
+                        return
+                    head += data
+        with trio.move_on_after(REFUSAL_WAIT):
+            await stream.send_all(response)
 
 
 async def open_listeners(config: Config, passed: int | None) -> list[trio.SocketListener]:
@@ -150,6 +162,7 @@ class WebSocketServer:
         self._links: set[_Link] = set()
         # TCP connections whose handshake is not yet decided (limits.max_pending_handshakes).
         self._handshaking: set[trio.SocketStream] = set()
+        self._refusing = 0  # refused connections whose request is being read
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._connections_changed = trio.lowlevel.ParkingLot()
@@ -229,7 +242,14 @@ class WebSocketServer:
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         most = self._config().limits.max_pending_handshakes
         if len(self._handshaking) >= most:
-            await _refuse_handshake(stream, most)
+            # Refusals waiting for a request hold descriptors too: at most as many as
+            # handshakes; past that the 503 goes out at once.
+            wait = self._refusing < most
+            self._refusing += wait
+            try:
+                await _refuse_handshake(stream, most, wait)
+            finally:
+                self._refusing -= wait
             return
         self._handshaking.add(stream)
         try:
