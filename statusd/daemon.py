@@ -179,6 +179,8 @@ async def run(
     # on this state directory stops here (statusd.lockfile).
     state_lock = lock_state_dir(config.state_dir)
     try:
+        soft, hard = raise_open_files_limit()
+        log.info("open files limit: %d (hard limit %d)", soft, hard)
         await _run_locked(config, task_status)
     finally:
         state_lock.release()
@@ -295,8 +297,6 @@ def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
     ``config``.
     """
     failed = False
-    soft, hard = raise_open_files_limit()
-    log.info("open files limit: %d (hard limit %d)", soft, hard)
     try:
         trio.run(_main, config, reload or (lambda: config))
     except* StartupError as group:

@@ -759,7 +759,24 @@ def test_limits_defaults(environ: dict[str, str]) -> None:
         max_reply_bytes=16 * 1024 * 1024,
         publish_rate=20.0,
         publish_burst=50,
+        max_connections_per_user=64,
+        admin_connections=16,
+        max_pending_handshakes=256,
     )
+
+
+def test_connection_limits_come_from_the_file_the_environment_and_flags(
+    environ: dict[str, str],
+) -> None:
+    text = "[limits]\nmax_connections_per_user = 8\nadmin_connections = 0\n"
+    environ["STATUSD_LIMITS_MAX_PENDING_HANDSHAKES"] = "32"
+    environ["STATUSD_LIMITS_ADMIN_CONNECTIONS"] = "4"
+    config, _ = load(environ, text, limits_max_connections_per_user="2")
+    assert (
+        config.limits.max_connections_per_user,
+        config.limits.admin_connections,
+        config.limits.max_pending_handshakes,
+    ) == (2, 4, 32)
 
 
 def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, str]) -> None:
@@ -795,6 +812,18 @@ def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, 
         ),
         ('publish_rate = "fast"', "limits.publish_rate: must be a number of messages"),
         ("publish_burst = 0", "limits.publish_burst: must be an integer from 1 to 1000000, not 0"),
+        (
+            "max_connections_per_user = 0",
+            "limits.max_connections_per_user: must be an integer from 1 to 1000000, not 0",
+        ),
+        (
+            "admin_connections = -1",
+            "limits.admin_connections: must be an integer from 0 to 1000000, not -1",
+        ),
+        (
+            'max_pending_handshakes = "many"',
+            'limits.max_pending_handshakes: must be an integer from 1 to 1000000, not "many"',
+        ),
     ],
 )
 def test_bad_limits_are_refused(environ: dict[str, str], text: str, expected: str) -> None:

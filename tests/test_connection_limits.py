@@ -788,3 +788,30 @@ async def test_unix_clients_waiting_for_their_identity_are_capped(
             await trio.aclose_forcefully(client.stream)
         daemon.request_stop()
         await daemon.wait_stopped()
+
+
+async def test_connection_limits_change_on_reload(ws_start: Any) -> None:
+    _needs_root()
+    started = await ws_start(socket_group=_nogroup())
+    daemon = started.daemon
+    token = (await make_token(daemon, username="nobody"))["token"]
+    limits = LimitsConfig(max_connections_per_user=1, max_pending_handshakes=1)
+    assert await daemon.reload(lambda: attrs.evolve(daemon.config, limits=limits))
+
+    def two_connections() -> Any:
+        with open_ws(daemon, token) as one:
+            RpcClient(one).call("daemon.info")
+            with open_ws(daemon, token) as two:
+                return json.loads(two.recv(TIMEOUT))["error"]["data"]
+
+    assert await in_thread(two_connections) == {
+        "limit": 1,
+        "key": "limits.max_connections_per_user",
+    }
+    await _handshakes_at(daemon, 0)
+    await _silent(started, daemon)
+    await _handshakes_at(daemon, 1)
+    refused = await _silent(started, daemon)
+    await refused.send_all(_upgrade(token))
+    with trio.fail_after(SERVED_WITHIN):
+        assert (await _until_closed(refused)).endswith(_BUSY_BODY % 1)

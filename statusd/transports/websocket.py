@@ -2,11 +2,17 @@
 seed's endpoints.
 
 Every handshake is checked before it is accepted (``statusd.protocol.websocket`` says what
-is refused): a foreign Host or Origin gets 403, a missing or unknown token 401, an unknown
-path 404; a refused handshake runs nothing. An accepted connection is a ``Session`` like
-a Unix socket client's, its caller the token's user and its methods limited by the token's
-scope, served by the same two loops: a reader that answers requests (pausing while 256
-answers wait) and a writer that sends whatever is pending. A client that reads slowly
+is refused): two Origin headers get 400, a foreign Host or Origin 403, a missing or unknown
+token 401, an unknown path 404; a refused handshake runs nothing. Past
+``limits.max_pending_handshakes`` handshakes in progress a connection gets 503 without its
+request being looked at. An accepted connection counts against ``max_connections``, its
+token's ``limits.max_connections_per_user`` and the admins' reserve
+(``statusd.state.connections``).
+
+An accepted connection is a ``Session`` like a Unix socket client's, its caller the
+token's user and its methods limited by the token's scope, served by the same two loops: a
+reader that answers requests (pausing while 256 answers wait) and a writer that sends
+whatever is pending. A client that reads slowly
 blocks only its own writer; the pushes it misses are dropped oldest-first and reported.
 
 ``/ws`` speaks the JSON-RPC protocol; ``/ws/bulk-process/{job_id}`` and
@@ -43,6 +49,7 @@ from statusd.config import Config
 from statusd.errors import Busy, StartupError
 from statusd.events import Streams
 from statusd.identity import Caller, CallerLookups
+from statusd.logs import EveryInterval
 from statusd.protocol import jsonrpc
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
@@ -63,6 +70,7 @@ PING_TIMEOUT = 20.0
 LISTEN_BACKLOG = 128
 REFUSAL_WAIT = 1.0  # seconds a refused connection may take to send its request
 REFUSAL_HEAD_BYTES = 16 * 1024
+REFUSAL_LOG_INTERVAL = 60.0
 
 NORMAL = 1000
 GOING_AWAY = 1001
@@ -113,7 +121,6 @@ async def _refuse_handshake(stream: trio.SocketStream, most: int, wait: bool) ->
     """Answer 503 without a handshake. When ``wait``, the request's head is read first
     (for at most ``REFUSAL_WAIT`` seconds): a client whose answer comes before it sent its
     request, or that is reset because its request was never read, may never see why."""
-    log.info("WebSocket connection refused: %d handshakes in progress", most)
     response = rules.busy_response(
         f"too many WebSocket handshakes in progress "
         f"(limits.max_pending_handshakes = {most}); retry later"
@@ -163,6 +170,7 @@ class WebSocketServer:
         # TCP connections whose handshake is not yet decided (limits.max_pending_handshakes).
         self._handshaking: set[trio.SocketStream] = set()
         self._refusing = 0  # refused connections whose request is being read
+        self._refusals = EveryInterval(REFUSAL_LOG_INTERVAL)
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._connections_changed = trio.lowlevel.ParkingLot()
@@ -246,6 +254,15 @@ class WebSocketServer:
             # handshakes; past that the 503 goes out at once.
             wait = self._refusing < most
             self._refusing += wait
+            quiet = self._refusals.ready()
+            if quiet is not None:
+                # Whoever fills the handshakes can make refusals as fast as it connects.
+                log.warning(
+                    "WebSocket connections refused: %d handshakes in progress "
+                    "(limits.max_pending_handshakes); %d more refused since the last report",
+                    most,
+                    quiet,
+                )
             try:
                 await _refuse_handshake(stream, most, wait)
             finally:
