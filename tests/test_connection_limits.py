@@ -43,7 +43,7 @@ from statusd.protocol import websocket as rules
 from statusd.state.connections import ConnectionLimits, Connections
 from statusd.transports import accept
 from statusd.transports import websocket as transport
-from tests.conftest import NOBODY_GID, NOBODY_UID, DaemonProcess, RawClient
+from tests.conftest import NOBODY_GID, NOBODY_UID, DaemonProcess, RawClient, run_as
 from tests.websocket_clients import (
     TIMEOUT,
     RpcClient,
@@ -364,15 +364,29 @@ def served(path: Path) -> dict[str, Any]:
     return result
 
 
+def _one_call(path: Path) -> dict[str, Any]:
+    with _connect(path) as sock:
+        answer = _info(sock)
+        if "error" in answer:
+            answer["closed"] = _closed(sock)
+    return answer
+
+
+def one_call_as(uid: int, path: Path) -> dict[str, Any]:
+    """``daemon.info`` as ``uid`` (group nogroup), answered within SERVED_WITHIN seconds."""
+    answer: dict[str, Any] = run_as(uid, NOBODY_GID, lambda: _one_call(path))
+    return answer
+
+
 def served_again_as(uid: int, path: Path) -> None:
     """``uid`` is served once the daemon has seen the closed connections go (it reads
     their end of stream a moment after the child exits)."""
     deadline = time.monotonic() + SERVED_WITHIN
     while True:
-        with held_as(uid, path, 1) as answers:
-            if "result" in answers[0]:
-                return
-        assert time.monotonic() < deadline, answers
+        answer = one_call_as(uid, path)
+        if "result" in answer:
+            return
+        assert time.monotonic() < deadline, answer
         time.sleep(0.01)
 
 
@@ -397,8 +411,7 @@ def test_a_user_at_max_connections_per_user_leaves_others_served(daemon_process:
         )
         # Meanwhile root and a third uid are answered within SERVED_WITHIN.
         assert served(process.socket)["admin"] is True
-        with held_as(THIRD_UID, process.socket, 1) as third:
-            assert third[0]["result"]["user"] == str(THIRD_UID)
+        assert one_call_as(THIRD_UID, process.socket)["result"]["user"] == str(THIRD_UID)
     # Once nobody's connections are gone, nobody is served again.
     served_again_as(NOBODY_UID, process.socket)
 
@@ -415,8 +428,7 @@ def test_admins_keep_their_reserve_when_users_fill_max_connections(daemon_proces
         assert all("result" in answer for answer in nobody[:4])
         message = refusal_of(nobody[4], "limits.admin_connections", 4)
         assert "the last 2 of max_connections = 6 are kept for admins" in message
-        with held_as(THIRD_UID, process.socket, 1) as third:
-            refusal_of(third[0], "limits.admin_connections", 4)
+        refusal_of(one_call_as(THIRD_UID, process.socket), "limits.admin_connections", 4)
         # root takes the two kept slots, and is served on them ...
         with _connect(process.socket) as one, _connect(process.socket) as two:
             assert _info(one)["result"]["admin"] is True
