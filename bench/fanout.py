@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
@@ -54,6 +53,7 @@ from typing import Any
 import attrs
 import trio
 from _common import cpu_model
+from _servers import ServerProcess, connect, die_with_parent, free_port, start_process
 
 REPO = Path(__file__).resolve().parent.parent
 RECEIVE_BYTES = 256 * 1024
@@ -78,14 +78,6 @@ def publish_request(message: str, request_id: int) -> bytes:
     params = {"level": "info", "message": message}
     body = {"jsonrpc": "2.0", "method": "status.publish", "params": params, "id": request_id}
     return json.dumps(body, separators=(",", ":")).encode() + b"\n"
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies, so nothing outlives a
-    benchmark that was killed."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # -- the baseline server -------------------------------------------------------------------
@@ -172,103 +164,12 @@ async def _serve_baseline(path: str) -> None:
 
 
 def serve_baseline(path: str) -> None:
-    _die_with_parent()
+    die_with_parent()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_serve_baseline, path)
 
 
 # -- servers as processes ------------------------------------------------------------------
-
-
-@attrs.define
-class ServerProcess:
-    name: str
-    socket: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    websocket: str | None = None  # "127.0.0.1:PORT" when subscribers use the WebSocket
-    token: str | None = None
-    ws_query: str = "&coalesce=1"  # pending messages as one JSON array; "": one per frame
-
-    @property
-    def subscriber_endpoint(self) -> str:
-        """Where subscribers connect: the Unix socket, or the WebSocket URL with a token."""
-        if self.websocket is None:
-            return self.socket
-        return f"ws://{self.websocket}/ws?token={self.token}{self.ws_query}"
-
-    def mint_token(self) -> None:
-        """A read token for the WebSocket subscribers, asked for over the Unix socket."""
-        request = b'{"jsonrpc":"2.0","method":"tokens.create","params":{"scope":"read"},"id":1}\n'
-        with _connect(self.socket) as sock:
-            sock.sendall(request)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise RuntimeError("statusd closed the connection before minting a token")
-                data += chunk
-        self.token = json.loads(data)["result"]["token"]
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server used so far, from /proc/<pid>/stat."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-            fields = stat.rpartition(")")[2].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return float("nan")
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            log = self.log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {log}")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            self.check_alive()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(self.socket)
-                except OSError:
-                    time.sleep(0.05)
-                    continue
-                return
-        raise RuntimeError(f"{self.name} did not accept connections within {READY_TIMEOUT} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-
-
-def _start_process(
-    name: str, argv: list[str], env: dict[str, str], directory: Path, *, cwd: Path = REPO
-) -> ServerProcess:
-    log = directory / f"{name}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            # Safe here: the benchmark starts no threads.
-            preexec_fn=_die_with_parent,
-        )
-    return ServerProcess(name, argv[argv.index("--socket") + 1], process, log)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def start_statusd(
@@ -295,9 +196,9 @@ def start_statusd(
         "warning",
     ]
     if not websocket:
-        return _start_process("statusd", argv, env, directory, cwd=source)
-    address = f"127.0.0.1:{_free_port()}"
-    server = _start_process(
+        return start_process("statusd", argv, env, directory, cwd=source)
+    address = f"127.0.0.1:{free_port()}"
+    server = start_process(
         "statusd-ws", [*argv, "--websocket", address], env, directory, cwd=source
     )
     server.websocket = address
@@ -312,7 +213,7 @@ def start_baseline(directory: Path) -> ServerProcess:
         "--socket",
         str(directory / "baseline.sock"),
     ]
-    return _start_process("baseline", argv, dict(os.environ), directory)
+    return start_process("baseline", argv, dict(os.environ), directory)
 
 
 # -- subscribers (client processes) --------------------------------------------------------
@@ -440,7 +341,7 @@ def _subscriber_process(
 ) -> None:
     """Hold ``count`` subscriptions; count what arrives until each saw the END message
     (or the parent says stop), then send a ``SubscriberReport`` up the pipe."""
-    _die_with_parent()
+    die_with_parent()
     subscribers = [_connect_subscriber(path) for _ in range(count)]
     pipe.send("ready")
     by_fd = {s.sock.fileno(): s for s in subscribers}
@@ -566,12 +467,6 @@ class Subscribers:
 # -- the publisher -------------------------------------------------------------------------
 
 
-def _connect(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    return sock
-
-
 def _count_replies(data: bytes) -> int:
     if b'"error"' in data:
         raise RuntimeError(f"publish failed: {data[:300]!r}")
@@ -588,7 +483,7 @@ def publish_burst(
     requests.append(publish_request("END", messages))
     chunk = max(1, window // 4)
     sent = replied = 0
-    with _connect(path) as sock:
+    with connect(path) as sock:
         started = time.monotonic_ns()
         while replied < messages:
             if sent < messages:
@@ -613,7 +508,7 @@ def publish_steady(path: str, rate: float, duration: float) -> int:
     messages = max(1, round(rate * duration))
     period = 1e9 / rate
     replied = 0
-    with _connect(path) as sock:
+    with connect(path) as sock:
         sock.setblocking(False)
         start = time.monotonic_ns() + 1_000_000
         for i in range(messages):
