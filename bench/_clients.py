@@ -14,7 +14,7 @@ Modes:
   ``subscribe {tasks: "all"}`` on the same connection;
 - ``aria2``: ``aria2.addUri`` per URL to ``aria2c --enable-rpc``, then ``aria2.getGlobalStat``
   polled until every download stopped;
-- ``publish``: ``status.publish`` at a steady rate until stdin closes, then an ``END`` message.
+- ``publish``: ``status.publish`` at a steady rate until told to stop, then an ``END`` message.
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ def aria2(url: str, urls: Sequence[str], poll: float) -> None:
 
 
 def publish(path: str, rate: float) -> None:
-    """Steady ``status.publish`` on an absolute schedule until stdin closes, then ``END``."""
+    """Steady ``status.publish`` on an absolute schedule until a second line (or EOF) on
+    stdin, then ``END``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     _ready_then_wait()
@@ -176,7 +177,7 @@ def publish(path: str, rate: float) -> None:
         due = started + round(sent * period)
         delay = max(0.0, (due - time.monotonic_ns()) / 1e9)
         if select.select([sys.stdin], [], [], delay)[0]:
-            break  # the parent closed stdin: stop
+            break  # the parent said stop (or went away)
         sent += 1
         params = {"level": "info", "message": f"{PAD} {sent:08d}"}
         sock.sendall(_request("status.publish", params, sent))

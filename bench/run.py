@@ -543,8 +543,7 @@ def _download_under_load(
         _clients.go(publisher)
         time.sleep(0.2)  # the stream is flowing before the download starts
         seconds, dest = _statusd_download(bench, server, [url])
-        assert publisher.stdin is not None
-        publisher.stdin.close()
+        _clients.go(publisher)  # a second line on stdin tells it to stop
         published = _clients.result(publisher)
         reports, _ = subscribers.collect(60.0)
     finally:

@@ -1,0 +1,77 @@
+"""bench/run.py keeps working: a tiny run against a real daemon and a local HTTP server prints
+the table (statusd's figure, the peer's, the ratio) and the command that made it.
+
+Nothing here is timed: the figures of a tiny run on a busy machine mean nothing, only that
+every part of the runner still runs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from _servers import config_toml  # noqa: E402
+
+RUN_TIMEOUT = 60
+
+
+def run_bench(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable, str(REPO / "bench" / "run.py"), "--no-install",
+        "--shm-dir", str(directory), "--disk-dir", str(directory), *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False, cwd=REPO
+    )
+
+
+def test_a_tiny_run_prints_statusd_the_peer_and_the_ratio(short_tmp: Path) -> None:
+    done = run_bench(
+        short_tmp, "--quick", "--rows", "info-1,files", "--files", "12", "--calls", "100",
+        "--markdown",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "command: `python bench/run.py --no-install" in out
+    info = next(line for line in out.splitlines() if line.startswith("| a trivial call"))
+    cells = [cell.strip() for cell in info.strip("|").split("|")]
+    statusd, peer, theirs, ratio = cells[1:5]
+    assert re.fullmatch(r"[\d,]+ calls/s", statusd)
+    assert peer == "bench/minirpc.py"
+    assert re.fullmatch(r"[\d,]+ calls/s", theirs)
+    assert re.fullmatch(r"\d+\.\d\dx", ratio)
+    files = [line for line in out.splitlines() if line.startswith("| 12 x 16 KiB")]
+    assert files, out
+    for line in files:
+        assert re.search(r"\| [\d,]+ files/s \| aria2c", line), line
+    # Every process the run started has ended, and the scratch directories are gone.
+    assert list(short_tmp.iterdir()) == []
+
+
+def test_an_unknown_row_is_refused_naming_the_known_ones(short_tmp: Path) -> None:
+    done = run_bench(short_tmp, "--rows", "info-1,fast")
+    assert done.returncode == 2
+    assert "unknown rows ['fast']" in done.stderr
+    assert "files, files-defaults, big" in done.stderr
+
+
+def test_the_config_holds_only_keys_this_statusd_knows_in_their_tables() -> None:
+    known = {"max_connections", "status_history", "downloads.parallel_items", "limits.burst"}
+    settings = {
+        "max_connections": 4096,
+        "downloads.parallel_items": 16,
+        "limits.max_connections_per_user": 2048,  # not in this statusd: left out
+        "downloads.burst": 5,  # this statusd has it under [limits]
+    }
+    written = tomllib.loads(config_toml(settings, known))
+    assert written == {
+        "max_connections": 4096,
+        "downloads": {"parallel_items": 16},
+        "limits": {"burst": 5},
+    }
