@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import _clients
+import _profile
 import attrs
 import downloads
 import fanout
@@ -165,13 +166,18 @@ class Bench:
         if spy is None:
             _say("py-spy not found (pip install '.[bench]'): no profile")
             return None
-        out = REPO / f"profile-{row}.txt"
+        out = Path(tempfile.gettempdir()) / f"statusd-profile-{row}.txt"
         self.profiles[row] = out
         argv = [spy, "record", "-p", str(server.process.pid), "-r", "250", "-f", "raw",
-                "-o", str(out), "--nonblocking"]  # fmt: skip
+                "--idle", "--threads", "-o", str(out), "--nonblocking"]  # fmt: skip
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)  # py-spy attaches before the work starts
         return process
+
+    def contenders(self, row: str, names: list[str]) -> list[str]:
+        """Under py-spy statusd's figures mean nothing against a peer's, and the peers' turns
+        would count as the daemon's idle time: a profiled row runs statusd alone."""
+        return ["statusd"] if self.profile == row else names
 
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
@@ -296,7 +302,7 @@ def row_files(bench: Bench, *, tuned: bool) -> list[Line]:
         contenders += ["aria2c", "aria2c-rpc"]
     row = "files" if tuned else "files-defaults"
     with bench.statusd(row, settings) as server:
-        for number, name in _rotations(contenders, bench.rounds):
+        for number, name in _rotations(bench.contenders(row, contenders), bench.rounds):
             if name == "statusd":
                 seconds, dest = _statusd_download(bench, server, urls)
             elif name == "aria2c":
@@ -323,7 +329,7 @@ def row_big(bench: Bench) -> list[Line]:
     contenders = ["statusd"] + (["curl"] if bench.tools["curl"] else [])
     results: dict[str, list[float]] = {"statusd": []}
     with bench.statusd("big", {}) as server:
-        for number, name in _rotations(contenders, bench.rounds):
+        for number, name in _rotations(bench.contenders("big", contenders), bench.rounds):
             if name == "statusd":
                 seconds, dest = _statusd_download(bench, server, [url])
             else:
@@ -358,8 +364,9 @@ def _shares(total: int, clients: int) -> list[int]:
 def row_creates(bench: Bench, clients: int) -> list[Line]:
     total = bench.sizes.creates
     results: dict[str, list[float]] = {"statusd": []}
-    with bench.statusd(f"creates-{clients}", {}, on_disk=True) as server:
-        for number, name in _rotations(["statusd", "sqlite"], bench.rounds):
+    row = f"creates-{clients}"
+    with bench.statusd(row, {}, on_disk=True) as server:
+        for number, name in _rotations(bench.contenders(row, ["statusd", "sqlite"]), bench.rounds):
             if name == "statusd":
                 argvs = _create_clients(server.socket, total, clients)
             else:
@@ -416,8 +423,10 @@ def row_info(bench: Bench, clients: int) -> list[Line]:
     minirpc = start_minirpc(bench.scratch(bench.shm, "minirpc"))
     try:
         minirpc.wait_ready()
-        with bench.statusd(f"info-{clients}", {}) as server:
-            for number, name in _rotations(["statusd", "minirpc"], bench.rounds):
+        row = f"info-{clients}"
+        with bench.statusd(row, {}) as server:
+            contenders = bench.contenders(row, ["statusd", "minirpc"])
+            for number, name in _rotations(contenders, bench.rounds):
                 path = server.socket if name == "statusd" else minirpc.socket
                 argvs = [
                     _clients.command("calls", "--socket", path, "--count", str(share))
@@ -693,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("every round (statusd first):")
         print(runs_list(lines))
         for row, path in bench.profiles.items():
-            print(f"\nprofile of statusd in row {row}: {path} (py-spy raw, folded stacks)")
+            print(f"\nprofile of statusd in row {row} (py-spy raw output, folded stacks: {path}):")
+            print(_profile.summarize(path))
     except KeyboardInterrupt:
         _say("interrupted: every process this benchmark started has been stopped")
         return 130
