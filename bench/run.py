@@ -599,7 +599,7 @@ def runs_list(lines: Sequence[Line]) -> str:
     return "\n".join(f"- {line.workload} vs {line.peer}: {line.runs}" for line in lines)
 
 
-def header(bench: Bench, command: str, server: str) -> list[str]:
+def header(bench: Bench, command: str, server: str, load: tuple[float, ...]) -> list[str]:
     facts = {
         **downloads.machine(),
         **{f"{name} version": text for name, text in downloads.versions(bench.tools).items()},
@@ -607,6 +607,8 @@ def header(bench: Bench, command: str, server: str) -> list[str]:
         "files and download rows' state": str(bench.shm),
         "create rows' state and sqlite": str(bench.disk),
         "rounds": f"{bench.rounds}, interleaved; medians",
+        # Other work on a shared machine shows here before it shows as noise in the figures.
+        "load average (1 min) at start / end": f"{load[0]:.2f} / {os.getloadavg()[0]:.2f}",
     }
     return [f"command: `{command}`", *(f"{key}: {value}" for key, value in facts.items())]
 
@@ -680,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for tool in ("aria2c", "curl"):
         if tools[tool] is None:
             _say(f"{tool} not found and not installable: its rows have no peer")
+    load = os.getloadavg()
     shm = Path(tempfile.mkdtemp(prefix="statusd-run-", dir=args.shm_dir))
     disk = Path(tempfile.mkdtemp(prefix="statusd-run-", dir=args.disk_dir))
     shm.chmod(0o755)
@@ -695,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in args.rows:
                 _say(f"{row}:")
                 lines += RUNNERS[row](bench)
-        print("\n".join(header(bench, command, server)))
+        print("\n".join(header(bench, command, server, load)))
         print()
         print(table(lines, markdown=args.markdown))
         print()
