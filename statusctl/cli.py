@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shutil
 import sys
 import time
@@ -590,6 +591,20 @@ def run_notify(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_DURATION = re.compile(r"([0-9]+)([smhd]?)")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """Seconds in ``90``, ``90s``, ``15m``, ``1h`` or ``30d`` (for argparse: exit 2 if bad)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"a duration is a whole number with s, m, h or d after it (1h, 30d), not {text!r}"
+        )
+    return int(match[1]) * _DURATION_UNITS[match[2]]
+
+
 def token_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(metavar="ACTION", dest="token_action", required=True)
     create = actions.add_parser("create", help="mint a token; it is shown only this once")
@@ -599,6 +614,13 @@ def token_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("read", "control"),
         default="control",
         help="read: look and subscribe; control: everything the user may do (default)",
+    )
+    create.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        type=duration,
+        help="the token stops working after this long: 90s, 15m, 1h, 30d (from 1m to 365d; "
+        "default: never)",
     )
     actions.add_parser("list", help="your tokens (an admin sees all); never their secrets")
     revoke = actions.add_parser("revoke", help="revoke a token; connections using it close")
@@ -610,6 +632,8 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
         params: dict[str, Any] = {"scope": args.scope}
         if args.user is not None:
             params["username"] = args.user
+        if args.expires_in is not None:
+            params["expires_in"] = args.expires_in
         result = context.call("tokens.create", params)
         # The token alone on stdout, so `T=$(statusctl token create)` works.
         context.emit(result, [result["token"]])
@@ -617,7 +641,8 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
             context.stderr.write(
                 render.one_line(
                     f"token {result['token_id']} for {result['username']}, scope "
-                    f"{result['scope']}: keep it secret, it is not shown again"
+                    f"{result['scope']}, expires {result.get('expires_at') or 'never'}: "
+                    "keep it secret, it is not shown again"
                 )
                 + "\n"
             )
@@ -627,7 +652,8 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
         one_line = render.one_line
         lines = [
             f"{one_line(str(token['token_id']))}  {one_line(str(token['username'])):<16} "
-            f"{one_line(str(token['scope'])):<8} {one_line(str(token['created_at']))}"
+            f"{one_line(str(token['scope'])):<8} {one_line(str(token['created_at']))}  "
+            f"{one_line(str(token.get('expires_at') or 'never'))}"
             for token in result["tokens"]
         ]
         context.emit(result, lines)

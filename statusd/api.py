@@ -43,7 +43,14 @@ from statusd.state.rate import RateLimiter, retry_after
 from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus
 from statusd.tasks import Job, TaskManager
-from statusd.tokens import MAX_TOKENS_PER_USER, Scope, TokenStore, refusal
+from statusd.tokens import (
+    MAX_EXPIRES_IN,
+    MAX_TOKENS_PER_USER,
+    MIN_EXPIRES_IN,
+    Scope,
+    TokenStore,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +181,19 @@ class CreateNotificationParams:
     link: str | None = attrs.field(default=None, validator=_notification_field)
 
 
+def _expires_in(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and not MIN_EXPIRES_IN <= value <= MAX_EXPIRES_IN:
+        raise InvalidParams(
+            attribute.name,
+            f"must be from {MIN_EXPIRES_IN} to {MAX_EXPIRES_IN} seconds (a year), not {value}",
+        )
+
+
 @attrs.frozen
 class TokenCreateParams:
     username: str | None = None
     scope: Scope = "control"
+    expires_in: int | None = attrs.field(default=None, validator=_expires_in)
 
 
 @attrs.frozen
@@ -595,14 +611,8 @@ class Api:
                 "have); revoke some first",
                 {"limit": MAX_TOKENS_PER_USER},
             )
-        new = await store.create(username, params.scope)
-        return {
-            "token_id": new.record.id,
-            "token": new.token,
-            "username": new.record.username,
-            "scope": new.record.scope,
-            "created_at": new.record.created_at,
-        }
+        new = await store.create(username, params.scope, params.expires_in)
+        return {**new.record.describe(), "token": new.token}
 
     async def tokens_list(self, session: Session, _params: NoParams) -> dict[str, Any]:
         store = self._token_store()

@@ -218,6 +218,7 @@ async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> N
         tasks.on_finished = notifications.notify_task_finished
         nursery = await stack.enter_async_context(trio.open_nursery())
         await nursery.start(tasks.serve)
+        await nursery.start(token_store.serve_expiry)
         unix = UnixServer(config, api, streams)
         daemon = Daemon(config, streams, tasks, api, unix, notifier=notifier, downloads=downloads)
         # The WebSocket first: once the control socket answers, everything does (clients

@@ -8,6 +8,12 @@ slow password hashes (bcrypt, scrypt) exist to make guessing low-entropy passwor
 expensive, and nobody guesses 256 random bits; a slow hash would only cost CPU at every
 handshake. Secrets are compared in constant time (``hmac.compare_digest``).
 
+A token may expire (``expires_in`` seconds, 60 s to a year, at creation). ``expires_at`` is
+wall-clock time, since ``tokens.json`` outlives the process; an expired token is refused at
+the handshake, and ``serve_expiry`` removes it when it expires and tells the listeners, so
+that connections using it close. That task sleeps on trio's clock until the next expiry,
+at most ``MAX_EXPIRY_SLEEP`` at a time, so a wall clock set forward is noticed soon.
+
 A token carries a scope, which limits the methods a WebSocket client may call:
 ``read`` (look, subscribe, mark notifications read) or ``control`` (everything its user may
 do). The token methods themselves are never available over the WebSocket: a token cannot
@@ -23,10 +29,11 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +49,9 @@ SCOPES: tuple[Scope, ...] = ("read", "control")
 TOKEN_PREFIX = "sdt"
 TOKEN_FILE = "tokens.json"
 MAX_TOKENS_PER_USER = 100
+MIN_EXPIRES_IN = 60  # seconds; anything shorter would expire before a front-end used it
+MAX_EXPIRES_IN = 365 * 24 * 3600  # a year
+MAX_EXPIRY_SLEEP = 60.0  # seconds between looks at the wall clock while tokens wait to expire
 FILE_VERSION = 1
 
 # What a ``read`` token may call. Everything else needs ``control``.
@@ -88,6 +98,8 @@ class TokenRecord:
     scope: Scope
     created_at: str
     secret_sha256: str
+    # Wall-clock time, like created_at; None: the token lasts until it is revoked.
+    expires_at: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """What ``tokens.list`` shows: never the hash."""
@@ -96,7 +108,11 @@ class TokenRecord:
             "username": self.username,
             "scope": self.scope,
             "created_at": self.created_at,
+            "expires_at": self.expires_at,
         }
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= parse_time(self.expires_at)
 
 
 @attrs.frozen
@@ -109,9 +125,16 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def _now() -> str:
-    now = datetime.now(UTC)
-    return now.isoformat(timespec="milliseconds")[:-6] + "Z"
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)  # 3.11 reads the "Z"
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 def split_token(token: str) -> tuple[str, str] | None:
@@ -124,21 +147,33 @@ def split_token(token: str) -> tuple[str, str] | None:
 
 
 Revoked = Callable[[str], None]
+Expired = Callable[[str], None]
 
 
 class TokenStore:
     """The tokens in memory and in ``tokens.json``; every change is written before it is
     reported, one write at a time."""
 
-    def __init__(self, path: Path, records: list[TokenRecord] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        records: list[TokenRecord] | None = None,
+        *,
+        wall_clock: Callable[[], datetime] = wall_clock,
+    ) -> None:
         self.path = path
         self._records: dict[str, TokenRecord] = {r.id: r for r in records or ()}
         self._lock = trio.Lock()
         self._revoked_listeners: list[Revoked] = []
+        self._expired_listeners: list[Expired] = []
+        self._wall_clock = wall_clock
+        self._expiry_changed = trio.Event()
 
     @classmethod
-    async def open(cls, path: Path) -> TokenStore:
-        return cls(path, await trio.to_thread.run_sync(_load, path))
+    async def open(
+        cls, path: Path, *, wall_clock: Callable[[], datetime] = wall_clock
+    ) -> TokenStore:
+        return cls(path, await trio.to_thread.run_sync(_load, path), wall_clock=wall_clock)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -147,8 +182,13 @@ class TokenStore:
         """Call ``listener(token_id)`` (synchronously, must not raise) after a revoke."""
         self._revoked_listeners.append(listener)
 
+    def on_expired(self, listener: Expired) -> None:
+        """Call ``listener(token_id)`` (synchronously, must not raise) when a token expires."""
+        self._expired_listeners.append(listener)
+
     def verify(self, token: str) -> TokenRecord | None:
-        """The record of a valid token, or None; takes the same time for any wrong secret."""
+        """The record of a valid, unexpired token, or None; takes the same time for any
+        wrong secret."""
         parts = split_token(token)
         if parts is None:
             return None
@@ -158,6 +198,9 @@ class TokenStore:
         digest = _digest(secret)
         expected = record.secret_sha256 if record is not None else "0" * 64
         if not hmac.compare_digest(digest, expected) or record is None:
+            return None
+        # Checked here, not only by serve_expiry: its sleep may end a little late.
+        if record.expired(self._wall_clock()):
             return None
         return record
 
@@ -171,17 +214,37 @@ class TokenStore:
     def count_for(self, username: str) -> int:
         return sum(1 for r in self._records.values() if r.username == username)
 
-    async def create(self, username: str, scope: Scope) -> NewToken:
+    async def create(self, username: str, scope: Scope, expires_in: int | None = None) -> NewToken:
+        """A new token; ``expires_in`` seconds from now it stops working (None: never)."""
+        if expires_in is not None and not MIN_EXPIRES_IN <= expires_in <= MAX_EXPIRES_IN:
+            raise ValueError(
+                f"expires_in must be from {MIN_EXPIRES_IN} to {MAX_EXPIRES_IN} seconds, "
+                f"not {expires_in}"
+            )
         token_id = secrets.token_hex(8)
         while token_id in self._records:
             token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)  # 256 bits; URL-safe for ?token=
-        record = TokenRecord(token_id, username, scope, _now(), _digest(secret))
+        now = self._wall_clock()
+        expires_at = None
+        if expires_in is not None:
+            expires_at = format_time(now + timedelta(seconds=expires_in))
+        record = TokenRecord(
+            token_id, username, scope, format_time(now), _digest(secret), expires_at
+        )
         async with self._lock:
             records = {**self._records, token_id: record}
             await self._save(records)
             self._records = records
-        log.info("token %s created for %s (scope %s)", token_id, username, scope)
+        if expires_at is not None:
+            self._expiry_changed.set()
+        log.info(
+            "token %s created for %s (scope %s, expires %s)",
+            token_id,
+            username,
+            scope,
+            expires_at or "never",
+        )
         return NewToken(record, f"{TOKEN_PREFIX}_{token_id}_{secret}")
 
     async def revoke(self, token_id: str) -> bool:
@@ -195,6 +258,41 @@ class TokenStore:
         for listener in self._revoked_listeners:
             listener(token_id)
         return True
+
+    async def serve_expiry(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Remove each token when it expires (those expired while the daemon was down at
+        once) and tell the ``on_expired`` listeners; runs until cancelled."""
+        task_status.started()
+        while True:
+            await self._expire_due()
+            self._expiry_changed = trio.Event()
+            # A token created meanwhile may expire sooner: its creation wakes this.
+            with trio.move_on_after(self._seconds_to_next_expiry()):
+                await self._expiry_changed.wait()
+
+    def _seconds_to_next_expiry(self) -> float:
+        pending = [parse_time(r.expires_at) for r in self._records.values() if r.expires_at]
+        if not pending:
+            return math.inf
+        delay = (min(pending) - self._wall_clock()).total_seconds()
+        return min(max(delay, 0.0), MAX_EXPIRY_SLEEP)
+
+    async def _expire_due(self) -> None:
+        now = self._wall_clock()
+        if not any(r.expired(now) for r in self._records.values()):
+            return
+        async with self._lock:
+            # Again under the lock: a revoke may have taken one meanwhile.
+            due = [r.id for r in self._records.values() if r.expired(now)]
+            records = {k: v for k, v in self._records.items() if k not in due}
+            await self._save(records)
+            self._records = records
+        for token_id in due:
+            log.info("token %s expired", token_id)
+            for listener in self._expired_listeners:
+                listener(token_id)
 
     async def _save(self, records: dict[str, TokenRecord]) -> None:
         document = {
@@ -223,6 +321,8 @@ def _load(path: Path) -> list[TokenRecord]:
             record = TokenRecord(**entry)
             if record.scope not in SCOPES:
                 raise ValueError(f"scope must be read or control, not {record.scope!r}")
+            if record.expires_at is not None:
+                parse_time(record.expires_at)
             records.append(record)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         # Refuse to start rather than overwrite the file at the next token.

@@ -28,7 +28,8 @@ NOBODY_GROUP = grp.getgrgid(65534).gr_name
 async def test_create_list_revoke(daemon: Daemon, connect: Any) -> None:
     client = await connect()
     made = await client.call("tokens.create", {"scope": "read"})
-    assert set(made) == {"token_id", "token", "username", "scope", "created_at"}
+    assert set(made) == {"token_id", "token", "username", "scope", "created_at", "expires_at"}
+    assert made["expires_at"] is None
     assert (made["username"], made["scope"]) == ("root", "read")
     assert split_token(made["token"]) is not None
     assert made["token"].startswith(f"sdt_{made['token_id']}_")
@@ -36,7 +37,9 @@ async def test_create_list_revoke(daemon: Daemon, connect: Any) -> None:
     assert default["scope"] == "control"
     listed = (await client.call("tokens.list"))["tokens"]
     assert [t["token_id"] for t in listed] == [made["token_id"], default["token_id"]]
-    assert all(set(t) == {"token_id", "username", "scope", "created_at"} for t in listed)
+    assert all(
+        set(t) == {"token_id", "username", "scope", "created_at", "expires_at"} for t in listed
+    )
     assert made["token"] not in json.dumps(listed)
     assert await client.call("tokens.revoke", {"token_id": made["token_id"]}) == {"success": True}
     again = await client.request("tokens.revoke", {"token_id": made["token_id"]})

@@ -19,7 +19,8 @@ blocks only its own writer; the pushes it misses are dropped oldest-first and re
 ``/ws/progress/{topic_id}`` the seed's message types. The server pings every
 ``PING_INTERVAL`` seconds and drops a client that has not answered within
 ``PING_TIMEOUT``. Close codes: 1000 normal, 1001 the daemon is stopping, 1008 the token was
-revoked or the job is not the user's, 1009 a message over 1 MiB, 1013 too many connections.
+revoked or expired or the job is not the user's, 1009 a message over 1 MiB, 1013 too many
+connections.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class WebSocketServer:
         # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
         self.lookups = CallerLookups()
         tokens.on_revoked(self._revoked)
+        tokens.on_expired(self._expired)
 
     @property
     def connections(self) -> int:
@@ -240,9 +242,15 @@ class WebSocketServer:
             self._nursery.cancel_scope.cancel()
 
     def _revoked(self, token_id: str) -> None:
+        self._close_token(token_id, "token revoked")
+
+    def _expired(self, token_id: str) -> None:
+        self._close_token(token_id, "token expired")
+
+    def _close_token(self, token_id: str, reason: str) -> None:
         for link in self._links:
             if link.token_id == token_id:
-                link.close_with(POLICY_VIOLATION, "token revoked")
+                link.close_with(POLICY_VIOLATION, reason)
                 link.scope.cancel()
 
     # -- one TCP connection ----------------------------------------------------------------
@@ -321,7 +329,7 @@ class WebSocketServer:
             return rules.Refusal(401, "a token is required: Authorization: Bearer T, or ?token=T")
         record = self._tokens.verify(token)
         if record is None:
-            return rules.Refusal(401, "the token is not valid (revoked, or never issued)")
+            return rules.Refusal(401, "the token is not valid (revoked, expired, or never issued)")
         caller = await self.lookups.caller_for_username(record.username, config.admin_group)
         if caller is None:
             return rules.Refusal(401, f"the token's user {record.username!r} does not exist")
