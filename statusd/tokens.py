@@ -133,7 +133,7 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)  # 3.11 reads the "Z"
 
 
-def wall_clock() -> datetime:
+def system_wall_clock() -> datetime:
     return datetime.now(UTC)
 
 
@@ -159,19 +159,20 @@ class TokenStore:
         path: Path,
         records: list[TokenRecord] | None = None,
         *,
-        wall_clock: Callable[[], datetime] = wall_clock,
+        wall_clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.path = path
         self._records: dict[str, TokenRecord] = {r.id: r for r in records or ()}
         self._lock = trio.Lock()
         self._revoked_listeners: list[Revoked] = []
         self._expired_listeners: list[Expired] = []
-        self._wall_clock = wall_clock
+        # Looked up here, not bound as a default, so a test can replace the daemon's.
+        self._wall_clock = wall_clock or system_wall_clock
         self._expiry_changed = trio.Event()
 
     @classmethod
     async def open(
-        cls, path: Path, *, wall_clock: Callable[[], datetime] = wall_clock
+        cls, path: Path, *, wall_clock: Callable[[], datetime] | None = None
     ) -> TokenStore:
         return cls(path, await trio.to_thread.run_sync(_load, path), wall_clock=wall_clock)
 
@@ -281,18 +282,19 @@ class TokenStore:
 
     async def _expire_due(self) -> None:
         now = self._wall_clock()
-        if not any(r.expired(now) for r in self._records.values()):
-            return
-        async with self._lock:
-            # Again under the lock: a revoke may have taken one meanwhile.
-            due = [r.id for r in self._records.values() if r.expired(now)]
-            records = {k: v for k, v in self._records.items() if k not in due}
-            await self._save(records)
-            self._records = records
+        due = [r.id for r in self._records.values() if r.expired(now)]
+        # Connections close first, on time; verify() refuses the token meanwhile anyway.
         for token_id in due:
             log.info("token %s expired", token_id)
             for listener in self._expired_listeners:
                 listener(token_id)
+        if not due:
+            return
+        async with self._lock:
+            # A revoke may have taken one while this waited for the lock.
+            records = {k: v for k, v in self._records.items() if k not in due}
+            await self._save(records)
+            self._records = records
 
     async def _save(self, records: dict[str, TokenRecord]) -> None:
         document = {
