@@ -135,9 +135,23 @@ class Daemon:
         self.api.config = effective
         # The WebSocket server reads allowed_origins from here at each handshake.
         self.config = effective
+        await self._recheck_access()
         self.channel.publish_status(Level.INFO, "Configuration reloaded")
         self.notifier.ready(self.status_line())
         return True
+
+    async def _recheck_access(self) -> None:
+        """Who may connect, again: group look-ups afresh (an admin who changed a group
+        reloads to say so), the socket file's mode and group as configured, and the
+        WebSocket connections of users the socket no longer admits closed."""
+        self.unix.lookups.forget()
+        try:
+            self.unix.set_permissions(self.config.socket_mode, self.config.socket_group)
+        except OSError as exc:
+            log.error("cannot change the socket's mode or group: %s", exc)
+        if self.websocket is not None:
+            self.websocket.lookups.forget()
+            await self.websocket.recheck(await self.unix.access())
 
 
 def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
@@ -150,6 +164,9 @@ def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
         max_running_tasks=new.max_running_tasks,
         downloads=new.downloads,
         limits=new.limits,
+        socket_mode=new.socket_mode,
+        socket_group=new.socket_group,
+        admin_group=new.admin_group,
         websocket=attrs.evolve(old.websocket, allowed_origins=new.websocket.allowed_origins),
         config_file=new.config_file,
     )
@@ -228,6 +245,8 @@ async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> N
             daemon.websocket = await nursery.start(websocket.serve, passed.websocket)
             api.websocket_address = websocket.address
         await nursery.start(unix.serve, passed.unix)
+        if daemon.websocket is not None:
+            daemon.websocket.socket_access = await unix.access()
         channel.publish_status(Level.INFO, "System ready")
         notifier.ready(daemon.status_line())
         if notifier.enabled:

@@ -14,6 +14,7 @@ import os
 import pwd
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from typing import Any, TypeVar, cast
 
 import attrs
 import trio
@@ -61,6 +62,19 @@ def caller_for_uid(
     return Caller(uid, username, is_admin(uid, username, admin_group, daemon_uid=own), pid)
 
 
+def groups_of(uid: int, username: str) -> frozenset[int]:
+    """The gids ``username`` is a member of (primary and supplementary); empty for a uid
+    with no passwd entry, whose groups cannot be known."""
+    try:
+        primary = pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return frozenset()
+    try:
+        return frozenset(os.getgrouplist(username, primary))
+    except OSError:
+        return frozenset({primary})
+
+
 def uid_for(username: str) -> int | None:
     """The uid of ``username``; a name that is all digits and has no passwd entry is the
     uid itself (as ``username_for`` names such uids). None if there is no such user."""
@@ -80,6 +94,8 @@ def caller_for_username(
     own = os.getuid() if daemon_uid is None else daemon_uid
     return Caller(uid, username, is_admin(uid, username, admin_group, daemon_uid=own))
 
+
+T = TypeVar("T")
 
 LOOKUP_TTL = 60.0  # seconds an answer is reused: a group change takes effect within this
 MAX_CACHED_LOOKUPS = 1024  # answers remembered; the oldest is forgotten first
@@ -114,9 +130,7 @@ class CallerLookups:
     daemon_uid: int = attrs.field(factory=os.getuid)
     _limiter: trio.CapacityLimiter = attrs.field(init=False)
     # key -> (when it expires, the answer); oldest first, as every entry lives ``ttl``.
-    _cache: OrderedDict[Hashable, tuple[float, Caller | None]] = attrs.field(
-        init=False, factory=OrderedDict
-    )
+    _cache: OrderedDict[Hashable, tuple[float, Any]] = attrs.field(init=False, factory=OrderedDict)
     _pending: dict[Hashable, trio.Event] = attrs.field(init=False, factory=dict)
     _admins: dict[int, str] = attrs.field(init=False, factory=dict)  # uid -> name
 
@@ -155,16 +169,25 @@ class CallerLookups:
 
         return await self._resolve(("user", username, admin_group), lookup)
 
+    async def groups_for(self, uid: int, username: str) -> frozenset[int]:
+        """The gids ``username`` belongs to (``groups_of``), from the cache when fresh."""
+        return await self._resolve(("groups", uid, username), lambda: groups_of(uid, username))
+
+    def forget(self) -> None:
+        """Drop every answer (on SIGHUP: an admin who changed a group says so by reloading).
+        Look-ups under way finish, and are remembered."""
+        self._cache.clear()
+
     @property
     def cached(self) -> int:
         """How many answers are held (fresh or not yet found stale)."""
         return len(self._cache)
 
-    async def _resolve(self, key: Hashable, lookup: Callable[[], Caller | None]) -> Caller | None:
+    async def _resolve(self, key: Hashable, lookup: Callable[[], T]) -> T:
         while True:
             found = self._fresh(key)
             if not isinstance(found, _Missing):
-                return found
+                return cast(T, found)
             pending = self._pending.get(key)
             if pending is None:
                 break
@@ -183,7 +206,7 @@ class CallerLookups:
             # Waiters look again: they find the answer, or (this one failed) look it up.
             done.set()
 
-    def _fresh(self, key: Hashable) -> Caller | _Missing | None:
+    def _fresh(self, key: Hashable) -> Any:
         entry = self._cache.get(key)
         if entry is None:
             return _MISSING
@@ -193,7 +216,7 @@ class CallerLookups:
             return _MISSING
         return answer
 
-    def _remember(self, key: Hashable, answer: Caller | None) -> None:
+    def _remember(self, key: Hashable, answer: Any) -> None:
         self._cache.pop(key, None)
         self._cache[key] = (trio.current_time() + self.ttl, answer)
         while len(self._cache) > self.max_entries:

@@ -20,9 +20,9 @@ from statusd import identity
 from statusd.daemon import Daemon, run
 from statusd.identity import LOOKUP_TTL, Caller, CallerLookups
 from tests.conftest import NOBODY_UID, RawClient, blocking_call, make_config, run_as_nobody
-from tests.websocket_clients import RpcClient, make_token, open_ws, ws_daemon
+from tests.websocket_clients import RpcClient, make_token, nobody_ws_daemon, open_ws
 
-__all__ = ["ws_daemon"]
+__all__ = ["nobody_ws_daemon"]
 
 NOBODY_GROUP = grp.getgrgid(65534).gr_name
 STRANGER = 4242  # a uid nobody is: not root, not the daemon's
@@ -185,10 +185,10 @@ async def test_slow_lookup_does_not_stall_connected_clients(
 
 
 async def test_slow_token_user_lookup_does_not_stall_websocket_clients(
-    ws_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+    nobody_ws_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root_token = (await make_token(ws_daemon))["token"]
-    nobody_token = (await make_token(ws_daemon, username="nobody"))["token"]
+    root_token = (await make_token(nobody_ws_daemon))["token"]
+    nobody_token = (await make_token(nobody_ws_daemon, username="nobody"))["token"]
     entered, release, finished = threading.Event(), threading.Event(), threading.Event()
     real = identity.uid_for
 
@@ -203,7 +203,7 @@ async def test_slow_token_user_lookup_does_not_stall_websocket_clients(
     root_connected = threading.Event()
 
     def root_session() -> tuple[Any, bool]:
-        with open_ws(ws_daemon, root_token) as ws:
+        with open_ws(nobody_ws_daemon, root_token) as ws:
             root_connected.set()
             assert entered.wait(10)
             # nobody's handshake waits for its user; root, connected before, is answered.
@@ -212,7 +212,7 @@ async def test_slow_token_user_lookup_does_not_stall_websocket_clients(
 
     def nobody_session() -> Any:
         assert root_connected.wait(10)
-        with open_ws(ws_daemon, nobody_token) as ws:
+        with open_ws(nobody_ws_daemon, nobody_token) as ws:
             return RpcClient(ws).call("daemon.info")
 
     nobody_answer: list[Any] = []

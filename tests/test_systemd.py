@@ -331,7 +331,7 @@ async def test_reload_applies_live_settings_and_logs_the_rest(
         max_connections=7,
         max_running_tasks=9,
         websocket=attrs.evolve(config.websocket, allowed_origins=("http://localhost:3000",)),
-        socket_mode=0o600,
+        download_dir=short_tmp / "elsewhere",
         status_history=5,
     )
     async with trio.open_nursery() as nursery:
@@ -344,14 +344,16 @@ async def test_reload_applies_live_settings_and_logs_the_rest(
         assert daemon.tasks.max_running == 9
         assert daemon.config.websocket.allowed_origins == ("http://localhost:3000",)
         # What takes a restart keeps its running value, so daemon.config stays true.
-        assert daemon.config.socket_mode == config.socket_mode
+        assert daemon.config.download_dir == config.download_dir
         assert daemon.config.status_history == config.status_history
-        assert daemon.config == attrs.evolve(new, socket_mode=0o660, status_history=100)
+        assert daemon.config == attrs.evolve(
+            new, download_dir=config.download_dir, status_history=100
+        )
         daemon.request_stop()
         await daemon.wait_stopped()
     warnings = {r.getMessage() for r in caplog.records if r.levelno == logging.WARNING}
     assert warnings == {
-        "socket_mode changed: needs a restart",
+        "download_dir changed: needs a restart",
         "status_history changed: needs a restart",
     }
     assert "max_connections changed: 1024 -> 7" in caplog.messages
@@ -466,7 +468,7 @@ def test_ready_reload_and_stopping_from_the_command(
     notify_socket.wait_for("READY", "1")
     assert accepts_at_ready == [True]  # READY=1 only once the socket accepts
 
-    config_file.write_text('log_level = "debug"\nmax_connections = 1\nsocket_mode = "0600"\n')
+    config_file.write_text('log_level = "debug"\nmax_connections = 1\nstatus_history = 5\n')
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     statusd.process.send_signal(signal.SIGHUP)
     [reloading] = notify_socket.wait_for("RELOADING", "1")
@@ -488,7 +490,7 @@ def test_ready_reload_and_stopping_from_the_command(
             refused = json.loads(second.recv(65536))
         assert refused["error"]["code"] == -32004
     log = statusd.stderr()
-    assert "socket_mode changed: needs a restart" in log
+    assert "status_history changed: needs a restart" in log
     assert "DEBUG" in log  # the new log level took effect
 
     statusd.process.send_signal(signal.SIGTERM)

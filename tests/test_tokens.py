@@ -18,9 +18,9 @@ from statusd.daemon import Daemon
 from statusd.errors import StartupError
 from statusd.tokens import READ_METHODS, TokenStore, refusal, split_token
 from tests.conftest import blocking_call, run_as_nobody
-from tests.websocket_clients import TIMEOUT, RpcClient, open_ws, ws_daemon
+from tests.websocket_clients import TIMEOUT, RpcClient, nobody_ws_daemon, open_ws
 
-__all__ = ["ws_daemon"]
+__all__ = ["nobody_ws_daemon"]
 
 NOBODY_GROUP = grp.getgrgid(65534).gr_name
 
@@ -214,13 +214,13 @@ def test_tokens_survive_a_restart(daemon_process: Any) -> None:
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o600
 
 
-async def test_nobody_token_sees_only_nobodys_things(ws_daemon: Daemon) -> None:
+async def test_nobody_token_sees_only_nobodys_things(nobody_ws_daemon: Daemon) -> None:
     from tests.websocket_clients import make_token
 
-    made = await make_token(ws_daemon, scope="control", username="nobody")
+    made = await make_token(nobody_ws_daemon, scope="control", username="nobody")
 
     def session() -> Any:
-        with open_ws(ws_daemon, made["token"]) as ws:
+        with open_ws(nobody_ws_daemon, made["token"]) as ws:
             return RpcClient(ws).call("daemon.info")
 
     info = await trio.to_thread.run_sync(session)

@@ -31,6 +31,7 @@ from tests.websocket_clients import (
     address,
     close_of,
     make_token,
+    nobody_ws_daemon,
     open_ws,
     port,
     raw_handshake,
@@ -39,7 +40,7 @@ from tests.websocket_clients import (
     ws_daemon,
 )
 
-__all__ = ["http_server", "ws_daemon"]
+__all__ = ["http_server", "nobody_ws_daemon", "ws_daemon"]
 
 
 async def in_thread(function: Any, *args: Any) -> Any:
@@ -716,23 +717,23 @@ async def test_progress_endpoint_follows_a_topic_and_subscribed_jobs(
 
 
 async def test_a_job_the_user_may_not_see_is_refused(
-    ws_daemon: Daemon, http_server: HTTPTestServer
+    nobody_ws_daemon: Daemon, http_server: HTTPTestServer
 ) -> None:
     url = http_server.route("/f.bin", serve_data(b"x"))
-    client = await RawClient.connect(ws_daemon.config.socket)
+    client = await RawClient.connect(nobody_ws_daemon.config.socket)
     roots = (await client.call("tasks.download", {"urls": [url]}))["task_id"]
     await client.aclose()
-    token = (await make_token(ws_daemon, username="nobody"))["token"]
+    token = (await make_token(nobody_ws_daemon, username="nobody"))["token"]
 
     def attempts() -> Any:
         outcomes = []
-        with open_ws(ws_daemon, token, f"/ws/bulk-process/{roots}") as ws:
+        with open_ws(nobody_ws_daemon, token, f"/ws/bulk-process/{roots}") as ws:
             error = json.loads(ws.recv(TIMEOUT))
             with pytest.raises(ConnectionClosed) as caught:
                 ws.recv(TIMEOUT)
             assert caught.value.rcvd is not None
             outcomes.append((error, caught.value.rcvd.code, caught.value.rcvd.reason))
-        with open_ws(ws_daemon, token, "/ws/progress/any") as ws:
+        with open_ws(nobody_ws_daemon, token, "/ws/progress/any") as ws:
             assert json.loads(ws.recv(TIMEOUT))["type"] == "connected"
             ws.send(json.dumps({"type": "subscribe_job", "job_id": roots}))
             error = json.loads(ws.recv(TIMEOUT))
@@ -740,7 +741,7 @@ async def test_a_job_the_user_may_not_see_is_refused(
                 ws.recv(TIMEOUT)
             assert caught.value.rcvd is not None
             outcomes.append((error, caught.value.rcvd.code, caught.value.rcvd.reason))
-        with open_ws(ws_daemon, token, "/ws/bulk-process/no-such-job") as ws:
+        with open_ws(nobody_ws_daemon, token, "/ws/bulk-process/no-such-job") as ws:
             error = json.loads(ws.recv(TIMEOUT))
             with pytest.raises(ConnectionClosed) as caught:
                 ws.recv(TIMEOUT)
@@ -846,6 +847,7 @@ async def test_serves_on_a_socket_systemd_passed(ws_daemon: Daemon, nursery: tri
         ws_daemon.api, ws_daemon.streams, ws_daemon.api.tokens, lambda: ws_daemon.config
     )
     await nursery.start(server.serve, listening.detach())
+    server.socket_access = await ws_daemon.unix.access()  # as the daemon does
     assert server.address == f"127.0.0.1:{number}"
     token = (await make_token(ws_daemon))["token"]
 

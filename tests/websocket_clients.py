@@ -9,7 +9,9 @@ one thread.
 
 from __future__ import annotations
 
+import grp
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from statusd.config import Config, WebSocketConfig
 from statusd.daemon import Daemon, run
-from tests.conftest import RawClient, make_config
+from tests.conftest import NOBODY_GID, RawClient, make_config
 
 TIMEOUT = 10.0
 
@@ -36,6 +38,19 @@ def ws_config(directory: Path, **overrides: Any) -> Config:
 @pytest.fixture
 async def ws_daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Daemon]:
     handle: Daemon = await nursery.start(run, ws_config(short_tmp))
+    yield handle
+    handle.request_stop()
+    await handle.wait_stopped()
+
+
+@pytest.fixture
+async def nobody_ws_daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Daemon]:
+    """A WebSocket daemon whose control socket's group is nobody's: a token for nobody
+    works only while nobody could connect to that socket (statusd.access)."""
+    if os.getuid() != 0:
+        pytest.skip(f"only root can give the socket nobody's group: running as uid {os.getuid()}")
+    config = ws_config(short_tmp, socket_group=grp.getgrgid(NOBODY_GID).gr_name)
+    handle: Daemon = await nursery.start(run, config)
     yield handle
     handle.request_stop()
     await handle.wait_stopped()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import trio
 
+from statusd.access import SocketAccess
 from statusd.api import Api
 from statusd.config import Config
 from statusd.errors import Busy, InvalidRequest, StartupError
@@ -115,15 +116,19 @@ async def bind_unix_socket(
             raise StartupError(f"socket: cannot bind {path}: {exc.strerror}") from None
         # Nobody can connect before listen(), so setting mode and group here leaves no
         # window in which the umask's permissions apply.
-        os.chmod(path, config.socket_mode)
-        if config.socket_group is not None:
-            os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+        _set_permissions(path, config.socket_mode, config.socket_group)
         identity = path.stat()
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
     return sock, identity
+
+
+def _set_permissions(path: Path, mode: int, group: str | None) -> None:
+    os.chmod(path, mode)
+    if group is not None:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
 
 
 class UnixServer:
@@ -139,6 +144,7 @@ class UnixServer:
         self._accept_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._identity: os.stat_result | None = None
+        self.path = config.socket
         self._connections_changed = trio.lowlevel.ParkingLot()
         # Passwd and group lookups can block for seconds (LDAP, SSSD): never on the loop.
         self.lookups = CallerLookups()
@@ -165,6 +171,8 @@ class UnixServer:
         """Listen on ``config.socket``, or on the listening socket whose file descriptor
         systemd ``passed`` (socket activation)."""
         sock, self._identity = await bind_unix_socket(self._config, passed)
+        # Where the file is, also for a socket systemd passed (its unit chose the path).
+        self.path = Path(sock.getsockname())
         listener = trio.SocketListener(sock)
         if passed is None:
             log.info("listening on %s", self._config.socket)
@@ -180,6 +188,22 @@ class UnixServer:
         assert self._nursery is not None
         with self._accept_scope:
             await serve_listeners(self._handle, [listener], self._nursery, "unix socket")
+
+    def configure(self, config: Config) -> None:
+        """The configuration after a reload: ``admin_group`` and ``max_connections`` apply
+        to the next connection."""
+        self._config = config
+        self.max_connections = config.max_connections
+
+    async def access(self) -> SocketAccess:
+        """Who may connect, read from the socket file as it is now."""
+        return await trio.to_thread.run_sync(SocketAccess.of, self.path)
+
+    def set_permissions(self, mode: int, group: str | None) -> None:
+        """Apply ``socket_mode`` and ``socket_group`` again (SIGHUP), to a socket file this
+        daemon made; one systemd passed keeps what its unit says."""
+        if self._identity is not None:
+            _set_permissions(self.path, mode, group)
 
     async def wait_connections_at_most(self, count: int) -> None:
         while len(self._sessions) > count:

@@ -45,6 +45,7 @@ from trio_websocket import (
     wrap_server_stream,
 )
 
+from statusd.access import SocketAccess
 from statusd.api import Api
 from statusd.config import Config
 from statusd.errors import Busy, StartupError
@@ -180,6 +181,9 @@ class WebSocketServer:
         # A token's user is looked up in passwd and groups, which can block for seconds
         # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
         self.lookups = CallerLookups()
+        # The control socket's permissions: a token's user must be one who could connect
+        # there. None until that socket is bound; handshakes are refused meanwhile.
+        self.socket_access: SocketAccess | None = None
         tokens.on_revoked(self._revoked)
         tokens.on_expired(self._expired)
 
@@ -240,6 +244,42 @@ class WebSocketServer:
             await self.wait_connections_at_most(0)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    async def _socket_refusal(self, caller: Caller) -> str | None:
+        """Why ``caller`` may not use the WebSocket by the control socket's rule, or None."""
+        access = self.socket_access
+        if access is None:
+            return "the control socket is not ready yet"
+        groups: frozenset[int] = frozenset()
+        if access.needs_groups(caller.uid):
+            groups = await self.lookups.groups_for(caller.uid, caller.username)
+        if access.permits(caller.uid, groups):
+            return None
+        return (
+            f"the token's user {caller.username!r} may not connect to the control socket "
+            f"({access.describe()})"
+        )
+
+    async def recheck(self, access: SocketAccess) -> None:
+        """After a reload: close (1008) each connection whose token's user the control
+        socket no longer admits, or who is no longer an admin; their next handshake
+        follows the new rules. Look-ups are fresh only if ``lookups.forget()`` came first."""
+        self.socket_access = access
+        admin_group = self._config().admin_group
+        for link in list(self._links):
+            before = link.session.caller
+            now = await self.lookups.caller_for_username(before.username, admin_group)
+            reason = None
+            if now is None:
+                reason = "the token's user no longer exists"
+            elif await self._socket_refusal(now) is not None:
+                reason = "the token's user may no longer connect to the control socket"
+            elif before.admin and not now.admin:
+                reason = "the token's user is no longer an admin"
+            if reason is not None:
+                log.info("closing WebSocket connection of %s: %s", before.username, reason)
+                link.close_with(POLICY_VIOLATION, reason)
+                link.scope.cancel()
 
     def _revoked(self, token_id: str) -> None:
         self._close_token(token_id, "token revoked")
@@ -333,6 +373,9 @@ class WebSocketServer:
         caller = await self.lookups.caller_for_username(record.username, config.admin_group)
         if caller is None:
             return rules.Refusal(401, f"the token's user {record.username!r} does not exist")
+        not_admitted = await self._socket_refusal(caller)
+        if not_admitted is not None:
+            return rules.Refusal(403, not_admitted)
         if isinstance(target, rules.Refusal):
             return target
         return record, caller, target
