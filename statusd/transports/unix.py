@@ -158,7 +158,9 @@ class UnixServer:
         return self._admitted.limits.max_connections
 
     def configure(self, config: Config) -> None:
-        """The connection limits of a reloaded configuration; held connections stay."""
+        """The connection limits and ``admin_group`` of a reloaded configuration; held
+        connections stay."""
+        self._config = config
         self._admitted.configure(connection_limits(config))
         self._max_pending = config.limits.max_pending_handshakes
 
@@ -188,12 +190,6 @@ class UnixServer:
         assert self._nursery is not None
         with self._accept_scope:
             await serve_listeners(self._handle, [listener], self._nursery, "unix socket")
-
-    def configure(self, config: Config) -> None:
-        """The configuration after a reload: ``admin_group`` and ``max_connections`` apply
-        to the next connection."""
-        self._config = config
-        self.max_connections = config.max_connections
 
     async def access(self) -> SocketAccess:
         """Who may connect, read from the socket file as it is now."""
