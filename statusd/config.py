@@ -32,6 +32,7 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_STATUS_HISTORY = 100
 DEFAULT_MAX_RUNNING_TASKS = 3
+GiB = 1 << 30
 MAX_STATUS_HISTORY = MAX_CAPACITY
 # CONTRACT.md caps one request's reply at 16 MiB; a client reading it needs a buffer that big.
 MAX_REPLY_BYTES = 16 * 1024 * 1024
@@ -62,9 +63,17 @@ class DownloadsConfig:
     batch_size: int = 10
     parallel_items: int = 4  # items of one task fetched at once
     max_attempts: int = 5  # per item, counting the first
-    max_file_bytes: int = 0  # 0: no cap
+    # 0: no cap. A sane default an admin can lift: one file may not fill a shared disk.
+    max_file_bytes: int = 64 * GiB
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # seconds without a byte before an attempt fails
+    # An item below lowest_speed bytes/s for stall_timeout seconds fails and frees its
+    # slot: a server trickling a byte every 20 s never trips read_timeout. 0: off.
+    lowest_speed: int = 1024
+    stall_timeout: float = 60.0
+    # Free bytes downloads leave on the state directory's file system (when they share
+    # it), so the journals can always be written; 0: none.
+    min_free_bytes: int = GiB
 
 
 @attrs.frozen
@@ -420,6 +429,9 @@ _KEYS = (
     _Key("downloads.max_file_bytes", _integer(0), _integer_text),
     _Key("downloads.connect_timeout", _seconds, _number_text),
     _Key("downloads.read_timeout", _seconds, _number_text),
+    _Key("downloads.lowest_speed", _integer(0), _integer_text),
+    _Key("downloads.stall_timeout", _seconds, _number_text),
+    _Key("downloads.min_free_bytes", _integer(0), _integer_text),
     _Key("limits.max_subscriptions_per_connection", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_batch_entries", _integer(1, 100_000), _integer_text),
     _Key("limits.max_reply_bytes", _integer(1024, MAX_REPLY_BYTES), _integer_text),

@@ -147,7 +147,7 @@ async def test_download_settings_change_on_reload(
     task = await wait_for_end(client, task_id)
     assert task["status"] == "failed"
     assert [item["error"] for item in task["result"]["items"]] == [
-        "file exceeds the size cap of 1000 bytes"
+        "file exceeds the size cap of 1000 bytes (downloads.max_file_bytes)"
     ] * 2
     # batch_size 1: two batches; the status messages went by before the end.
     recent = await client.call("status.recent")

@@ -355,7 +355,7 @@ async def test_size_cap_by_content_length(
 ) -> None:
     url = http_server.route("/huge.bin", serve_data(DATA))
     result = await fetch(client, url, dest, attrs.evolve(FAST, max_file_bytes=100_000))
-    assert result.error == "file exceeds the size cap of 100000 bytes"
+    assert result.error == "file exceeds the size cap of 100000 bytes (downloads.max_file_bytes)"
     assert listing(dest) == []
 
 
@@ -366,7 +366,7 @@ async def test_size_cap_while_streaming(
     settings = attrs.evolve(SMALL_CHUNKS, max_file_bytes=100_000)
     recorder = Recorder()
     result = await fetch(client, url, dest, settings, recorder=recorder)
-    assert result.error == "file exceeds the size cap of 100000 bytes"
+    assert result.error == "file exceeds the size cap of 100000 bytes (downloads.max_file_bytes)"
     assert listing(dest) == []
     assert recorder.held == 0
     assert max(sum(recorder.deltas[:n]) for n in range(len(recorder.deltas))) <= 100_000 + 65536
@@ -1002,7 +1002,7 @@ async def test_a_failure_leaves_another_downloads_part_alone(
     url = http_server.route("/shared.bin", serve_data(DATA, chunked=True))
     settings = attrs.evolve(FAST, max_file_bytes=1000)
     result = await fetch(client, url, dest, settings)
-    assert result.error == "file exceeds the size cap of 1000 bytes"
+    assert result.error == "file exceeds the size cap of 1000 bytes (downloads.max_file_bytes)"
     assert (dest / "shared.bin.part").read_bytes() == b"another download's data"
 
 

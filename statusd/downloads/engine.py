@@ -36,7 +36,10 @@ guarantees:
   to ``max_attempts`` attempts in all, waiting ``backoff_initial * 2**(k-1)`` seconds after
   the k-th failure (at most ``backoff_max``), or what ``Retry-After`` asks (at most
   ``max_retry_after``). Other 4xx, TLS certificate errors, a size over the cap, a sha256
-  mismatch, a full disk and too many redirects fail the item at once.
+  mismatch, a full disk, a write that would eat into ``min_free_bytes``, a transfer
+  slower than ``lowest_speed`` for ``stall_timeout`` (``rules.StallWatch``: retrying a
+  server that trickles would hold the slot as long again) and too many redirects fail
+  the item at once.
 - **failures** are returned as ``ItemResult(error=...)`` and the item's part is removed;
   only ``trio.Cancelled`` (and bugs) propagate. On cancellation the part stays, for a
   resume after a daemon restart; a user's cancel removes it with ``remove_partial``.
@@ -60,6 +63,8 @@ Must not depend on the task manager, the journal or the RPC layer.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -135,6 +140,12 @@ class DownloadSettings:
     # Off by default: hashing runs beside the writes, but at about 1.8 GB/s per core it
     # cost a quarter of the large-file throughput on a 2-CPU machine (docs/bench-downloads.md).
     sha256_always: bool = False
+    # The stall rule (rules.StallWatch): below lowest_speed bytes/s for stall_timeout
+    # seconds, the item fails. 0: off, as it is for a caller that does not ask.
+    lowest_speed: int = attrs.field(default=0, validator=_at_least(0))
+    stall_timeout: float = attrs.field(default=60.0, validator=_positive)
+    # Free bytes to leave on dest's file system (files.check_free); 0: none.
+    min_free_bytes: int = attrs.field(default=0, validator=_at_least(0))
 
     def backoff(self, failures: int) -> float:
         """The pause after the ``failures``-th failed attempt when the server gave none."""
@@ -349,6 +360,7 @@ class _Download:
         self.buffer = bytearray()
         self.filled = 0
         self.position = 0
+        self.stall: rules.StallWatch | None = None  # the body's, while one is received
 
     async def run(self) -> ItemResult:
         if self.state.done and self.state.name is not None:
@@ -548,6 +560,11 @@ class _Download:
         self.position = start
         self.buffer = BUFFERS.take(self.settings.chunk_size)
         self.filled = 0
+        self.stall = None
+        if self.settings.lowest_speed:
+            self.stall = rules.StallWatch.begin(
+                self.settings.lowest_speed, self.settings.stall_timeout, trio.current_time(), start
+            )
         try:
             try:
                 await self._fill(response)
@@ -566,24 +583,35 @@ class _Download:
             BUFFERS.give(self.buffer)
 
     async def _fill(self, response: Response) -> None:
-        """Read into the buffer until it is full or the body ends."""
+        """Read into the buffer until it is full or the body ends. The wait for data ends
+        at the stall watch's deadline, which only moves when bytes arrive: a receive is
+        cut off only when the item fails anyway."""
         cap = self.settings.max_file_bytes
         view = memoryview(self.buffer)
-        while self.filled < len(view):
-            count = await response.receive_into(view[self.filled :])
-            if count == 0:
-                return
-            self.position += count
-            if cap is not None and self.position > cap:
-                raise _Fail(_cap_message(cap))
-            self.filled += count
-            self._report(self.position)
+        stall = self.stall
+        with trio.CancelScope(deadline=math.inf if stall is None else stall.deadline) as scope:
+            while self.filled < len(view):
+                count = await response.receive_into(view[self.filled :])
+                if count == 0:
+                    return
+                self.position += count
+                if cap is not None and self.position > cap:
+                    raise _Fail(_cap_message(cap))
+                self.filled += count
+                self._report(self.position)
+                if stall is not None:
+                    if stall.sample(trio.current_time(), self.position):
+                        raise _Fail(stall.message)
+                    scope.deadline = stall.deadline
+        if scope.cancelled_caught:
+            assert stall is not None
+            raise _Fail(stall.message)
 
     async def _stream_large(self, response: Response) -> None:
         part = await self._ensure_part()
         try:
             async with _open_nursery() as nursery:
-                writer = _Writer(nursery, part)
+                writer = _Writer(nursery, part, self.total, self.settings.min_free_bytes)
                 while self.filled == len(self.buffer):
                     await writer.write(self.buffer)  # the writer owns it from here
                     self.buffer = BUFFERS.take(self.settings.chunk_size)
@@ -607,7 +635,8 @@ class _Download:
         """Write what arrived before a connection broke, for the retry to resume after."""
         if self.filled and self.state.validator is not None:
             part = await self._ensure_part()
-            await self._file_work(files.write_data, part, memoryview(self.buffer)[: self.filled])
+            data = memoryview(self.buffer)[: self.filled]
+            await self._file_work(files.write_data, part, data, self.settings.min_free_bytes)
 
     def _part_failure(self, exc: OSError) -> _Fail:
         part = self.directory.join(self.state.part or FALLBACK_NAME)
@@ -628,6 +657,7 @@ class _Download:
                 self.item.sha256,
                 self.hashing,
                 self.keep_part_until_done,
+                self.settings.min_free_bytes,
                 sync_directory=self.directory,
             )
         except OSError as exc:
@@ -653,11 +683,14 @@ class _Writer:
     worker thread (file writes and hashlib both release the GIL), one buffer in flight at a
     time, while the event loop fills the next. A buffer goes back to the pool when both
     are done with it. Never raises into its nursery: a write error is kept and raised by
-    the next ``write`` or ``wait``."""
+    the next ``write`` or ``wait``. With ``min_free`` each write first checks that the
+    rest of the file (``total``, when known) fits above it: one ``fstatvfs`` per buffer."""
 
-    def __init__(self, nursery: trio.Nursery, part: Part) -> None:
+    def __init__(self, nursery: trio.Nursery, part: Part, total: int | None, min_free: int) -> None:
         self._nursery = nursery
         self._part = part
+        self._total = total
+        self._min_free = min_free
         self._idle = trio.Event()
         self._idle.set()
         self._running = 0
@@ -669,7 +702,13 @@ class _Writer:
         view = memoryview(buffer)
         self._idle = trio.Event()
         self._running = 2
-        self._nursery.start_soon(self._run, FILES, files.write_all, self._part.fd, view, buffer)
+        write: Callable[[Any, memoryview], None] = files.write_all
+        if self._min_free:
+            rest = 0 if self._total is None else self._total - self._part.position
+            write = functools.partial(
+                files.write_keeping_free, needed=max(len(view), rest), min_free=self._min_free
+            )
+        self._nursery.start_soon(self._run, FILES, write, self._part.fd, view, buffer)
         if self._part.hasher is None:
             self._running = 1
         else:
@@ -757,7 +796,7 @@ async def _drain(response: Response) -> None:
 
 
 def _cap_message(cap: int) -> str:
-    return f"file exceeds the size cap of {cap} bytes"
+    return f"file exceeds the size cap of {cap} bytes (downloads.max_file_bytes)"
 
 
 def _maybe(parse: Callable[[str], str | None], response: Response, header: str) -> str | None:

@@ -16,6 +16,9 @@
   (``Directory.reader``): its directories and finished files get a POSIX ACL entry for
   that uid alone (``acl.py``), whatever the umask, and its own directory below the
   download directory (``open_home_dest``) is entered by nobody else.
+- **room**: ``check_free`` refuses a write that would leave less than a reserve free on
+  the file system (``downloads.min_free_bytes``, kept for the daemon's journals), in the
+  thread that writes, with one ``fstatvfs``: ``BelowReserve``, an ENOSPC of its own.
 - **threads**: ``FILES`` runs file work in long-lived threads and fsyncs each directory
   once per batch of work (a group commit of the links); ``HASHES`` hashes beside the writes.
 
@@ -333,7 +336,49 @@ def _hash_prefix(fd: int, length: int, hasher: Any, path: str) -> None:
         position += len(block)
 
 
-def write_data(part: Part, data: memoryview) -> None:
+class BelowReserve(OSError):
+    """Writing would leave less free space than the reserve kept for the daemon's journals.
+    An ENOSPC, so every path that handles a full disk handles this one the same way."""
+
+    def __init__(self, min_free: int, free: int, needed: int) -> None:
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left above the reserve of {_size(min_free)} for the daemon's journals"
+            f" (downloads.min_free_bytes): {_size(free)} free, {_size(needed)} to write",
+        )
+
+
+def check_free(fd: int, needed: int, min_free: int) -> None:
+    """Raise BelowReserve when writing ``needed`` more bytes to the file system of ``fd``
+    would leave less than ``min_free`` bytes free (0: no reserve). ``f_bavail``, what an
+    unprivileged writer may still use: a daemon running as root could also eat the
+    blocks ext4 keeps for root, but the reserve is meant to hold whoever runs it."""
+    if min_free <= 0:
+        return
+    info = os.fstatvfs(fd)
+    free = info.f_bavail * info.f_frsize
+    if free - needed < min_free:
+        raise BelowReserve(min_free, free, needed)
+
+
+def write_keeping_free(fd: int, data: memoryview, *, needed: int, min_free: int) -> None:
+    """``write_all`` once ``check_free`` agrees that ``needed`` bytes (at least ``data``,
+    the rest of the file when its size is known) fit above ``min_free``."""
+    check_free(fd, needed, min_free)
+    write_all(fd, data)
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale:
+            value = count / scale
+            shown = f"{value:.0f}" if value >= 10 else f"{value:.1f}".removesuffix(".0")
+            return f"{shown} {unit}"
+    return f"{count} bytes"
+
+
+def write_data(part: Part, data: memoryview, min_free: int = 0) -> None:
+    check_free(part.fd, len(data), min_free)
     if part.hasher is not None:
         part.hasher.update(data)
     write_all(part.fd, data)
@@ -359,16 +404,17 @@ def finish(
     sha256: str | None,
     hashing: bool,
     keep_part: bool,
+    min_free: int = 0,
 ) -> Finished:
-    """Write the last batch (creating the part first if there is none), fsync, check the
-    digest, link the part to a free final name and (unless ``keep_part``) remove the
-    part. The pool fsyncs the directory before anyone hears of it. A part that fails here
-    is removed: it is the caller's own."""
+    """Write the last batch (creating the part first if there is none; the batch must
+    fit above ``min_free``), fsync, check the digest, link the part to a free final name
+    and (unless ``keep_part``) remove the part. The pool fsyncs the directory before
+    anyone hears of it. A part that fails here is removed: it is the caller's own."""
     if part is None:
         part = create_part(directory, part_file, hashing)
     try:
         try:
-            write_data(part, data)
+            write_data(part, data, min_free)
             if directory.reader is None:
                 os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
             else:
@@ -453,6 +499,8 @@ def file_size(directory: Directory, name: str) -> int | None:
 
 
 def file_error(exc: OSError, path: str) -> str:
+    if isinstance(exc, BelowReserve):
+        return f"{exc.strerror} into {path}"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device writing {path}"
     if acl.unsupported(exc):

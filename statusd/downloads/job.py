@@ -45,7 +45,7 @@ from statusd.downloads.engine import (
     make_client,
     remove_partial,
 )
-from statusd.downloads.files import DestError, Directory
+from statusd.downloads.files import DestError, Directory, in_thread
 from statusd.downloads.http import HTTPClient
 from statusd.downloads.names import safe_filename, validate_url
 from statusd.errors import Forbidden, InvalidParams
@@ -66,6 +66,7 @@ class Downloads:
     def __init__(self, config: Config) -> None:
         self._config = config
         self.settings = _settings(config.downloads)
+        self._settings_elsewhere = _elsewhere(self.settings)
         self._client: HTTPClient | None = None
         self._daemon_uid = os.getuid()
 
@@ -75,6 +76,20 @@ class Downloads:
         tasks created from now on."""
         self._config = attrs.evolve(self._config, downloads=downloads)
         self.settings = _settings(downloads)
+        self._settings_elsewhere = _elsewhere(self.settings)
+
+    def item_settings(self, beside_journals: bool) -> DownloadSettings:
+        """The settings for an item whose dest is (``beside_journals``) or is not on the
+        state directory's file system: the free-space reserve only guards the journals."""
+        return self.settings if beside_journals else self._settings_elsewhere
+
+    def beside_journals(self, directory: Directory) -> bool:
+        """Whether ``directory`` is on the file system of the state directory (blocking);
+        when that cannot be told, it is taken to be, so the reserve holds."""
+        try:
+            return os.fstat(directory.fd).st_dev == os.stat(self._config.state_dir).st_dev
+        except OSError:
+            return True
 
     @property
     def client(self) -> HTTPClient:
@@ -184,7 +199,14 @@ def _settings(downloads: DownloadsConfig) -> DownloadSettings:
         connect_timeout=downloads.connect_timeout,
         read_timeout=downloads.read_timeout,
         max_file_bytes=downloads.max_file_bytes or None,
+        lowest_speed=downloads.lowest_speed,
+        stall_timeout=downloads.stall_timeout,
+        min_free_bytes=downloads.min_free_bytes,
     )
+
+
+def _elsewhere(settings: DownloadSettings) -> DownloadSettings:
+    return attrs.evolve(settings, min_free_bytes=0)
 
 
 @attrs.define
@@ -207,6 +229,8 @@ class DownloadJob:
     unsettled: set[int] = attrs.field(init=False)
     _settled: list[int] = attrs.field(init=False)  # settled, not yet journalled as such
     _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
+    # Whether dest shares the state directory's file system (its reserve applies).
+    _beside_journals: bool = attrs.field(init=False, default=True)
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
@@ -262,6 +286,7 @@ class DownloadJob:
             reporter.status(Level.ERROR, f"Cannot open the destination: {message}")
             raise JobFailed(message) from None
         try:
+            self._beside_journals = await in_thread(self.service.beside_journals, directory)
             return await self._run(reporter, directory)
         finally:
             directory.close()
@@ -325,7 +350,7 @@ class DownloadJob:
                 self.service.client,
                 item,
                 directory,
-                self.service.settings,
+                self.service.item_settings(self._beside_journals),
                 self.states[index],
                 owner=f"{self.task_id}-{index}",
                 on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),

@@ -1,7 +1,8 @@
 """What a download does with a server's answer: the rules, as pure functions.
 
 Resume (RFC 9110 14 and 13.1.5), the 416 rule, redirect targets, which failures are worth
-another attempt and how long to wait, and the parsing of the headers these rules read.
+another attempt and how long to wait, when a transfer is too slow to keep its slot
+(``StallWatch``), and the parsing of the headers these rules read.
 Everything here takes values in and gives a decision out; the engine (``engine.py``) does
 the I/O. Tested as tables in ``tests/test_download_rules.py``.
 
@@ -11,6 +12,7 @@ Pure: no trio, no I/O, no clock (callers pass ``now``). Must not depend on the e
 from __future__ import annotations
 
 import http
+import math
 import re
 import urllib.parse
 from datetime import UTC, datetime
@@ -153,6 +155,70 @@ def redirect_target(url: str, location: str) -> str:
 def backoff(failures: int, initial: float, maximum: float) -> float:
     """The pause after the ``failures``-th failed attempt when the server gave none."""
     return float(min(maximum, initial * 2 ** (failures - 1)))
+
+
+@attrs.define
+class StallWatch:
+    """aria2's ``--lowest-speed-limit`` as a rule: time is cut into windows of
+    ``stall_timeout`` seconds from ``begin``, and a transfer that gets fewer than
+    ``lowest_speed * stall_timeout`` bytes in one window is stalled. ``lowest_speed`` 0
+    turns it off.
+
+    Fed with ``sample(now, held)`` (``held``: the bytes the item holds, which only grow
+    within one attempt). ``deadline`` is the moment the transfer is stalled unless more
+    bytes arrive first, so a caller can wait for data until then instead of waking on a
+    timer. Windows rather than a sliding average keep the state to three numbers whatever
+    the speed, and a burst buys at most one window of credit: a 1 GB burst and then
+    silence is stalled two windows later, never days later. Bytes a sample brings just
+    after a window's end count for that window (a lag of one receive).
+    """
+
+    lowest_speed: int  # bytes a second; 0: off
+    stall_timeout: float  # seconds
+    _window_start: float
+    _window_held: int  # what the item held when the window began
+    _held: int
+
+    @classmethod
+    def begin(
+        cls, lowest_speed: int, stall_timeout: float, now: float, held: int = 0
+    ) -> StallWatch:
+        if lowest_speed < 0:
+            raise ValueError(f"lowest_speed must be >= 0, not {lowest_speed}")
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be > 0, not {stall_timeout}")
+        return cls(lowest_speed, stall_timeout, now, held, held)
+
+    @property
+    def deadline(self) -> float:
+        """When the transfer is stalled if no byte arrives before (inf when off)."""
+        if self.lowest_speed == 0:
+            return math.inf
+        end = self._window_start + self.stall_timeout
+        return end if self._held - self._window_held < self._quota else end + self.stall_timeout
+
+    def sample(self, now: float, held: int) -> bool:
+        """Whether the transfer, holding ``held`` bytes at ``now``, is stalled."""
+        self._held = held
+        if self.lowest_speed == 0:
+            return False
+        while now >= self._window_start + self.stall_timeout:
+            if self._held - self._window_held < self._quota:
+                return True
+            self._window_start += self.stall_timeout
+            self._window_held = held
+        return False
+
+    @property
+    def message(self) -> str:
+        return (
+            f"stalled: below lowest_speed {self.lowest_speed} B/s"
+            f" for stall_timeout {self.stall_timeout:g} s"
+        )
+
+    @property
+    def _quota(self) -> float:
+        return self.lowest_speed * self.stall_timeout
 
 
 # --- header parsing -------------------------------------------------------------------
