@@ -383,3 +383,40 @@ def chunked_cut_before_last_chunk(
         await responder.close()
 
     return handler
+
+
+def trickle(
+    data: bytes,
+    *,
+    every: float,
+    size: int = 1,
+    sent: int = 0,
+    chunked: bool = False,
+    etag: str | None = '"v1"',
+) -> Handler:
+    """Announce ``data`` (its Content-Length, or chunked), send its first ``sent`` bytes at
+    once, then ``size`` bytes every ``every`` seconds until the end: a server too slow to
+    be worth a slot that is never quiet long enough for a read timeout."""
+
+    async def handler(request: Request, responder: Responder) -> None:
+        headers = [] if etag is None else [("ETag", etag)]
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            headers.append(("Content-Length", str(len(data))))
+        await responder.send_head(200, headers)
+
+        async def send(piece: bytes) -> None:
+            if chunked:
+                piece = b"%x\r\n%s\r\n" % (len(piece), piece) if piece else b"0\r\n\r\n"
+            await responder.send_raw(piece)
+
+        if sent:
+            await send(data[:sent])
+        for start in range(sent, len(data), size):
+            await trio.sleep(every)
+            await send(data[start : start + size])
+        if chunked:
+            await send(b"")
+
+    return handler
