@@ -12,6 +12,7 @@ wide enough for a busy two-core machine, never a timing assertion.
 
 from __future__ import annotations
 
+import errno
 import grp
 import math
 import os
@@ -36,6 +37,7 @@ from statusd.downloads import (
     download_item,
     part_name,
 )
+from statusd.downloads.files import BelowReserve, Reserve
 from statusd.downloads.http import HTTPClient
 from statusd.downloads.job import Downloads
 from statusd.downloads.rules import StallWatch
@@ -266,7 +268,7 @@ async def test_the_reserve_stops_a_file_that_would_eat_into_it(
 ) -> None:
     body = (DATA * 11)[:size]
     url = http_server.route("/fat.bin", serve_data(body, chunked=chunked))
-    settings = DownloadSettings(min_free_bytes=2 * MiB)
+    settings = DownloadSettings(reserve=Reserve(2 * MiB))
     result = await fetch(client, url, disk, settings)
     assert result.error is not None
     assert result.error.startswith(f"{RESERVE} (downloads.min_free_bytes): ")
@@ -283,7 +285,7 @@ async def test_the_reserve_holds_for_a_file_written_in_one_piece(
     http_server: HTTPTestServer, client: HTTPClient, disk: Path
 ) -> None:
     """A file smaller than one receive buffer is written by ``files.finish`` in one go."""
-    settings = DownloadSettings(min_free_bytes=4 * MiB - 512 * 1024)
+    settings = DownloadSettings(reserve=Reserve(4 * MiB - 512 * 1024))
     url = http_server.route("/mid.bin", serve_data(DATA * 2))  # 600 kB, one buffer
     result = await fetch(client, url, disk, settings)
     assert result.error is not None
@@ -291,6 +293,41 @@ async def test_the_reserve_holds_for_a_file_written_in_one_piece(
     assert listing(disk) == []
     url = http_server.route("/tiny.bin", serve_data(DATA[:100_000]))
     assert (await fetch(client, url, disk, settings)).error is None
+
+
+def test_a_reserve_looks_at_the_disk_only_as_its_room_runs_out(
+    disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    looks: list[int] = []
+    real = os.fstatvfs
+
+    def counted(fd: int) -> os.statvfs_result:
+        looks.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstatvfs", counted)
+    reserve = Reserve(1 * MiB)  # 3 MiB of room above it: the slack is half of that
+    fd = os.open(disk, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(90):  # 1.4 MiB in 16 KiB files: no look after the first
+            reserve.claim(fd, 16 * 1024, 16 * 1024)
+        assert len(looks) == 1
+        reserve.claim(fd, 16 * 1024, 3 * MiB)  # more than the credit left: a look
+        assert len(looks) == 2
+        with pytest.raises(BelowReserve) as refused:
+            reserve.claim(fd, 16 * 1024, 3 * MiB + 1)
+        assert refused.value.errno == errno.ENOSPC
+        assert str(refused.value.strerror).startswith(
+            "no space left above the reserve of 1 MiB for the daemon's journals"
+            " (downloads.min_free_bytes): 4 MiB free, 3 MiB to write"
+        )
+        with pytest.raises(BelowReserve):  # a refusal leaves no credit behind
+            reserve.claim(fd, 16 * 1024, 3 * MiB + 1)
+        assert len(looks) == 4
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="min_free must be >= 1, not 0"):
+        Reserve(0)
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -316,7 +353,8 @@ def test_the_defaults(environ: dict[str, str]) -> None:
     assert downloads.max_file_bytes == 64 * GiB
     settings = Downloads(load_config({}, environ, 1000)).settings
     assert (settings.lowest_speed, settings.stall_timeout) == (1024, 60.0)
-    assert (settings.min_free_bytes, settings.max_file_bytes) == (GiB, 64 * GiB)
+    assert settings.reserve is not None
+    assert (settings.reserve.min_free, settings.max_file_bytes) == (GiB, 64 * GiB)
 
 
 def test_the_keys_come_from_the_file_the_environment_and_flags(environ: dict[str, str]) -> None:

@@ -36,7 +36,7 @@ guarantees:
   to ``max_attempts`` attempts in all, waiting ``backoff_initial * 2**(k-1)`` seconds after
   the k-th failure (at most ``backoff_max``), or what ``Retry-After`` asks (at most
   ``max_retry_after``). Other 4xx, TLS certificate errors, a size over the cap, a sha256
-  mismatch, a full disk, a write that would eat into ``min_free_bytes``, a transfer
+  mismatch, a full disk, a write that would eat into the ``reserve``, a transfer
   slower than ``lowest_speed`` for ``stall_timeout`` (``rules.StallWatch``: retrying a
   server that trickles would hold the slot as long again) and too many redirects fail
   the item at once.
@@ -76,7 +76,16 @@ import attrs
 import trio
 
 from statusd.downloads import files, names, rules
-from statusd.downloads.files import BUFFERS, FILES, HASHES, Directory, Part, ThreadPool, in_thread
+from statusd.downloads.files import (
+    BUFFERS,
+    FILES,
+    HASHES,
+    Directory,
+    Part,
+    Reserve,
+    ThreadPool,
+    in_thread,
+)
 from statusd.downloads.http import HTTPClient, HTTPError, Response, TLSError
 
 NAME_BYTES = names.MAX_NAME_BYTES
@@ -144,8 +153,8 @@ class DownloadSettings:
     # seconds, the item fails. 0: off, as it is for a caller that does not ask.
     lowest_speed: int = attrs.field(default=0, validator=_at_least(0))
     stall_timeout: float = attrs.field(default=60.0, validator=_positive)
-    # Free bytes to leave on dest's file system (files.check_free); 0: none.
-    min_free_bytes: int = attrs.field(default=0, validator=_at_least(0))
+    # Free space to leave on dest's file system; None: none.
+    reserve: Reserve | None = None
 
     def backoff(self, failures: int) -> float:
         """The pause after the ``failures``-th failed attempt when the server gave none."""
@@ -611,7 +620,7 @@ class _Download:
         part = await self._ensure_part()
         try:
             async with _open_nursery() as nursery:
-                writer = _Writer(nursery, part, self.total, self.settings.min_free_bytes)
+                writer = _Writer(nursery, part, self.total, self.settings.reserve)
                 while self.filled == len(self.buffer):
                     await writer.write(self.buffer)  # the writer owns it from here
                     self.buffer = BUFFERS.take(self.settings.chunk_size)
@@ -636,7 +645,7 @@ class _Download:
         if self.filled and self.state.validator is not None:
             part = await self._ensure_part()
             data = memoryview(self.buffer)[: self.filled]
-            await self._file_work(files.write_data, part, data, self.settings.min_free_bytes)
+            await self._file_work(files.write_data, part, data, self.settings.reserve)
 
     def _part_failure(self, exc: OSError) -> _Fail:
         part = self.directory.join(self.state.part or FALLBACK_NAME)
@@ -657,7 +666,7 @@ class _Download:
                 self.item.sha256,
                 self.hashing,
                 self.keep_part_until_done,
-                self.settings.min_free_bytes,
+                self.settings.reserve,
                 sync_directory=self.directory,
             )
         except OSError as exc:
@@ -683,14 +692,17 @@ class _Writer:
     worker thread (file writes and hashlib both release the GIL), one buffer in flight at a
     time, while the event loop fills the next. A buffer goes back to the pool when both
     are done with it. Never raises into its nursery: a write error is kept and raised by
-    the next ``write`` or ``wait``. With ``min_free`` each write first checks that the
-    rest of the file (``total``, when known) fits above it: one ``fstatvfs`` per buffer."""
+    the next ``write`` or ``wait``. With a ``reserve``, each write first claims its room,
+    and the rest of the file's (``total``, when known): a file that cannot fit fails
+    before its first byte is written."""
 
-    def __init__(self, nursery: trio.Nursery, part: Part, total: int | None, min_free: int) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, part: Part, total: int | None, reserve: Reserve | None
+    ) -> None:
         self._nursery = nursery
         self._part = part
         self._total = total
-        self._min_free = min_free
+        self._reserve = reserve
         self._idle = trio.Event()
         self._idle.set()
         self._running = 0
@@ -703,10 +715,10 @@ class _Writer:
         self._idle = trio.Event()
         self._running = 2
         write: Callable[[Any, memoryview], None] = files.write_all
-        if self._min_free:
+        if self._reserve is not None:
             rest = 0 if self._total is None else self._total - self._part.position
             write = functools.partial(
-                files.write_keeping_free, needed=max(len(view), rest), min_free=self._min_free
+                files.write_claimed, reserve=self._reserve, rest=max(len(view), rest)
             )
         self._nursery.start_soon(self._run, FILES, write, self._part.fd, view, buffer)
         if self._part.hasher is None:

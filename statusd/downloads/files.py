@@ -16,9 +16,9 @@
   (``Directory.reader``): its directories and finished files get a POSIX ACL entry for
   that uid alone (``acl.py``), whatever the umask, and its own directory below the
   download directory (``open_home_dest``) is entered by nobody else.
-- **room**: ``check_free`` refuses a write that would leave less than a reserve free on
-  the file system (``downloads.min_free_bytes``, kept for the daemon's journals), in the
-  thread that writes, with one ``fstatvfs``: ``BelowReserve``, an ENOSPC of its own.
+- **room**: a ``Reserve`` refuses a write that would leave less than ``min_free`` bytes
+  free on the file system (``downloads.min_free_bytes``, kept for the daemon's journals),
+  in the thread that writes: ``BelowReserve``, an ENOSPC of its own.
 - **threads**: ``FILES`` runs file work in long-lived threads and fsyncs each directory
   once per batch of work (a group commit of the links); ``HASHES`` hashes beside the writes.
 
@@ -348,23 +348,51 @@ class BelowReserve(OSError):
         )
 
 
-def check_free(fd: int, needed: int, min_free: int) -> None:
-    """Raise BelowReserve when writing ``needed`` more bytes to the file system of ``fd``
-    would leave less than ``min_free`` bytes free (0: no reserve). ``f_bavail``, what an
-    unprivileged writer may still use: a daemon running as root could also eat the
-    blocks ext4 keeps for root, but the reserve is meant to hold whoever runs it."""
-    if min_free <= 0:
-        return
-    info = os.fstatvfs(fd)
-    free = info.f_bavail * info.f_frsize
-    if free - needed < min_free:
-        raise BelowReserve(min_free, free, needed)
+# The most written between two looks at the free space: when something else fills the
+# disk meanwhile, downloads eat at most this much of the reserve.
+RESERVE_SLACK = 16 << 20
 
 
-def write_keeping_free(fd: int, data: memoryview, *, needed: int, min_free: int) -> None:
-    """``write_all`` once ``check_free`` agrees that ``needed`` bytes (at least ``data``,
-    the rest of the file when its size is known) fit above ``min_free``."""
-    check_free(fd, needed, min_free)
+class Reserve:
+    """Free space that writes leave on one file system: ``min_free`` bytes
+    (``downloads.min_free_bytes``). One is shared by every write to that file system, from
+    any worker thread.
+
+    ``fstatvfs`` is asked again only once the writes since the last look could have used
+    half of the room then left above the reserve, or ``RESERVE_SLACK``: a 16 KiB file costs
+    no system call, a large one a look per receive buffer as the room runs out. The free
+    space counted is ``f_bavail``, what an unprivileged writer may use: a daemon running as
+    root could also take the blocks ext4 keeps for root, but the reserve must hold
+    whoever runs it.
+    """
+
+    def __init__(self, min_free: int) -> None:
+        if min_free < 1:
+            raise ValueError(f"min_free must be >= 1, not {min_free}")
+        self.min_free = min_free
+        self._lock = threading.Lock()
+        self._credit = 0  # bytes that may be written before the next look
+
+    def claim(self, fd: int, size: int, rest: int) -> None:
+        """Let ``size`` bytes be written to ``fd``'s file system now, ``rest`` (at least
+        ``size``: the rest of the file, when its length is known) still to come; or raise
+        BelowReserve when ``rest`` does not fit above the reserve."""
+        with self._lock:
+            if rest <= self._credit:
+                self._credit -= size
+                return
+            info = os.fstatvfs(fd)
+            free = info.f_bavail * info.f_frsize
+            room = free - self.min_free
+            if rest > room:
+                self._credit = 0
+                raise BelowReserve(self.min_free, free, rest)
+            self._credit = min((room - rest) // 2, RESERVE_SLACK)
+
+
+def write_claimed(fd: int, data: memoryview, *, reserve: Reserve, rest: int) -> None:
+    """``write_all`` once ``reserve`` lets ``data`` be written, ``rest`` bytes to come."""
+    reserve.claim(fd, len(data), rest)
     write_all(fd, data)
 
 
@@ -377,8 +405,9 @@ def _size(count: int) -> str:
     return f"{count} bytes"
 
 
-def write_data(part: Part, data: memoryview, min_free: int = 0) -> None:
-    check_free(part.fd, len(data), min_free)
+def write_data(part: Part, data: memoryview, reserve: Reserve | None = None) -> None:
+    if reserve is not None:
+        reserve.claim(part.fd, len(data), len(data))
     if part.hasher is not None:
         part.hasher.update(data)
     write_all(part.fd, data)
@@ -404,17 +433,17 @@ def finish(
     sha256: str | None,
     hashing: bool,
     keep_part: bool,
-    min_free: int = 0,
+    reserve: Reserve | None = None,
 ) -> Finished:
-    """Write the last batch (creating the part first if there is none; the batch must
-    fit above ``min_free``), fsync, check the digest, link the part to a free final name
+    """Write the last batch (creating the part first if there is none; ``reserve`` must
+    let it be written), fsync, check the digest, link the part to a free final name
     and (unless ``keep_part``) remove the part. The pool fsyncs the directory before
     anyone hears of it. A part that fails here is removed: it is the caller's own."""
     if part is None:
         part = create_part(directory, part_file, hashing)
     try:
         try:
-            write_data(part, data, min_free)
+            write_data(part, data, reserve)
             if directory.reader is None:
                 os.fdatasync(part.fd)  # the data and its size; mtime alone is not worth a flush
             else:

@@ -45,7 +45,7 @@ from statusd.downloads.engine import (
     make_client,
     remove_partial,
 )
-from statusd.downloads.files import DestError, Directory, in_thread
+from statusd.downloads.files import DestError, Directory, Reserve, in_thread
 from statusd.downloads.http import HTTPClient
 from statusd.downloads.names import safe_filename, validate_url
 from statusd.errors import Forbidden, InvalidParams
@@ -201,12 +201,13 @@ def _settings(downloads: DownloadsConfig) -> DownloadSettings:
         max_file_bytes=downloads.max_file_bytes or None,
         lowest_speed=downloads.lowest_speed,
         stall_timeout=downloads.stall_timeout,
-        min_free_bytes=downloads.min_free_bytes,
+        # One for all tasks: they write to the same file system.
+        reserve=Reserve(downloads.min_free_bytes) if downloads.min_free_bytes else None,
     )
 
 
 def _elsewhere(settings: DownloadSettings) -> DownloadSettings:
-    return attrs.evolve(settings, min_free_bytes=0)
+    return attrs.evolve(settings, reserve=None)
 
 
 @attrs.define
