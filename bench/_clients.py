@@ -24,7 +24,6 @@ import http.client
 import json
 import select
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -91,24 +90,16 @@ def calls(path: str, method: str, params: dict[str, Any] | None, count: int) -> 
 
 
 def sqlite_rows(database: str, first: int, count: int) -> None:
-    connection = sqlite3.connect(database, timeout=60, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.execute("PRAGMA busy_timeout=60000")
+    """bench/store.py's rows, as its sqlite contender writes them, from a process of its own."""
+    import store
+
+    connection = store.sqlite_connect(Path(database))
     _ready_then_wait()
     started = time.monotonic_ns()
     for n in range(first, first + count):
-        connection.execute(
-            "INSERT INTO notifications (id, type, title, message, created_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (n, "info", f"Backup {n} finished", notification_text(n), "2026-12-07T09:00:00Z"),
-        )  # autocommit: one transaction per row, as statusd journals one record per create
+        connection.execute(store.INSERT, store.row(n))  # autocommit: a transaction per row
     _done(started, count=count)
     connection.close()
-
-
-def notification_text(n: int) -> str:
-    return f"backup {n} of the weekly mirror finished; report on the server, disk quota fine"
 
 
 def download(path: str, params: dict[str, Any]) -> None:

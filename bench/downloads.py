@@ -298,7 +298,7 @@ def run_curl(curl: str, base: str, files: Files, case: str, dest: Path, parallel
             curl, "-sS", "--fail", "--parallel", "--parallel-max", str(parallel),
             "--remote-name-all", "--output-dir", str(dest), "-K", str(config),
         ]  # fmt: skip
-    return _timed_process(command)
+    return timed_process(command)
 
 
 def run_aria2c(aria2c: str, base: str, files: Files, case: str, dest: Path, parallel: int) -> Run:
@@ -312,10 +312,10 @@ def run_aria2c(aria2c: str, base: str, files: Files, case: str, dest: Path, para
         listing = dest.parent / "aria2c-urls.txt"
         listing.write_text("".join(f"{base}/{name}\n" for name in files.small))
         command = [*common, "-j", str(parallel), "-i", str(listing)]
-    return _timed_process(command)
+    return timed_process(command)
 
 
-def _timed_process(command: list[str]) -> Run:
+def timed_process(command: list[str]) -> Run:
     started = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)

@@ -59,6 +59,7 @@ import _profile
 import attrs
 import downloads
 import fanout
+import store
 from _servers import (
     ServerProcess,
     known_keys,
@@ -283,7 +284,7 @@ def _aria2_cli_download(bench: Bench, urls: list[str], options: list[str]) -> tu
     dest.mkdir()
     listing = directory / "urls.txt"
     listing.write_text("\n".join(urls) + "\n")
-    run = downloads._timed_process([aria2c, "-q", "-d", str(dest), *options, "-i", str(listing)])
+    run = downloads.timed_process([aria2c, "-q", "-d", str(dest), *options, "-i", str(listing)])
     return run.seconds, dest
 
 
@@ -336,7 +337,7 @@ def row_big(bench: Bench) -> list[Line]:
                 curl = bench.tools["curl"]
                 assert curl is not None
                 dest = bench.scratch(bench.shm, "curl")
-                run = downloads._timed_process(
+                run = downloads.timed_process(
                     [curl, "-sS", "--fail", "-o", str(dest / "big.bin"), url]
                 )
                 seconds = run.seconds
@@ -349,12 +350,6 @@ def row_big(bench: Bench) -> list[Line]:
 
 
 # -- notifications.create against sqlite ----------------------------------------------------
-
-SCHEMA = (
-    "CREATE TABLE notifications (id INTEGER PRIMARY KEY, username TEXT, type TEXT NOT NULL, "
-    "title TEXT NOT NULL, message TEXT NOT NULL, link TEXT, created_at TEXT NOT NULL, "
-    "read INTEGER NOT NULL DEFAULT 0)"
-)
 
 
 def _shares(total: int, clients: int) -> list[int]:
@@ -397,7 +392,7 @@ def _sqlite_clients(directory: Path, total: int, clients: int) -> list[list[str]
     database = directory / "notifications.db"
     with contextlib.closing(sqlite3.connect(database)) as setup:
         setup.execute("PRAGMA journal_mode=WAL")
-        setup.execute(SCHEMA)
+        setup.execute(store.SCHEMA)
     argvs, first = [], 1
     for share in _shares(total, clients):
         argv = ["--database", str(database), "--first", str(first), "--count", str(share)]
@@ -406,12 +401,10 @@ def _sqlite_clients(directory: Path, total: int, clients: int) -> list[list[str]
     return argvs
 
 
-def _notification(k: int) -> dict[str, Any]:
-    return {
-        "type": "info",
-        "title": f"Backup {k} finished",
-        "message": _clients.notification_text(k),
-    }
+def _notification(n: int) -> dict[str, Any]:
+    """bench/store.py's n-th notification, as ``notifications.create`` takes it."""
+    fields = store.notification(n)
+    return {key: fields[key] for key in ("type", "title", "message")}
 
 
 # -- a trivial call against a minimal trio JSON-RPC server -------------------------------------
