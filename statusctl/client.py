@@ -38,10 +38,10 @@ from typing import Any
 import attrs
 import trio
 
-from statusd.config import default_socket_path
+from statusd.config import MAX_REPLY_BYTES, default_socket_path
 from statusd.errors import CODE_NAMES, INTERNAL_ERROR, RpcError
 from statusd.protocol import jsonrpc
-from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
+from statusd.protocol.framing import LineDecoder, LineTooLong
 
 __all__ = [
     "DEFAULT_MAX_PUSHES",
@@ -66,6 +66,11 @@ DEFAULT_MAX_PUSHES = 1000
 # A local daemon answers in milliseconds; this only bounds a daemon that is wedged.
 DEFAULT_TIMEOUT = 30.0
 RECEIVE_CHUNK = 64 * 1024
+# One answer line: results up to ``limits.max_reply_bytes`` (at most 16 MiB; a tasks.get of
+# a 10,000-item download is about 2.4 MB), then, in a batch, a short refusal per entry past
+# it, each echoing the entry's id (ids and entries are bounded by the request's own size and
+# the batch limit, each at most 16 MiB of reply).
+MAX_REPLY_LINE_BYTES = 3 * MAX_REPLY_BYTES
 # Lines queued for the writer task before ``call`` waits for room.
 MAX_QUEUED_REQUESTS = 64
 # How long leaving a ``subscribe`` block may spend telling the daemon, even when cancelled.
@@ -316,7 +321,7 @@ class AsyncClient:
         stream: trio.SocketStream,
         *,
         max_pushes: int = DEFAULT_MAX_PUSHES,
-        max_line_bytes: int = MAX_LINE_BYTES,
+        max_line_bytes: int = MAX_REPLY_LINE_BYTES,
     ) -> None:
         self.path = path
         self._stream = stream
@@ -513,7 +518,7 @@ async def open_client(
     socket_path: StrPath | None = None,
     *,
     max_pushes: int = DEFAULT_MAX_PUSHES,
-    max_line_bytes: int = MAX_LINE_BYTES,
+    max_line_bytes: int = MAX_REPLY_LINE_BYTES,
 ) -> AsyncIterator[AsyncClient]:
     """Connect to statusd (``resolve_socket_path`` finds it) for the block's duration.
 
@@ -563,7 +568,7 @@ class Client:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         max_pushes: int = DEFAULT_MAX_PUSHES,
-        max_line_bytes: int = MAX_LINE_BYTES,
+        max_line_bytes: int = MAX_REPLY_LINE_BYTES,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, not {timeout}")

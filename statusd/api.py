@@ -42,7 +42,7 @@ from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.rate import RateLimiter, retry_after
 from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus
-from statusd.tasks import Job, TaskManager
+from statusd.tasks import TaskManager
 from statusd.tokens import (
     MAX_EXPIRES_IN,
     MAX_TOKENS_PER_USER,
@@ -211,15 +211,14 @@ class Method:
 
 
 class DownloadPlanner(Protocol):
-    """Turns checked ``tasks.download`` params into a task's spec and job
-    (``statusd.downloads.Downloads``)."""
+    """Turns checked ``tasks.download`` params into a task's spec
+    (``statusd.downloads.Downloads``); the task manager builds the job when the task starts."""
 
-    def prepare(self, params: DownloadParams, caller: Caller) -> tuple[str, int, dict[str, Any]]:
-        """(task name, item count, spec); raises InvalidParams/Forbidden."""
-        ...
-
-    def job(self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]) -> Job:
-        """The task's body; ``task_id`` names the part files it owns."""
+    def prepare(
+        self, params: DownloadParams, caller: Caller, *, max_items: int
+    ) -> tuple[str, int, dict[str, Any]]:
+        """(task name, item count, spec); raises InvalidParams/Forbidden, Busy past
+        ``max_items``."""
         ...
 
 
@@ -450,7 +449,11 @@ class Api:
     async def tasks_download(self, session: Session, params: DownloadParams) -> dict[str, Any]:
         if self.downloads is None:
             raise InternalError("downloads are not available")
-        name, count, spec = self.downloads.prepare(params, session.caller)
+        limits = self.config.limits
+        caller = session.caller
+        name, count, spec = self.downloads.prepare(
+            params, caller, max_items=limits.max_items_per_task
+        )
         task_id = await self.tasks.create_task(
             name,
             count,
@@ -459,9 +462,14 @@ class Api:
             owner=session.caller.username,
             topic=params.topic,
             spec=spec,
+            max_unfinished=self._max_unfinished(caller),
         )
-        self.tasks.run_task(task_id, self.downloads.job(task_id, spec, []))
+        self.tasks.run_task(task_id)
         return {"task_id": task_id}
+
+    def _max_unfinished(self, caller: Caller) -> int | None:
+        # Admins are exempt, as from the publish rate: their tasks are the system's own.
+        return None if caller.admin else self.config.limits.max_tasks_per_user
 
     async def tasks_get(self, session: Session, params: TaskIdParams) -> Any:
         return unstructure(self._visible_task(session.caller, params.task_id))
@@ -493,7 +501,7 @@ class Api:
 
     async def tasks_retry(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
         task = self._visible_task(session.caller, params.task_id)
-        await self.tasks.retry_task(task.id)
+        await self.tasks.retry_task(task.id, max_unfinished=self._max_unfinished(session.caller))
         return {"task_id": task.id}
 
     async def tasks_summary(self, session: Session, _params: NoParams) -> dict[str, int]:

@@ -21,7 +21,14 @@ What the seed lacked:
 - on start the journal is replayed: finished and paused tasks are listed again, pending and
   running ones are queued again with their saved progress (``checkpoint`` records), so a
   restart, even after ``kill -9``, repeats no finished work; a task whose cancel was
-  acknowledged is finished as cancelled, never run again.
+  acknowledged is finished as cancelled, never run again;
+- a task's job is built from its spec and checkpoints when the task starts, and dropped when
+  it ends: a queue of large tasks holds their specs, not their jobs. A finished task keeps
+  only what a retry needs (a completed one nothing: no spec, no checkpoints), in memory and,
+  once compacted, in the journal;
+- a user may have at most ``max_unfinished`` pending, running or paused tasks (the caller
+  passes it; None for admins). Creates and retries claim their place before they wait for
+  the journal, so concurrent ones cannot pass the limit together.
 
 A task body is a ``Job``: ``run(reporter)`` does the work and reports through the
 ``Reporter`` it is given; it knows nothing of the manager.
@@ -35,7 +42,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,7 +51,7 @@ import attrs
 import trio
 
 from statusd.channel import StatusChannel
-from statusd.errors import Conflict, InternalError
+from statusd.errors import Busy, Conflict, InternalError
 from statusd.events import TaskFeed
 from statusd.protocol.codec import converter, format_timestamp, unstructure
 from statusd.state.status import Audience, Level
@@ -219,6 +226,8 @@ class TaskManager:
         self._cleanup_lock = trio.Lock()
         self._compact_lock = trio.Lock()
         self._ids = itertools.count(1)
+        # Per owner: creates and retries that passed the limit and wait for the journal.
+        self._claims: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -267,9 +276,11 @@ class TaskManager:
         owner: str,
         topic: str | None = None,
         spec: dict[str, Any] | None = None,
+        max_unfinished: int | None = None,
     ) -> str:
         """Record a new pending task; returns its id once the journal has it
-        (``InternalError`` if the journal cannot take it: then there is no task)."""
+        (``InternalError`` if the journal cannot take it: then there is no task; ``Busy`` if
+        ``owner`` already has ``max_unfinished`` unfinished tasks)."""
         task = TaskInfo(
             id=self._new_id(),
             name=name,
@@ -282,19 +293,50 @@ class TaskManager:
             metadata=dict(metadata or {}),
         )
         record = {"op": "create", "task": unstructure(task), "spec": spec}
-        async with self._gate.change():
-            await self._append_or_refuse([record])
-            self._entries[task.id] = _Entry(task, spec=spec)
+        with self._claim(owner, max_unfinished) as claim:
+            async with self._gate.change():
+                await self._append_or_refuse([record])
+                self._entries[task.id] = _Entry(task, spec=spec)
+                claim.settle()
         return task.id
 
-    def run_task(self, task_id: str, job: Job) -> None:
-        """Queue ``job`` as the body of pending task ``task_id``; it starts when a slot is free."""
+    def run_task(self, task_id: str, job: Job | None = None) -> None:
+        """Queue pending task ``task_id``; it starts when a slot is free, with ``job`` as its
+        body, or (None) the job its kind's factory builds then from its spec."""
         entry = self._entries[task_id]
         if entry.task.status is not TaskStatus.PENDING:
             raise ValueError(f"task {task_id} is {entry.task.status.value}, not pending")
         entry.job = job
         self._queue.append(task_id)
         self._dispatch()
+
+    def unfinished_count(self, owner: str) -> int:
+        """``owner``'s pending, running and paused tasks, and creates and retries of theirs
+        waiting for the journal."""
+        tasks = sum(
+            1
+            for entry in self._entries.values()
+            if entry.task.owner == owner and not entry.task.status.finished
+        )
+        return tasks + self._claims.get(owner, 0)
+
+    @contextlib.contextmanager
+    def _claim(self, owner: str, most: int | None) -> Iterator[_Claim]:
+        """Hold a place among ``owner``'s unfinished tasks while one is journalled. Taken
+        without a checkpoint after the count, so two concurrent creates cannot both take
+        the last place; ``settle()`` gives it back in the step that makes the task count."""
+        if most is not None and (count := self.unfinished_count(owner)) >= most:
+            raise Busy(
+                f"{owner} has {count} unfinished tasks, the most a user may have "
+                f"(limits.max_tasks_per_user = {most}); wait for some to end, or cancel some",
+                {"limit": most},
+            )
+        claim = _Claim(self._claims, owner)
+        self._claims[owner] = self._claims.get(owner, 0) + 1
+        try:
+            yield claim
+        finally:
+            claim.settle()
 
     def get_task(self, task_id: str) -> TaskInfo | None:
         entry = self._entries.get(task_id)
@@ -357,32 +399,35 @@ class TaskManager:
         async with entry.lock:
             if entry.task.status is not TaskStatus.PAUSED:
                 raise _conflict(entry, "resumed")
-            job = self._rebuild_job(entry)
+            self._check_kind(entry)
             await self._record_status(entry, TaskStatus.PENDING)
-            self._requeue(entry, job)
+            self._requeue(entry)
         self.push(entry.task, "progress", "Task resumed")
 
-    async def retry_task(self, task_id: str) -> None:
-        """Run a failed or cancelled task again; its job fetches only what did not finish."""
+    async def retry_task(self, task_id: str, *, max_unfinished: int | None = None) -> None:
+        """Run a failed or cancelled task again; its job fetches only what did not finish.
+        It counts among its owner's unfinished tasks again (``Busy`` past
+        ``max_unfinished``)."""
         entry = self._entries[task_id]
         await self._run_exited(entry, TaskStatus.FAILED, TaskStatus.CANCELLED)
         async with entry.lock:
             task = entry.task
             if task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
                 raise _conflict(entry, "retried")
-            checkpoints = [*entry.checkpoints, RETRY_CHECKPOINT]
-            job = self._rebuild_job(entry, checkpoints)
+            self._check_kind(entry)
             records = [
                 {"op": "retry", "id": task_id},
                 _update_record(task, TaskStatus.PENDING, self._now()),
             ]
-            async with self._gate.change():
-                await self._append_or_refuse(records)
-                entry.checkpoints = checkpoints
-                entry.cancel_requested = False
-                entry.done = trio.Event()
-                task.move_to(TaskStatus.PENDING, self._now())
-            self._requeue(entry, job)
+            with self._claim(task.owner, max_unfinished) as claim:
+                async with self._gate.change():
+                    await self._append_or_refuse(records)
+                    entry.checkpoints = [*entry.checkpoints, RETRY_CHECKPOINT]
+                    entry.cancel_requested = False
+                    entry.done = trio.Event()
+                    task.move_to(TaskStatus.PENDING, self._now())
+                    claim.settle()
+            self._requeue(entry)
         self.push(task, "progress", "Task queued again")
 
     async def wait_finished(self, task_id: str) -> TaskInfo:
@@ -459,8 +504,10 @@ class TaskManager:
                 if entry.cancel_requested:
                     await self._finish_cancelled(entry)
                     return
-                if task.status is not TaskStatus.PENDING or entry.job is None:
+                if task.status is not TaskStatus.PENDING:
                     return  # paused or finished between dispatch and start
+                if not await self._build_job(entry):
+                    return
                 await self._start(entry)
             outcome = await self._work(entry, scope)
             entry.finishing = outcome is not None and not entry.cancel_requested
@@ -479,9 +526,27 @@ class TaskManager:
             entry.finishing = False
             if entry.scope is scope:
                 entry.scope = None
+            if entry.task.status is not TaskStatus.RUNNING:
+                # Paused or ended: a resume or retry builds the job afresh from the journal's
+                # view, so a queue of finished or paused tasks holds no jobs.
+                entry.job = None
             self._running -= 1
             exited.set()
             self._dispatch()
+
+    async def _build_job(self, entry: _Entry) -> bool:
+        """Build the job of a task about to start, if it has none yet; a task whose job
+        cannot be built fails (and False is returned)."""
+        if entry.job is not None:
+            return True
+        try:
+            entry.job = self._rebuild_job(entry)
+        except Exception as exc:
+            log.exception("task %s: cannot build its job", entry.task.id)
+            reason = exc.message if isinstance(exc, InternalError) else f"internal error: {exc}"
+            await self._finish(entry, TaskStatus.FAILED, reason)
+            return False
+        return True
 
     async def _start(self, entry: _Entry) -> None:
         task = entry.task
@@ -540,15 +605,24 @@ class TaskManager:
                 await self.on_finished(ended, status)
             except Exception:
                 log.exception("task %s: the on_finished hook failed", task.id)
-        # What a retry needs replaces the checkpoints, in the same write as the end.
-        keep = entry.job.checkpoints_to_keep() if entry.job is not None else entry.checkpoints
-        records = [
-            {"op": "checkpoints", "id": task.id, "data": keep},
-            _update_record(ended, status, at),
-        ]
+        # What a retry needs replaces the checkpoints, in the same write as the end; a
+        # completed task is final and keeps neither checkpoints nor its spec.
+        spec = entry.spec
+        if status is TaskStatus.COMPLETED:
+            keep: list[dict[str, Any]] = []
+            spec = None
+        elif entry.job is not None:
+            keep = entry.job.checkpoints_to_keep()
+        else:
+            keep = entry.checkpoints
+        settled: dict[str, Any] = {"op": "checkpoints", "id": task.id, "data": keep}
+        if spec is None:
+            settled["spec"] = None
+        records = [settled, _update_record(ended, status, at)]
 
         def apply() -> None:
             entry.checkpoints = list(keep)
+            entry.spec = spec
             for field in attrs.fields(TaskInfo):
                 setattr(task, field.name, getattr(ended, field.name))
 
@@ -566,8 +640,8 @@ class TaskManager:
         if task_id in self._queue:
             self._queue.remove(task_id)
 
-    def _requeue(self, entry: _Entry, job: Job) -> None:
-        entry.job = job
+    def _requeue(self, entry: _Entry) -> None:
+        entry.job = None  # built when it starts, from the spec and checkpoints as they are then
         self._queue.append(entry.task.id)
         self._dispatch()
 
@@ -584,13 +658,17 @@ class TaskManager:
             return None
         return factory(entry.task, {"spec": entry.spec or {}, "checkpoints": entry.checkpoints})
 
-    def _rebuild_job(self, entry: _Entry, checkpoints: list[dict[str, Any]] | None = None) -> Job:
-        """The task's job as a restart builds it: from its spec and checkpoints."""
-        factory = self._factories.get(entry.task.kind)
-        if factory is None:
+    def _check_kind(self, entry: _Entry) -> None:
+        if entry.task.kind not in self._factories:
             raise InternalError(f"cannot run a task of kind {entry.task.kind!r} again")
-        saved = entry.checkpoints if checkpoints is None else checkpoints
-        return factory(entry.task, {"spec": entry.spec or {}, "checkpoints": list(saved)})
+
+    def _rebuild_job(self, entry: _Entry) -> Job:
+        """The task's job as a restart builds it: from its spec and checkpoints."""
+        self._check_kind(entry)
+        factory = self._factories[entry.task.kind]
+        return factory(
+            entry.task, {"spec": entry.spec or {}, "checkpoints": list(entry.checkpoints)}
+        )
 
     # -- events ----------------------------------------------------------------------------
 
@@ -711,6 +789,8 @@ class TaskManager:
                     entry.checkpoints.append(record["data"])
             elif op == "checkpoints":
                 entry.checkpoints = list(record["data"])
+                if "spec" in record:
+                    entry.spec = record["spec"]  # a completed task's: none
             elif op == "cancel":
                 entry.cancel_requested = True
             elif op == "retry":
@@ -729,9 +809,9 @@ class TaskManager:
             if task.status is TaskStatus.RUNNING:
                 task.move_to(TaskStatus.PENDING, self._now())
             if task.status is TaskStatus.PAUSED and not entry.cancel_requested:
-                continue  # until a resume: its job is built then
-            entry.job = self._job_or_none(entry)
-            if entry.job is None and not entry.cancel_requested:
+                continue  # until a resume
+            # Its job is built when it starts (a cancelled one's, to discard its files).
+            if task.kind not in self._factories and not entry.cancel_requested:
                 task.move_to(TaskStatus.FAILED, self._now())
                 task.error = f"cannot resume a task of kind {task.kind!r}"
                 entry.done.set()
@@ -751,16 +831,7 @@ class TaskManager:
         ):
             return
         async with self._compact_lock, self._gate.compaction():
-            snapshot = [
-                {
-                    "op": "create",
-                    "task": unstructure(entry.task),
-                    "spec": entry.spec,
-                    "checkpoints": list(entry.checkpoints),
-                    "cancel_requested": entry.cancel_requested,
-                }
-                for entry in self._entries.values()
-            ]
+            snapshot = [_snapshot_record(entry) for entry in self._entries.values()]
             try:
                 # Nothing changes the snapshot while the gate is closed, so it can be
                 # encoded off the event loop (1,000 tasks of 200 checkpoints: ~1 s).
@@ -784,6 +855,39 @@ class TaskManager:
 
 
 _Outcome = tuple[TaskStatus, str | None, dict[str, Any] | None]
+
+
+class _Claim:
+    """One place among an owner's unfinished tasks, held until ``settle()``."""
+
+    def __init__(self, claims: dict[str, int], owner: str) -> None:
+        self._claims = claims
+        self._owner = owner
+        self._held = True
+
+    def settle(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        left = self._claims[self._owner] - 1
+        if left:
+            self._claims[self._owner] = left
+        else:
+            del self._claims[self._owner]
+
+
+def _snapshot_record(entry: _Entry) -> dict[str, Any]:
+    """A task as compaction writes it: what a finished task no longer has is left out."""
+    record: dict[str, Any] = {"op": "create", "task": unstructure(entry.task)}
+    if entry.spec is not None:
+        record["spec"] = entry.spec
+    if entry.checkpoints:
+        record["checkpoints"] = list(entry.checkpoints)
+    if entry.cancel_requested:
+        record["cancel_requested"] = True
+    return record
+
+
 # A checkpoint that tells a job rebuilt for a retry to forget its failed items' results.
 RETRY_CHECKPOINT: dict[str, Any] = {"retry": True}
 RECORD_RETRY_FIRST = 1.0

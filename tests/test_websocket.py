@@ -111,7 +111,7 @@ async def test_oversize_message_closes_with_1009(ws_daemon: Daemon) -> None:
 
     def session() -> Any:
         with open_ws(ws_daemon, token, max_size=None) as ws:
-            ws.send("x" * (transport.MAX_MESSAGE_BYTES + 1))
+            ws.send("x" * (ws_daemon.config.limits.max_request_bytes + 1))
             with pytest.raises(ConnectionClosed) as caught:
                 ws.recv(TIMEOUT)
             assert caught.value.rcvd is not None

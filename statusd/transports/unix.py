@@ -1,6 +1,7 @@
 """The Unix socket server: newline-delimited JSON-RPC with peer credentials and limits.
 
-Per connection a reader parses lines (1 MiB limit) and queues replies in the ``Session``;
+Per connection a reader parses lines (``limits.max_request_bytes``, read when the client
+connects) and queues replies in the ``Session``;
 a writer sends everything pending in one write. A client that stops reading blocks only
 its own writer: pushed messages it misses are dropped oldest-first and reported, and its
 reader pauses while its replies are unsent (see ``statusd.session``).
@@ -27,7 +28,7 @@ from statusd.errors import Busy, InvalidRequest, StartupError
 from statusd.events import Streams
 from statusd.identity import CallerLookups
 from statusd.protocol import jsonrpc
-from statusd.protocol.framing import MAX_LINE_BYTES, LineDecoder, LineTooLong
+from statusd.protocol.framing import LineDecoder, LineTooLong
 from statusd.session import Session
 from statusd.state.connections import Connections, Refusal
 from statusd.transports.accept import connection_limits, serve_listeners
@@ -314,7 +315,8 @@ class UnixServer:
                 return
 
     async def _read_loop(self, stream: trio.SocketStream, session: Session) -> None:
-        decoder = LineDecoder(MAX_LINE_BYTES)
+        # The API's config is the live one (SIGHUP), so a new limit reaches new connections.
+        decoder = LineDecoder(self._api.config.limits.max_request_bytes)
         try:
             while not session.closing:
                 await session.wait_reply_room()
@@ -327,7 +329,11 @@ class UnixServer:
                 try:
                     lines = decoder.feed(data)
                 except LineTooLong as exc:
-                    error = InvalidRequest(str(exc), {"limit": exc.limit})
+                    error = InvalidRequest(
+                        f"request line exceeds {exc.limit} bytes (limits.max_request_bytes); "
+                        "nothing in it ran and the connection is closed",
+                        {"limit": exc.limit},
+                    )
                     session.add_reply(jsonrpc.encode_line(jsonrpc.error_response(None, error)))
                     return
                 for line in lines:

@@ -19,8 +19,8 @@ blocks only its own writer; the pushes it misses are dropped oldest-first and re
 ``/ws/progress/{topic_id}`` the seed's message types. The server pings every
 ``PING_INTERVAL`` seconds and drops a client that has not answered within
 ``PING_TIMEOUT``. Close codes: 1000 normal, 1001 the daemon is stopping, 1008 the token was
-revoked or expired or the job is not the user's, 1009 a message over 1 MiB, 1013 too many
-connections.
+revoked or expired or the job is not the user's, 1009 a message over
+``limits.max_request_bytes`` (1 MiB by default), 1013 too many connections.
 """
 
 from __future__ import annotations
@@ -64,7 +64,6 @@ from statusd.transports.answer import answer
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 1024 * 1024  # one incoming message; more closes with 1009
 HANDSHAKE_TIMEOUT = 10.0  # seconds from TCP connect to a complete upgrade request
 CLOSE_TIMEOUT = 5.0  # seconds to complete a closing handshake before the socket is closed
 PING_INTERVAL = 20.0
@@ -326,10 +325,10 @@ class WebSocketServer:
         try:
             async with trio.open_nursery() as nursery:
                 request: WebSocketRequest | None = None
+                # Read per connection, so a reload's limit reaches new connections.
+                most = self._config().limits.max_request_bytes
                 with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=MAX_MESSAGE_BYTES
-                    )
+                    request = await wrap_server_stream(nursery, stream, max_message_size=most)
                 if request is not None:
                     await self._handle_request(request, stream)
                 nursery.cancel_scope.cancel()
