@@ -762,6 +762,9 @@ def test_limits_defaults(environ: dict[str, str]) -> None:
         max_connections_per_user=64,
         admin_connections=16,
         max_pending_handshakes=256,
+        max_tasks_per_user=100,
+        max_items_per_task=10_000,
+        max_request_bytes=1024 * 1024,
     )
 
 
@@ -777,6 +780,18 @@ def test_connection_limits_come_from_the_file_the_environment_and_flags(
         config.limits.admin_connections,
         config.limits.max_pending_handshakes,
     ) == (2, 4, 32)
+
+
+def test_task_and_request_limits_come_from_the_file_the_environment_and_flags(
+    environ: dict[str, str],
+) -> None:
+    text = "[limits]\nmax_tasks_per_user = 7\nmax_request_bytes = 4096\n"
+    environ["STATUSD_LIMITS_MAX_ITEMS_PER_TASK"] = "20"
+    environ["STATUSD_LIMITS_MAX_REQUEST_BYTES"] = "2048"
+    config, _ = load(environ, text, limits_max_tasks_per_user="3")
+    limits = config.limits
+    assert (limits.max_tasks_per_user, limits.max_items_per_task) == (3, 20)
+    assert limits.max_request_bytes == 2048  # the environment over the file
 
 
 def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, str]) -> None:
@@ -824,6 +839,22 @@ def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, 
             'max_pending_handshakes = "many"',
             'limits.max_pending_handshakes: must be an integer from 1 to 1000000, not "many"',
         ),
+        (
+            "max_tasks_per_user = 0",
+            "limits.max_tasks_per_user: must be an integer from 1 to 1000000, not 0",
+        ),
+        (
+            'max_items_per_task = "10"',
+            'limits.max_items_per_task: must be an integer from 1 to 1000000, not "10"',
+        ),
+        (
+            "max_request_bytes = 1023",
+            "limits.max_request_bytes: must be an integer from 1024 to 16777216, not 1023",
+        ),
+        (
+            "max_request_bytes = 16777217",
+            "limits.max_request_bytes: must be an integer from 1024 to 16777216, not 16777217",
+        ),
     ],
 )
 def test_bad_limits_are_refused(environ: dict[str, str], text: str, expected: str) -> None:
@@ -842,7 +873,17 @@ def test_render_config_round_trips_the_limits(tmp_path: Path, environ: dict[str,
     (tmp_path / "statusd").mkdir()
     config, _ = load(environ)
     config = attrs.evolve(
-        config, limits=LimitsConfig(7, 8, 9000, publish_rate=0.5, publish_burst=3)
+        config,
+        limits=LimitsConfig(
+            7,
+            8,
+            9000,
+            publish_rate=0.5,
+            publish_burst=3,
+            max_tasks_per_user=4,
+            max_items_per_task=5,
+            max_request_bytes=6000,
+        ),
     )
     assert tomllib.loads(render_config(config))["limits"]["publish_rate"] == 0.5
     assert reload(config, tmp_path, environ).limits == config.limits
