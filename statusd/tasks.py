@@ -85,8 +85,9 @@ class Job(Protocol):
         """Remove what an unfinished run left behind (called after a user's cancel)."""
 
     def checkpoints_to_keep(self) -> list[dict[str, Any]]:
-        """Called when the task has finished: the checkpoints a retry needs (the rest are
-        dropped from memory and, at the next compaction, from the journal)."""
+        """Called when the task has failed or was cancelled: the checkpoints a retry needs
+        (the rest are dropped from memory and, at the next compaction, from the journal;
+        a completed task keeps none)."""
         ...
 
 
