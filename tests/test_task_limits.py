@@ -399,3 +399,27 @@ async def test_a_settled_task_keeps_only_what_a_retry_needs_across_a_restart(
     paths = [item["path"] for item in retried["result"]["items"]]
     assert Path(paths[-1]).read_bytes() == b"fixed"
     assert Path(paths[0]).read_bytes() == b"000" * 100
+
+
+async def test_compaction_writes_finished_tasks_in_their_small_form(
+    http_server: HTTPTestServer, start_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = [http_server.route(f"/c{n}.bin", serve_data(b"c" * 50)) for n in range(3)]
+    broken = http_server.route("/gone.bin", status(404))
+    limited = await start_daemon()
+    tasks = limited.daemon.tasks
+    answers = [
+        await limited.call(limited.user, "tasks.download", {"urls": urls, "dest": "a"}),
+        await limited.call(limited.user, "tasks.download", {"urls": [*urls, broken], "dest": "b"}),
+    ]
+    done_id, failed_id = (answer["result"]["task_id"] for answer in answers)
+    assert (await tasks.wait_finished(done_id)).status.value == "completed"
+    assert (await tasks.wait_finished(failed_id)).status.value == "failed"
+    monkeypatch.setattr("statusd.tasks.COMPACT_MIN_RECORDS", 1)
+    await tasks.cleanup_old_tasks(24)  # nothing is old enough: it only compacts
+    snapshot = {r["task"]["id"]: r for r in journal_of(limited.daemon.config.state_dir.parent)}
+    assert snapshot[done_id].keys() == {"op", "task"}
+    assert snapshot[done_id]["task"]["result"]["completed"] == 3  # what tasks.get shows stays
+    failed = snapshot[failed_id]
+    assert failed.keys() == {"op", "task", "spec", "checkpoints"}
+    assert [[row[0] for row in c["completed"]] for c in failed["checkpoints"]] == [[0, 1, 2]]
