@@ -145,7 +145,7 @@ class Daemon:
         return self.directory / "statusd.sock"
 
     def start(self) -> float:
-        """Start it; the seconds from exec to a connectable socket."""
+        """Start it from ``tree``; the seconds from exec to a connectable socket."""
         config = self.directory / "statusd.toml"
         config.write_text(
             "max_running_tasks = 1\n[downloads]\nparallel_items = 16\nbatch_size = 1000\n"
@@ -156,7 +156,10 @@ class Daemon:
         command += ["--socket", str(self.socket), "--state-dir", str(self.directory / "state")]
         log = (self.directory / "statusd.log").open("ab")
         began = time.monotonic()
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        # Not from this directory: "-m" puts the working directory first on sys.path.
+        self.process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=log, cwd=self.directory
+        )
         wait_for(self._ready, "the daemon's socket")
         return time.monotonic() - began
 
