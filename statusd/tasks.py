@@ -330,7 +330,7 @@ class TaskManager:
             raise Busy(
                 f"{owner} has {count} unfinished tasks, the most a user may have "
                 f"(limits.max_tasks_per_user = {most}); wait for some to end, or cancel some",
-                {"limit": most},
+                {"limit": most, "key": "limits.max_tasks_per_user"},
             )
         claim = _Claim(self._claims, owner)
         self._claims[owner] = self._claims.get(owner, 0) + 1

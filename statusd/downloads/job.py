@@ -125,7 +125,7 @@ class Downloads:
             raise Busy(
                 f"{field} has {len(raw)} entries, more than a task may have "
                 f"(limits.max_items_per_task = {max_items}); split it into several tasks",
-                {"limit": max_items, "field": field},
+                {"limit": max_items, "key": "limits.max_items_per_task", "field": field},
             )
         for index, entry in enumerate(raw):
             where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
