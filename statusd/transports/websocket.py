@@ -2,8 +2,10 @@
 seed's endpoints.
 
 Every handshake is checked before it is accepted (``statusd.protocol.websocket`` says what
-is refused): two Origin headers get 400, a foreign Host or Origin 403, a missing or unknown
-token 401, an unknown path 404; a refused handshake runs nothing. Past
+is refused): two Origin headers get 400, a foreign Host or Origin 403, a missing, unknown
+or expired token 401, a token whose user could not connect to the control socket 403
+(``statusd.access``; checked again for live connections on SIGHUP), an unknown path 404; a
+refused handshake runs nothing. Past
 ``limits.max_pending_handshakes`` handshakes in progress a connection gets 503 without its
 request being looked at. An accepted connection counts against ``max_connections``, its
 token's ``limits.max_connections_per_user`` and the admins' reserve
