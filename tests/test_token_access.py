@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from websockets.exceptions import InvalidStatus
@@ -25,8 +26,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from statusd import identity
 from statusd.access import SocketAccess
+from statusd.daemon import Daemon, run
 from statusd.identity import CallerLookups
-from tests.conftest import NOBODY_GID, NOBODY_UID, blocking_call, run_as_nobody
+from tests.conftest import NOBODY_GID, NOBODY_UID, blocking_call, make_config, run_as_nobody
 from tests.test_statusctl_tokens import _free_port
 from tests.websocket_clients import TIMEOUT, RpcClient, close_of
 
@@ -190,3 +192,19 @@ def test_an_ex_admin_loses_admin_rights_on_the_websocket(
         run_as_nobody(lambda: blocking_call(process.socket, "daemon.info")["result"]["admin"])
         is False
     )
+
+
+async def test_reload_applies_socket_mode_and_group(nursery: trio.Nursery, short_tmp: Path) -> None:
+    config = make_config(short_tmp)
+    daemon: Daemon = await nursery.start(run, config)
+    path = daemon.config.socket
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    group = NOBODY_GROUP if os.getuid() == 0 else None  # only root gives a file any group
+    assert await daemon.reload(lambda: attrs.evolve(config, socket_mode=0o600, socket_group=group))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    if group is not None:
+        assert path.stat().st_gid == NOBODY_GID
+    assert (daemon.config.socket_mode, daemon.config.socket_group) == (0o600, group)
+    assert await daemon.unix.access() == SocketAccess.of(path)
+    daemon.request_stop()
+    await daemon.wait_stopped()
