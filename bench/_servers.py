@@ -191,9 +191,12 @@ def known_keys(directory: Path, source: Path = REPO) -> set[str]:
         else:
             keys.add(name)
     # Keys left unset are printed as comments ("# listen is unset: ..."), so they count too.
+    table = ""
     for line in done.stdout.splitlines():
-        if line.startswith("# ") and " is unset" in line:
-            keys.add(line[2:].split()[0])
+        if line.startswith("[") and line.endswith("]"):
+            table = line[1:-1] + "."
+        elif line.startswith("# ") and " is unset" in line:
+            keys.add(table + line[2:].split()[0])
     return keys
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from _servers import config_toml  # noqa: E402
+from _servers import config_toml, known_keys  # noqa: E402
 
 RUN_TIMEOUT = 60
 
@@ -75,3 +75,10 @@ def test_the_config_holds_only_keys_this_statusd_knows_in_their_tables() -> None
         "downloads": {"parallel_items": 16},
         "limits": {"burst": 5},
     }
+
+
+def test_the_keys_this_statusd_knows_come_from_check_config_set_or_not(short_tmp: Path) -> None:
+    keys = known_keys(short_tmp)
+    assert {"max_connections", "downloads.parallel_items", "limits.max_batch_entries"} <= keys
+    # Printed as comments when unset, under their table.
+    assert {"socket_group", "websocket.listen"} <= keys
