@@ -41,11 +41,11 @@ import attrs
 from statusctl import __version__, render
 from statusctl.client import (
     SOCKET_ENV,
+    SYSTEM_SOCKET,
     Client,
     DaemonUnreachable,
     Push,
     RemoteError,
-    resolve_socket_path,
 )
 from statusd.errors import CONFLICT, NOT_FOUND
 from statusd.identity import username_for
@@ -63,7 +63,7 @@ class Context:
     """What a command runs with: where the daemon is, how to print, and the connection
     (made on first use, so a command that needs none never connects)."""
 
-    socket_path: Path
+    socket_path: Path | None  # None: the first of socket_candidates() that answers
     json: bool
     stdout: TextIO
     stderr: TextIO
@@ -725,7 +725,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="statusctl",
         description="Control and watch statusd.",
-        epilog=f"The socket is --socket, else ${SOCKET_ENV}, else the daemon's default. "
+        epilog=f"The socket is --socket, else ${SOCKET_ENV}, else the first that answers of "
+        f"your own daemon's default socket and the system daemon's ({SYSTEM_SOCKET}). "
         "Exit status: 0 ok, 1 failed, 2 usage, 3 daemon not reachable, 4 daemon error.",
     )
     parser.add_argument("--socket", metavar="PATH", help="the daemon's Unix socket")
@@ -752,7 +753,7 @@ def main(
         # argparse exits 2 on a usage error and 0 for --help/--version; callers of main()
         # get the status back instead of an exception.
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    context = Context(resolve_socket_path(args.socket), args.json, out, err)
+    context = Context(Path(args.socket) if args.socket else None, args.json, out, err)
     command: Command = args.command
     try:
         return command.run(context, args)

@@ -9,7 +9,9 @@ Three ways in, one wire protocol (CONTRACT.md, "Wire protocol"):
 - ``Client`` does the same over a plain blocking socket, for scripts and the statusctl
   command. ``StatusMonitor`` runs one in a thread and calls back for every status message,
   reconnecting when the daemon restarts: the UI side of the seed contract (STATUS-UI-001).
-- ``resolve_socket_path`` finds the socket the way the daemon does.
+- ``socket_candidates`` says where to look: the caller's own daemon's socket (found the
+  way that daemon finds it), then the system daemon's; a connection takes the first that
+  answers.
 
 Pushed messages wait in a buffer of ``max_pushes``; past it the oldest is dropped and the
 reader gets a ``dropped`` notice in its place, as the daemon does for a slow client. The
@@ -29,7 +31,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from types import TracebackType
@@ -38,7 +40,7 @@ from typing import Any
 import attrs
 import trio
 
-from statusd.config import MAX_REPLY_BYTES, default_socket_path
+from statusd.config import MAX_REPLY_BYTES, SYSTEM_SOCKET_PATH, default_socket_path
 from statusd.errors import CODE_NAMES, INTERNAL_ERROR, RpcError
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import LineDecoder, LineTooLong
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_MAX_PUSHES",
     "DEFAULT_TIMEOUT",
     "SOCKET_ENV",
+    "SYSTEM_SOCKET",
     "AsyncClient",
     "Client",
     "ConnectionLost",
@@ -57,11 +60,16 @@ __all__ = [
     "Subscription",
     "open_client",
     "resolve_socket_path",
+    "socket_candidates",
 ]
 
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "STATUSD_SOCKET"
+# Looked at after the caller's own socket: a member of the socket group of a system daemon
+# (contrib/systemd/statusd.socket) usually runs no daemon of their own. Read at each look-up,
+# so a test can stand a daemon of its own in for the system one.
+SYSTEM_SOCKET = SYSTEM_SOCKET_PATH
 DEFAULT_MAX_PUSHES = 1000
 # A local daemon answers in milliseconds; this only bounds a daemon that is wedged.
 DEFAULT_TIMEOUT = 30.0
@@ -129,15 +137,28 @@ class RemoteError(Exception):
 
 
 class DaemonUnreachable(Exception):
-    """No daemon answers at ``path``; ``reason`` says why (``"connection refused"``)."""
+    """No daemon answers at ``path``; ``reason`` says why (``"connection refused"``).
 
-    def __init__(self, path: Path, reason: str) -> None:
+    ``tried`` is every ``(path, reason)`` looked at, in order; ``path`` and ``reason`` are
+    the first of them, the caller's own socket when statusctl looked in several places.
+    """
+
+    def __init__(self, path: Path, reason: str, tried: Sequence[tuple[Path, str]] = ()) -> None:
         super().__init__(path, reason)
         self.path = path
         self.reason = reason
+        self.tried = tuple(tried) or ((path, reason),)
+
+    @classmethod
+    def after(cls, tried: Sequence[tuple[Path, str]]) -> DaemonUnreachable:
+        path, reason = tried[0]
+        return cls(path, reason, tried)
 
     def __str__(self) -> str:
-        return f"cannot connect to statusd at {self.path}: {self.reason}"
+        if len(self.tried) == 1:
+            return f"cannot connect to statusd at {self.path}: {self.reason}"
+        places = ", ".join(f"{path} ({reason})" for path, reason in self.tried)
+        return f"cannot connect to statusd at any of {places}"
 
 
 class ConnectionLost(DaemonUnreachable):
@@ -156,18 +177,30 @@ def _describe_os_error(exc: OSError) -> str:
 # -- socket discovery ------------------------------------------------------------------------
 
 
-def resolve_socket_path(
-    socket_path: StrPath | None = None, environ: Mapping[str, str] | None = None
-) -> Path:
-    """The socket to use: ``socket_path``, else ``$STATUSD_SOCKET``, else the daemon's
-    default (``statusd.config.default_socket_path``)."""
+def socket_candidates(
+    socket_path: StrPath | None = None,
+    environ: Mapping[str, str] | None = None,
+    uid: int | None = None,
+) -> tuple[Path, ...]:
+    """Where to look for the daemon, in order: ``socket_path`` or ``$STATUSD_SOCKET`` alone
+    when given; else the caller's own daemon's default socket
+    (``statusd.config.default_socket_path``), then the system daemon's (``SYSTEM_SOCKET``)."""
     if socket_path is not None and os.fspath(socket_path):
-        return Path(socket_path)
+        return (Path(socket_path),)
     environ = os.environ if environ is None else environ
     configured = environ.get(SOCKET_ENV)
     if configured:
-        return Path(configured)
-    return default_socket_path(environ)
+        return (Path(configured),)
+    own = default_socket_path(environ, uid)
+    # Root's own default is the system socket: looking twice would list it twice.
+    return (own,) if own == SYSTEM_SOCKET else (own, SYSTEM_SOCKET)
+
+
+def resolve_socket_path(
+    socket_path: StrPath | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The first place ``socket_candidates`` looks."""
+    return socket_candidates(socket_path, environ)[0]
 
 
 # -- messages (pure) -------------------------------------------------------------------------
@@ -520,16 +553,13 @@ async def open_client(
     max_pushes: int = DEFAULT_MAX_PUSHES,
     max_line_bytes: int = MAX_REPLY_LINE_BYTES,
 ) -> AsyncIterator[AsyncClient]:
-    """Connect to statusd (``resolve_socket_path`` finds it) for the block's duration.
+    """Connect to statusd (the first of ``socket_candidates`` that answers) for the block's
+    duration.
 
-    Raises ``DaemonUnreachable`` if nothing answers at the path. Exceptions from the block
+    Raises ``DaemonUnreachable`` if nothing answers at any of them. Exceptions from the block
     come out as themselves, not wrapped in an exception group.
     """
-    path = resolve_socket_path(socket_path)
-    try:
-        stream = await trio.open_unix_socket(os.fspath(path))
-    except OSError as exc:
-        raise DaemonUnreachable(path, _describe_os_error(exc)) from None
+    path, stream = await _open_first(socket_candidates(socket_path))
     client = AsyncClient(path, stream, max_pushes=max_pushes, max_line_bytes=max_line_bytes)
     try:
         async with trio.open_nursery() as nursery:
@@ -550,13 +580,39 @@ async def open_client(
         stream.socket.close()
 
 
+async def _open_first(candidates: Sequence[Path]) -> tuple[Path, trio.SocketStream]:
+    tried: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            return path, await trio.open_unix_socket(os.fspath(path))
+        except OSError as exc:
+            tried.append((path, _describe_os_error(exc)))
+    raise DaemonUnreachable.after(tried)
+
+
 # -- the blocking client ---------------------------------------------------------------------
+
+
+def _connect_first(candidates: Sequence[Path], timeout: float | None) -> tuple[Path, socket.socket]:
+    tried: list[tuple[Path, str]] = []
+    for path in candidates:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+        except OSError as exc:
+            sock.close()
+            tried.append((path, _describe_os_error(exc)))
+        else:
+            return path, sock
+    raise DaemonUnreachable.after(tried)
 
 
 class Client:
     """A blocking connection to statusd, for scripts, statusctl and GUI threads.
 
-    Connects on construction (``DaemonUnreachable`` if nothing answers). A lock makes one
+    Connects on construction to the first of ``socket_candidates`` that answers
+    (``DaemonUnreachable`` if none does), and ``path`` says which. A lock makes one
     call at a time, so threads may share a client, but a thread waiting in ``next_push``
     holds it; a GUI is better served by ``StatusMonitor``. ``timeout`` (seconds, None for
     none) bounds each call and raises ``TimeoutError``; the connection stays usable.
@@ -572,7 +628,7 @@ class Client:
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, not {timeout}")
-        self.path = resolve_socket_path(socket_path)
+        self.path, self._sock = _connect_first(socket_candidates(socket_path), timeout)
         self.timeout = timeout
         self._pushes = _PushBuffer(max_pushes)
         self._decoder = LineDecoder(max_line_bytes)
@@ -581,13 +637,6 @@ class Client:
         self._lock = threading.Lock()
         self._subscriptions: set[str] = set()
         self._closed_reason: str | None = None
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(os.fspath(self.path))
-        except OSError as exc:
-            self._sock.close()
-            raise DaemonUnreachable(self.path, _describe_os_error(exc)) from None
 
     def __enter__(self) -> Client:
         return self
@@ -754,6 +803,7 @@ class StatusMonitor:
     its pid and start time) and asks for everything the new daemon holds.
 
     ``since``: start after this seq; None (the default) starts with what comes next.
+    ``socket_path`` None looks where ``socket_candidates`` says, at every reconnection.
     """
 
     def __init__(
@@ -771,7 +821,7 @@ class StatusMonitor:
             raise ValueError(f"min_backoff must be > 0, not {min_backoff}")
         if max_backoff < min_backoff:
             raise ValueError(f"max_backoff must be >= min_backoff, not {max_backoff}")
-        self.socket_path = resolve_socket_path(socket_path)
+        self.socket_path = socket_path
         self.status_callback = status_callback
         self.dropped_callback = dropped_callback
         self._min_backoff = min_backoff

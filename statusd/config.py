@@ -142,6 +142,11 @@ def default_config_path(environ: Mapping[str, str] | None = None, uid: int | Non
     return _xdg_dir(environ, uid, "XDG_CONFIG_HOME", ".config") / "statusd" / CONFIG_NAME
 
 
+# The shared daemon's socket (contrib/systemd/statusd.socket); statusctl looks here after the
+# caller's own.
+SYSTEM_SOCKET_PATH = Path("/run/statusd") / SOCKET_NAME
+
+
 def default_socket_path(environ: Mapping[str, str] | None = None, uid: int | None = None) -> Path:
     """The socket path used when none is configured; statusctl looks here too."""
     environ, uid = _resolve(environ, uid)
@@ -149,7 +154,7 @@ def default_socket_path(environ: Mapping[str, str] | None = None, uid: int | Non
     if runtime_directory is not None:
         return runtime_directory / SOCKET_NAME
     if uid == 0:
-        return Path("/run/statusd") / SOCKET_NAME
+        return SYSTEM_SOCKET_PATH
     runtime_dir = _absolute(environ.get("XDG_RUNTIME_DIR"))
     if runtime_dir is not None:
         return runtime_dir / "statusd" / SOCKET_NAME
