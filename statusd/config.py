@@ -630,6 +630,10 @@ def _assemble(
     socket_is_default = "socket" not in values
     socket = default_socket_path(environ, uid) if socket_is_default else values["socket"]
     _check_socket(socket, sources.get("socket", "default"), explicit=not socket_is_default)
+    if socket_is_default:
+        _check_runtime_dir(socket, environ)
+    if "socket_group" in values:
+        _check_socket_group(values["socket_group"], sources["socket_group"])
     state_dir = values["state_dir"] if "state_dir" in values else default_state_dir(environ, uid)
     download_dir = values.get("download_dir", state_dir / "downloads")
     return Config(
@@ -677,6 +681,30 @@ def _check_socket(path: Path, source: str, *, explicit: bool) -> None:
     if explicit and not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise ConfigError("socket", f"directory {path.parent} {what}", source)
+
+
+def _check_runtime_dir(socket: Path, environ: Mapping[str, str]) -> None:
+    # The login manager makes XDG_RUNTIME_DIR (the user's own, 0700) and removes it at
+    # logout. A missing one is a session that is gone or a mistyped variable; making it
+    # ourselves would give the socket a directory nobody cleans up.
+    runtime_dir = _absolute(environ.get("XDG_RUNTIME_DIR"))
+    if runtime_dir is None or socket.parent.parent != runtime_dir or runtime_dir.is_dir():
+        return
+    what = "is not a directory" if runtime_dir.exists() else "does not exist"
+    raise ConfigError(
+        "XDG_RUNTIME_DIR",
+        f"{runtime_dir} {what}; the default socket goes there (set socket to put it elsewhere)",
+    )
+
+
+def _check_socket_group(name: str, source: str) -> None:
+    # Without CAP_CHOWN, chown(2) gives a file only to a group its owner is in: find out
+    # now, not after the socket is bound. The process's own groups are the ones that count
+    # (systemd's SupplementaryGroups= are in no group file).
+    if os.geteuid() == 0 or grp.getgrnam(name).gr_gid in {os.getegid(), *os.getgroups()}:
+        return
+    problem = f"the daemon's user (uid {os.geteuid()}) is not in group {_show(name)}"
+    raise ConfigError("socket_group", f"{problem}, so it cannot give the socket to it", source)
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -291,18 +291,19 @@ async def _watch_signals(
         daemon.request_stop()
 
 
-async def _main(config: Config, reload: Callable[[], Config]) -> None:
+async def _main(config: Config, reload: Callable[[], Config], ready: Callable[[], None]) -> None:
     # The receiver is installed before anything starts, so an early SIGTERM is not lost
     # (and an early SIGHUP does not kill the daemon, its default action).
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             daemon: Daemon = await nursery.start(run, config)
+            ready()
             nursery.start_soon(_watch_signals, signals, daemon, nursery.cancel_scope, reload)
             await daemon.wait_stopped()
             nursery.cancel_scope.cancel()
 
 
-def _leaves(group: BaseExceptionGroup[StartupError]) -> list[BaseException]:
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[BaseException]:
     leaves: list[BaseException] = []
     for error in group.exceptions:
         leaves.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
@@ -310,17 +311,33 @@ def _leaves(group: BaseExceptionGroup[StartupError]) -> list[BaseException]:
 
 
 def serve(config: Config, reload: Callable[[], Config] | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit status.
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit status, 1 when it
+    could not start (logged in one line per error; with a traceback only at debug level).
 
     On SIGHUP ``reload()`` builds the configuration afresh (the command passes one that
     reads the same flags, environment and file again); without it SIGHUP re-applies
     ``config``.
     """
-    failed = False
+    failed = started = False
+
+    def ready() -> None:
+        nonlocal started
+        started = True
+
     try:
-        trio.run(_main, config, reload or (lambda: config))
+        trio.run(_main, config, reload or (lambda: config), ready)
     except* StartupError as group:
         for error in _leaves(group):
             log.error("%s", error)
+        failed = True
+    except* Exception as group:
+        if started:
+            raise
+        # Someone starting a daemon needs what went wrong, in the journal's one line; where
+        # in the code is for a developer, who asks with --log-level debug.
+        trace = log.isEnabledFor(logging.DEBUG)
+        for error in _leaves(group):
+            name = type(error).__name__
+            log.error("cannot start: %s: %s", name, error, exc_info=error if trace else None)
         failed = True
     return 1 if failed else 0

@@ -218,6 +218,15 @@ NOBODY_UID = 65534
 NOBODY_GID = 65534
 
 
+# For a test that needs other uids before (or without) reaching run_as: one whose daemon
+# gives its socket to nobody's group (only root may give a file to a group it is not in),
+# or one that calls run_as from a thread, where a skip would lose its reason.
+needs_root = pytest.mark.skipif(
+    os.getuid() != 0,
+    reason=f"per-user rules need other uids: running as uid {os.getuid()}, not root",
+)
+
+
 def run_as_nobody(action: Any) -> Any:
     """Run ``action()`` in a forked child that dropped to uid/gid nobody; return its
     JSON-able result (or raise what it raised, as text).

@@ -27,9 +27,11 @@ from statusd.config import (
     render_config,
 )
 from statusd.errors import ConfigError
+from tests.conftest import NOBODY_UID, run_as_nobody
 
 UID = 1000
-EXISTING_GROUP = grp.getgrall()[0].gr_name
+# The runner's own group: without root, the socket may only be given to a group one is in.
+EXISTING_GROUP = grp.getgrgid(os.getegid()).gr_name
 MISSING_GROUP = "statusd-test-no-such-group"
 
 
@@ -73,6 +75,7 @@ def config_error(environ: Mapping[str, str], text: str | None = None, **flags: A
 
 
 def test_defaults_for_a_user_with_xdg_directories(tmp_path: Path, environ: dict[str, str]) -> None:
+    (tmp_path / "xdg-run").mkdir()
     environ |= {
         "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
         "XDG_RUNTIME_DIR": str(tmp_path / "xdg-run"),
@@ -165,11 +168,36 @@ def test_the_default_file_is_read(environ: dict[str, str]) -> None:
 
 
 def test_the_default_socket_directory_may_be_missing(tmp_path: Path) -> None:
-    environ = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "missing")}
+    # The daemon makes $XDG_RUNTIME_DIR/statusd when it starts; loading makes nothing.
+    environ = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path)}
     config = load_config({}, environ, UID)
-    assert config.socket == tmp_path / "missing/statusd/statusd.sock"
+    assert config.socket == tmp_path / "statusd/statusd.sock"
     assert config.socket_is_default
-    assert not (tmp_path / "missing").exists()  # nothing is created
+    assert not (tmp_path / "statusd").exists()
+
+
+def test_a_missing_xdg_runtime_dir_is_refused(tmp_path: Path) -> None:
+    # The login manager makes it; statusd will not make one nobody removes at logout.
+    missing = tmp_path / "missing"
+    environ = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(missing)}
+    assert str(load_error({}, environ, UID)) == (
+        f"XDG_RUNTIME_DIR: {missing} does not exist; the default socket goes there"
+        " (set socket to put it elsewhere)"
+    )
+    (tmp_path / "file").write_text("")
+    environ["XDG_RUNTIME_DIR"] = str(tmp_path / "file")
+    assert str(load_error({}, environ, UID)).startswith(
+        f"XDG_RUNTIME_DIR: {tmp_path / 'file'} is not a directory;"
+    )
+    assert not missing.exists()
+
+
+def test_a_missing_xdg_runtime_dir_does_not_matter_with_a_socket(tmp_path: Path) -> None:
+    environ = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "missing")}
+    config = load_config({"socket": str(tmp_path / "s.sock")}, environ, UID)
+    assert config.socket == tmp_path / "s.sock"
+    # root's default socket is /run/statusd's, which XDG_RUNTIME_DIR does not decide.
+    assert load_config({}, environ, 0).socket == Path("/run/statusd/statusd.sock")
 
 
 def test_config_is_frozen(environ: dict[str, str]) -> None:
@@ -297,6 +325,29 @@ def test_groups_that_exist_are_kept(environ: dict[str, str]) -> None:
     text = f'socket_group = "{EXISTING_GROUP}"\nadmin_group = "{EXISTING_GROUP}"\n'
     config, _ = load(environ, text)
     assert (config.socket_group, config.admin_group) == (EXISTING_GROUP, EXISTING_GROUP)
+
+
+def test_a_socket_group_the_daemons_user_is_not_in_is_refused(environ: dict[str, str]) -> None:
+    group = grp.getgrgid(0).gr_name  # root's: the users below are not in it
+    environ |= {"STATUSD_SOCKET_GROUP": group, "STATUSD_ADMIN_GROUP": group}
+
+    def attempt() -> str:
+        try:
+            load_config({"config": "/dev/null"}, environ, UID)
+        except ConfigError as exc:
+            return str(exc)
+        return "loaded"
+
+    if os.geteuid() == 0:
+        assert attempt() == "loaded"  # root may give a file to any group
+        message, uid = run_as_nobody(attempt), NOBODY_UID
+    else:
+        message, uid = attempt(), os.geteuid()
+    # admin_group names whose members are admins: the daemon need not be one of them.
+    assert message == (
+        f'socket_group: the daemon\'s user (uid {uid}) is not in group "{group}", so it cannot'
+        " give the socket to it (from STATUSD_SOCKET_GROUP)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ from statusctl.client import (
     socket_candidates,
 )
 from statusd.daemon import Daemon, run
-from tests.conftest import NOBODY_GID, NOBODY_UID, make_config, run_as
+from tests.conftest import NOBODY_GID, NOBODY_UID, make_config, needs_root, run_as
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 15.0  # a fresh interpreter has to start; the work itself takes milliseconds
@@ -272,6 +272,7 @@ def _statusctl_info_as_another_user(runtime: Path) -> Any:
     return [status, out.getvalue(), err.getvalue()]
 
 
+@needs_root
 async def test_a_member_of_the_socket_group_reaches_the_system_daemon(
     system_daemon: Daemon, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -289,6 +290,7 @@ async def test_a_member_of_the_socket_group_reaches_the_system_daemon(
     assert (info["user"], info["socket"]) == ("nobody", str(system))
 
 
+@needs_root
 async def test_a_user_outside_the_socket_group_is_told_why(
     system_daemon: Daemon, runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -115,11 +115,17 @@ async def bind_unix_socket(
             if exc.errno == errno.EADDRINUSE:
                 raise StartupError(f"socket: {path} is in use by another process") from None
             raise StartupError(f"socket: cannot bind {path}: {exc.strerror}") from None
-        # Nobody can connect before listen(), so setting mode and group here leaves no
-        # window in which the umask's permissions apply.
-        _set_permissions(path, config.socket_mode, config.socket_group)
-        identity = path.stat()
-        sock.listen(LISTEN_BACKLOG)
+        try:
+            # Nobody can connect before listen(), so setting mode and group here leaves no
+            # window in which the umask's permissions apply.
+            _set_permissions_at_start(path, config)
+            identity = path.stat()
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            # Ours, and nobody listens on it: left behind it would only be probed and
+            # removed as stale by the next start.
+            path.unlink(missing_ok=True)
+            raise
     except BaseException:
         sock.close()
         raise
@@ -130,6 +136,16 @@ def _set_permissions(path: Path, mode: int, group: str | None) -> None:
     os.chmod(path, mode)
     if group is not None:
         os.chown(path, -1, grp.getgrnam(group).gr_gid)
+
+
+def _set_permissions_at_start(path: Path, config: Config) -> None:
+    try:
+        _set_permissions(path, config.socket_mode, config.socket_group)
+    except OSError as exc:
+        what = f"mode {config.socket_mode:04o}"
+        if config.socket_group is not None:
+            what += f" and group {config.socket_group}"
+        raise StartupError(f"socket: cannot give {path} {what}: {exc.strerror}") from None
 
 
 class UnixServer:
