@@ -6,6 +6,7 @@ rather than in pytest's (long) tmp_path.
 
 from __future__ import annotations
 
+import grp
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ import trio
 
 from statusd.config import Config, load_config
 from statusd.daemon import Daemon, run
+from statusd.identity import username_for
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import LineDecoder
 
@@ -216,6 +218,27 @@ def daemon_process(short_tmp: Path) -> Iterator[Any]:
 _LOG_NUMBERS = itertools.count(1)
 NOBODY_UID = 65534
 NOBODY_GID = 65534
+
+
+# Who runs the tests, as the daemon names its callers: root in CI, anyone on a laptop.
+RUNNER = username_for(os.getuid())
+
+
+def nobody_may_connect() -> str:
+    """The config line that lets nobody reach the socket: nobody's group for it, when
+    root runs the tests. Anyone else may give a file only to a group of their own, and
+    their tests that need nobody skip, so it is empty then."""
+    if os.getuid() != 0:
+        return ""
+    return f'socket_group = "{grp.getgrgid(NOBODY_GID).gr_name}"\n'
+
+
+@pytest.fixture
+def root_only() -> None:
+    """Skips, saying why, when not root: for async fixtures, whose own skip loses its
+    reason under pytest-trio."""
+    if os.getuid() != 0:
+        pytest.skip(f"per-user rules need other uids: running as uid {os.getuid()}, not root")
 
 
 # For a test that needs other uids before (or without) reaching run_as: one whose daemon

@@ -267,12 +267,10 @@ def shared_config(directory: Path) -> Path:
 
 
 @pytest.fixture
-async def start_shared(daemon_process: Any) -> AsyncIterator[Any]:
+async def start_shared(daemon_process: Any, root_only: None) -> AsyncIterator[Any]:
     """``await start_shared(download_dir, umask, process=None)``: a daemon process (a new
     one, or ``process`` again) that nobody may reach, and a root client of it; every
     client is closed whatever the test asserts."""
-    if os.geteuid() != 0:
-        pytest.skip(f"per-user rules need other uids: running as uid {os.geteuid()}, not root")
     clients: list[RawClient] = []
 
     async def _start(

@@ -19,7 +19,15 @@ import trio.testing
 from statusd import identity
 from statusd.daemon import Daemon, run
 from statusd.identity import LOOKUP_TTL, Caller, CallerLookups
-from tests.conftest import NOBODY_UID, RawClient, blocking_call, make_config, run_as_nobody
+from tests.conftest import (
+    NOBODY_UID,
+    RUNNER,
+    RawClient,
+    blocking_call,
+    make_config,
+    needs_root,
+    run_as_nobody,
+)
 from tests.websocket_clients import RpcClient, make_token, nobody_ws_daemon, open_ws
 
 __all__ = ["nobody_ws_daemon"]
@@ -152,6 +160,7 @@ async def test_one_lookup_per_user_at_a_time(stuck: Any) -> None:
     assert len(callers) == 5
 
 
+@needs_root
 async def test_slow_lookup_does_not_stall_connected_clients(
     nursery: trio.Nursery, short_tmp: Path, stuck: Any
 ) -> None:
@@ -228,6 +237,6 @@ async def test_slow_token_user_lookup_does_not_stall_websocket_clients(
             release.set()
     finally:
         release.set()
-    assert info["user"] == "root"
+    assert info["user"] == RUNNER
     assert not lookup_finished
     assert nobody_answer[0]["user"] == "nobody"

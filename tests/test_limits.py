@@ -27,7 +27,7 @@ from statusd.identity import Caller
 from statusd.protocol import jsonrpc
 from statusd.session import Session
 from statusd.state.rate import RateLimiter, retry_after
-from tests.conftest import RawClient, blocking_call, make_config, run_as_nobody
+from tests.conftest import RawClient, blocking_call, make_config, needs_root, run_as_nobody
 
 SERVED_WITHIN = 5.0
 BUSY = -32004
@@ -272,6 +272,7 @@ async def test_publish_rate_on_the_daemons_clock(
     assert ["result" in await publish(user, n) for n in range(6, 10)] == [True] * 3 + [False]
 
 
+@needs_root
 def test_a_publish_flood_from_another_user_keeps_the_history_of_others(
     daemon_process: Any, short_tmp: Path
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from statusd.protocol import jsonrpc
-from tests.conftest import blocking_call, run_as_nobody
+from tests.conftest import blocking_call, needs_root, run_as_nobody
 
 NOBODY_GROUP = grp.getgrgid(65534).gr_name
 
@@ -23,6 +23,7 @@ def _start(daemon_process: Any, short_tmp: Path) -> Any:
     return process
 
 
+@needs_root
 def test_each_user_sees_and_changes_only_their_own_inbox(
     daemon_process: Any, short_tmp: Path
 ) -> None:
@@ -89,6 +90,7 @@ def test_each_user_sees_and_changes_only_their_own_inbox(
     assert listed(username="nobody") == []
 
 
+@needs_root
 def test_a_users_pushes_come_to_that_users_sessions(daemon_process: Any, short_tmp: Path) -> None:
     process = _start(daemon_process, short_tmp)
     own = blocking_call(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from statusd.identity import caller_for_uid, is_admin
-from tests.conftest import NOBODY_UID, blocking_call, run_as_nobody
+from tests.conftest import NOBODY_UID, blocking_call, needs_root, run_as_nobody
 
 NOBODY_GROUP = grp.getgrgid(65534).gr_name
 
@@ -26,6 +26,7 @@ def _write_config(directory: Path, text: str) -> Path:
     return path
 
 
+@needs_root
 def test_nobody_in_the_socket_group_is_identified(daemon_process: Any, short_tmp: Path) -> None:
     config = _write_config(short_tmp, f'socket_group = "{NOBODY_GROUP}"\n')
     process = daemon_process()
@@ -55,6 +56,7 @@ def test_socket_mode_keeps_other_users_out(daemon_process: Any) -> None:
     assert run_as_nobody(ask) == "denied"
 
 
+@needs_root
 def test_admin_group_makes_its_members_admins(daemon_process: Any, short_tmp: Path) -> None:
     config = _write_config(
         short_tmp, f'socket_group = "{NOBODY_GROUP}"\nadmin_group = "{NOBODY_GROUP}"\n'

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import io
 import json
 import subprocess
@@ -15,9 +14,7 @@ import pytest
 from statusctl import render
 from statusctl.cli import main
 from statusctl.client import Client
-from tests.conftest import run_as_nobody
-
-NOBODY_GROUP = grp.getgrgid(65534).gr_name
+from tests.conftest import RUNNER, nobody_may_connect, run_as_nobody
 
 
 def statusctl(socket: Path, *args: str) -> tuple[int, str, str]:
@@ -30,7 +27,7 @@ def statusctl(socket: Path, *args: str) -> tuple[int, str, str]:
 @pytest.fixture
 def socket_path(daemon_process: Any, short_tmp: Path) -> Path:
     config = short_tmp / "statusd.toml"
-    config.write_text(f'socket_group = "{NOBODY_GROUP}"\n')
+    config.write_text(nobody_may_connect())
     process = daemon_process()
     process.start("--config", str(config))
     path: Path = process.socket
@@ -39,7 +36,7 @@ def socket_path(daemon_process: Any, short_tmp: Path) -> Path:
 
 def test_notify_list_read_delete(socket_path: Path) -> None:
     code, out, _ = statusctl(
-        socket_path, "notify", "--title", "Backup done", "--message", "all fine", "--user", "root"
+        socket_path, "notify", "--title", "Backup done", "--message", "all fine", "--user", RUNNER
     )
     assert (code, out) == (0, "1\n")
     code, out, _ = statusctl(

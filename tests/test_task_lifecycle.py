@@ -8,7 +8,6 @@ goes silent keeps a task running for as long as the test needs it.
 from __future__ import annotations
 
 import errno
-import grp
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ import trio
 
 from statusd.protocol import jsonrpc
 from statusd.store import load
-from tests.conftest import DaemonProcess, RawClient
+from tests.conftest import DaemonProcess, RawClient, needs_root, nobody_may_connect
 from tests.http_servers import (
     HTTPTestServer,
     hang_after_head,
@@ -50,9 +49,8 @@ async def asked_once(server: HTTPTestServer, path: str) -> None:
 
 def one_slot_config(directory: Path) -> Path:
     path = directory / "statusd.toml"
-    # nobody's group may reach the socket, for the per-user test.
-    group = grp.getgrgid(65534).gr_name
-    path.write_text(f'max_running_tasks = 1\nsocket_group = "{group}"\n')
+    # nobody may reach the socket, for the per-user test.
+    path.write_text("max_running_tasks = 1\n" + nobody_may_connect())
     return path
 
 
@@ -394,6 +392,7 @@ async def test_retry_fetches_only_the_items_that_did_not_complete(
     await trio.aclose_forcefully(client.stream)
 
 
+@needs_root
 async def test_someone_elses_task_cannot_be_paused_resumed_or_retried(
     daemon_process: Any, http_server: HTTPTestServer
 ) -> None:

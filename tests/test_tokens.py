@@ -17,7 +17,7 @@ import trio
 from statusd.daemon import Daemon
 from statusd.errors import StartupError
 from statusd.tokens import READ_METHODS, TokenStore, refusal, split_token
-from tests.conftest import blocking_call, run_as_nobody
+from tests.conftest import RUNNER, blocking_call, needs_root, run_as_nobody
 from tests.websocket_clients import TIMEOUT, RpcClient, nobody_ws_daemon, open_ws
 
 __all__ = ["nobody_ws_daemon"]
@@ -30,7 +30,7 @@ async def test_create_list_revoke(daemon: Daemon, connect: Any) -> None:
     made = await client.call("tokens.create", {"scope": "read"})
     assert set(made) == {"token_id", "token", "username", "scope", "created_at", "expires_at"}
     assert made["expires_at"] is None
-    assert (made["username"], made["scope"]) == ("root", "read")
+    assert (made["username"], made["scope"]) == (RUNNER, "read")
     assert split_token(made["token"]) is not None
     assert made["token"].startswith(f"sdt_{made['token_id']}_")
     default = await client.call("tokens.create")
@@ -169,6 +169,7 @@ def _free_port() -> int:
         return port
 
 
+@needs_root
 def test_non_admin_makes_tokens_only_for_themself(daemon_process: Any, short_tmp: Path) -> None:
     config = short_tmp / "statusd.toml"
     config.write_text(f'socket_group = "{NOBODY_GROUP}"\n')

@@ -23,7 +23,7 @@ from statusd.daemon import Daemon, run
 from statusd.protocol import websocket as rules
 from statusd.state.status import Level
 from statusd.transports import websocket as transport
-from tests.conftest import RawClient
+from tests.conftest import RUNNER, RawClient
 from tests.http_servers import HTTPTestServer, Request, Responder, http_server, serve_data, status
 from tests.websocket_clients import (
     TIMEOUT,
@@ -72,7 +72,7 @@ async def test_jsonrpc_over_websocket(ws_daemon: Daemon) -> None:
             return info, seq, push
 
     info, seq, push = await in_thread(session)
-    assert info["user"] == "root"
+    assert info["user"] == RUNNER
     assert info["admin"] is True
     assert info["websocket"] == address(ws_daemon)
     assert push == {
