@@ -310,11 +310,12 @@ def mount_tmpfs(tmp_path: Path) -> Iterator[Any]:
     """``mount_tmpfs(size)`` mounts a tmpfs of ``size`` (``"1m"``, ``"256k"``) in a fresh
     directory and returns it; every mount is undone after the test. A full disk needs
     one: skips with the reason when not root or when mounting is not allowed here."""
+    # Here rather than in _mount: a skip from inside an async test loses its reason.
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
     mounted: list[Path] = []
 
     def _mount(size: str) -> Path:
-        if os.geteuid() != 0 or shutil.which("mount") is None:
-            pytest.skip(f"a full disk needs a small tmpfs: not root (uid {os.geteuid()})")
         mountpoint = tmp_path / f"tmpfs-{len(mounted)}"
         mountpoint.mkdir()
         done = subprocess.run(

@@ -48,6 +48,7 @@ from tests.conftest import (
     NOBODY_GID,
     DaemonProcess,
     blocking_call,
+    needs_root,
     run_as,
     run_as_nobody,
 )
@@ -502,6 +503,7 @@ async def _in_thread(function: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(function)
 
 
+@needs_root
 async def test_b_reads_none_of_as_task_messages_nor_its_url_secret_anywhere(
     daemon_process: Any, short_tmp: Path, http_server: HTTPTestServer
 ) -> None:
