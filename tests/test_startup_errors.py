@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grp
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from statusd.errors import StartupError
 from statusd.transports.unix import bind_unix_socket
 from tests.conftest import NOBODY_GID, NOBODY_UID, make_config
 
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ +statusd[.\w]*: ")
 # A group the daemon's user is not in: gid 0 is root's, and the user is not root.
 ROOT_GROUP = grp.getgrgid(0).gr_name
 
@@ -154,11 +156,13 @@ def test_an_unexpected_start_up_failure_is_one_line_unless_debugging(home: Path)
     env = _env(home, XDG_RUNTIME_DIR=str(runtime))
     quiet = statusd(env)
     assert quiet.status == 1
-    assert quiet.stderr.count("\n") == 1, quiet.stderr
-    assert quiet.stderr.rstrip().endswith(
-        f"ERROR   statusd.daemon: cannot start: PermissionError: [Errno 13] Permission denied:"
+    lines = quiet.stderr.splitlines()
+    # Every line is a log record (info ones may come first): no traceback's lines.
+    assert all(LOG_RECORD.match(line) for line in lines), quiet.stderr
+    assert [line.partition(" ERROR   ")[2] for line in lines if " ERROR " in line] == [
+        f"statusd.daemon: cannot start: PermissionError: [Errno 13] Permission denied:"
         f" '{runtime / 'statusd'}'"
-    )
+    ]
     debugging = statusd(env, "--log-level", "debug")
     assert debugging.status == 1
     assert "Traceback (most recent call last):" in debugging.stderr
