@@ -43,7 +43,7 @@ from statusd.protocol import websocket as rules
 from statusd.state.connections import ConnectionLimits, Connections
 from statusd.transports import accept
 from statusd.transports import websocket as transport
-from tests.conftest import NOBODY_GID, NOBODY_UID, DaemonProcess, RawClient, run_as
+from tests.conftest import NOBODY_GID, NOBODY_UID, DaemonProcess, RawClient, needs_root, run_as
 from tests.websocket_clients import (
     TIMEOUT,
     RpcClient,
@@ -534,6 +534,7 @@ async def unix_served(daemon: Daemon) -> None:
         await client.aclose()
 
 
+@needs_root
 async def test_websocket_connections_are_capped_per_token(ws_start: Any) -> None:
     _needs_root()
     started = await ws_start(
@@ -802,6 +803,7 @@ async def test_unix_clients_waiting_for_their_identity_are_capped(
         await daemon.wait_stopped()
 
 
+@needs_root
 async def test_connection_limits_change_on_reload(ws_start: Any) -> None:
     _needs_root()
     started = await ws_start(socket_group=_nogroup())

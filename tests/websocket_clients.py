@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,11 +43,12 @@ async def ws_daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Dae
 
 
 @pytest.fixture
-async def nobody_ws_daemon(nursery: trio.Nursery, short_tmp: Path) -> AsyncIterator[Daemon]:
+async def nobody_ws_daemon(
+    nursery: trio.Nursery, short_tmp: Path, root_only: None
+) -> AsyncIterator[Daemon]:
     """A WebSocket daemon whose control socket's group is nobody's: a token for nobody
-    works only while nobody could connect to that socket (statusd.access)."""
-    if os.getuid() != 0:
-        pytest.skip(f"only root can give the socket nobody's group: running as uid {os.getuid()}")
+    works only while nobody could connect to that socket (statusd.access). Only root can
+    give the socket nobody's group: ``root_only`` skips, saying so, for anyone else."""
     config = ws_config(short_tmp, socket_group=grp.getgrgid(NOBODY_GID).gr_name)
     handle: Daemon = await nursery.start(run, config)
     yield handle
