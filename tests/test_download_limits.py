@@ -13,7 +13,6 @@ wide enough for a busy two-core machine, never a timing assertion.
 from __future__ import annotations
 
 import errno
-import grp
 import math
 import os
 import random
@@ -43,7 +42,14 @@ from statusd.downloads.job import Downloads
 from statusd.downloads.rules import StallWatch
 from statusd.errors import ConfigError
 from statusd.store import load as load_journal
-from tests.conftest import DaemonProcess, RawClient, blocking_call, run_as_nobody
+from tests.conftest import (
+    DaemonProcess,
+    RawClient,
+    blocking_call,
+    needs_root,
+    nobody_may_connect,
+    run_as_nobody,
+)
 from tests.http_servers import (
     HTTPTestServer,
     hang_after_head,
@@ -453,9 +459,8 @@ async def start_daemon(daemon_process: Any) -> AsyncIterator[Any]:
     async def _start(downloads: str, *flags: str) -> tuple[DaemonProcess, RawClient]:
         process: DaemonProcess = daemon_process()
         config = process.directory / "statusd.toml"
-        # nobody's group may reach the socket, for the other user's calls.
-        group = grp.getgrgid(65534).gr_name
-        config.write_text(f'socket_group = "{group}"\n[downloads]\n{downloads}\n')
+        # nobody may reach the socket, for the other user's calls (made only as root).
+        config.write_text(f"{nobody_may_connect()}[downloads]\n{downloads}\n")
         clients.append(await start(process, "--config", str(config), *flags))
         return process, clients[-1]
 
@@ -495,6 +500,7 @@ def as_nobody(socket: Path, *calls: tuple[str, dict[str, Any] | None]) -> list[A
     return answers
 
 
+@needs_root
 async def test_trickling_servers_lose_their_slots_to_another_users_task(
     start_daemon: Any, http_server: HTTPTestServer
 ) -> None:
