@@ -32,7 +32,7 @@ from statusd.identity import Caller
 from statusd.protocol import jsonrpc
 from statusd.session import Session
 from statusd.store import load
-from tests.conftest import NOBODY_GID, RawClient, blocking_call, make_config, run_as
+from tests.conftest import NOBODY_GID, RawClient, blocking_call, make_config, needs_root, run_as
 from tests.http_servers import HTTPTestServer, hang_before_head, http_server, serve_data, status
 from tests.test_tasks import FakeJob, make_manager
 from tests.websocket_clients import TIMEOUT, make_token, open_ws
@@ -66,6 +66,7 @@ def codes(answers: list[dict[str, Any]]) -> list[int]:
 # --- max_tasks_per_user, with real users ---------------------------------------------------------
 
 
+@needs_root
 async def test_a_user_past_max_tasks_per_user_is_refused_and_others_are_served(
     http_server: HTTPTestServer, daemon_process: Any, short_tmp: Path
 ) -> None:
