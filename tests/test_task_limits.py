@@ -426,3 +426,19 @@ async def test_compaction_writes_finished_tasks_in_their_small_form(
     failed = snapshot[failed_id]
     assert failed.keys() == {"op", "task", "spec", "checkpoints"}
     assert [[row[0] for row in c["completed"]] for c in failed["checkpoints"]] == [[0, 1, 2]]
+
+
+async def test_a_task_whose_job_cannot_be_built_fails_when_it_starts(
+    nursery: trio.Nursery,
+) -> None:
+    def factory(_task: Any, saved: dict[str, Any]) -> FakeJob:
+        raise ValueError(f"spec {saved['spec']} is unusable")
+
+    manager, _ = make_manager(None, factories={"fake": factory})
+    await nursery.start(manager.serve)
+    task_id = await manager.create_task("t", 1, kind="fake", owner="alice", spec={"x": 1})
+    manager.run_task(task_id)
+    task = await manager.wait_finished(task_id)
+    assert task.status.value == "failed"
+    assert task.error == "internal error: spec {'x': 1} is unusable"
+    assert manager.unfinished_count("alice") == 0
