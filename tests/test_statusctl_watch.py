@@ -46,6 +46,23 @@ async def _finished(client: RawClient, task_id: str) -> dict[str, Any]:
         await client.receive()  # the next update
 
 
+async def _past_its_snapshot(client: RawClient, task_id: str, output: Lines) -> list[str]:
+    """The lines watch printed up to a marker message about the task.
+
+    Being subscribed is not enough to let the download go on: watch reads the task's state
+    after subscribing, and a task that ended in between is printed as a finished task, not
+    followed. A marker published about the task is printed only from the following loop,
+    so once it shows, watch is following the task live."""
+    marker = "watch is following"
+    await client.call(
+        "status.publish", {"level": "info", "message": marker, "operation_id": task_id}
+    )
+    seen: list[str] = []
+    while not seen or marker not in seen[-1]:
+        seen.append(await output.next())
+    return seen
+
+
 async def _start_watch(*args: str, daemon: Daemon) -> trio.Process:
     return await trio.lowlevel.open_process(
         _command("--socket", str(daemon.config.socket), *args),
@@ -68,9 +85,10 @@ async def test_watch_task_prints_lines_and_ends_with_the_task(
         output = Lines(process.stdout)
         with trio.fail_after(WAIT):
             await _wait_for_task_watchers(daemon, 1)
+            lines = await _past_its_snapshot(client, task_id, output)
             release.set()
             assert await process.wait() == 0
-            lines = (await output.rest()).splitlines()
+            lines += (await output.rest()).splitlines()
         statuses = [STATUS_LINE.match(line) for line in lines if STATUS_LINE.match(line)]
         updates = [UPDATE_LINE.match(line) for line in lines if not STATUS_LINE.match(line)]
         assert all(updates), lines
@@ -80,7 +98,7 @@ async def test_watch_task_prints_lines_and_ends_with_the_task(
         assert last.group(2, 3, 4, 5) == ("completed", "100.0", "1", "1")
         assert lines[-1].endswith("1.0 MiB  Task completed")
         # The task's own status messages come too, and only those.
-        assert [match[4] for match in statuses if match] == [task_id]
+        assert {match[4] for match in statuses if match} == {task_id}
         assert any("All downloads completed successfully" in line for line in lines)
     finally:
         await _reap(process)
@@ -95,13 +113,14 @@ async def test_watch_task_json_streams_updates(daemon: Daemon, http_server: HTTP
     process = await _start_watch("--json", "watch", "--task", task_id, daemon=daemon)
     try:
         assert process.stdout is not None
+        output = Lines(process.stdout)
         with trio.fail_after(WAIT):
             await _wait_for_task_watchers(daemon, 1)
+            lines = await _past_its_snapshot(client, task_id, output)
             release.set()
             assert await process.wait() == 0
-            pushes = [
-                json.loads(line) for line in (await Lines(process.stdout).rest()).splitlines()
-            ]
+            lines += (await output.rest()).splitlines()
+            pushes = [json.loads(line) for line in lines]
         methods = {push["method"] for push in pushes}
         assert methods <= {"task_update", "status"}
         updates = [push["params"] for push in pushes if push["method"] == "task_update"]
