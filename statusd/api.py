@@ -611,7 +611,8 @@ class Api:
                     f"only an admin may create a token for another user ({username!r})",
                     {"field": "username"},
                 )
-            if uid_for(username) is None:
+            # A passwd look-up may block for seconds under LDAP/SSSD: off the loop.
+            if await trio.to_thread.run_sync(uid_for, username) is None:
                 raise InvalidParams("username", f"no such user {username!r}")
         if store.count_for(username) >= MAX_TOKENS_PER_USER:
             raise Busy(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import grp
 import json
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -320,3 +322,54 @@ async def test_limits_change_on_reload(start_daemon: Any) -> None:
     assert "subscription" in await client.call("subscribe", {"status": True})
     refused = await client.request("subscribe", {"status": True})
     assert refused["error"]["data"] == {"limit": 1}
+
+
+@needs_root
+def test_another_users_subscription_and_batch_attack_leaves_root_served(
+    daemon_process: Any, short_tmp: Path
+) -> None:
+    """Items 4 and 5 with a real second uid against a real daemon process: nobody takes
+    every subscription its connection may hold, asks for one more, sends the issue's
+    3,000-entry batch three times and makes its subscriptions fire; root is answered
+    within ``SERVED_WITHIN`` throughout."""
+    config = short_tmp / "statusd.toml"
+    group = grp.getgrgid(65534).gr_name
+    config.write_text(f'socket_group = "{group}"\n')
+    process = daemon_process()
+    process.start("--config", str(config))
+    most = LimitsConfig().max_subscriptions_per_connection
+    most_entries = LimitsConfig().max_batch_entries
+
+    def attack() -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(process.socket))
+            reader = sock.makefile("rb")
+            sock.sendall(batch([entry("subscribe", i, {"status": True}) for i in range(most)]))
+            taken = sum("result" in a for a in json.loads(reader.readline()))
+            sock.sendall(batch([entry("subscribe", most, {"status": True})]))
+            over = json.loads(reader.readline())[0]["error"]["code"]
+            big: list[int] = []
+            for _ in range(3):
+                sock.sendall(batch([entry("status.recent", i) for i in range(3000)]))
+                big.append(json.loads(reader.readline())["error"]["code"])
+            # Its own message fires its subscriptions: wait for the first push of it.
+            sock.sendall(batch([entry("status.publish", 0, {"level": "info", "message": "x"})]))
+            pushed = False
+            while not pushed:
+                message = json.loads(reader.readline())
+                pushed = isinstance(message, dict) and message.get("method") == "status"
+        return {"taken": taken, "over": over, "big": big, "pushed": pushed}
+
+    outcome: list[dict[str, Any]] = []
+    attacker = threading.Thread(target=lambda: outcome.append(run_as_nobody(attack)))
+    attacker.start()
+    slowest = 0.0
+    while attacker.is_alive() or not slowest:
+        began = time.monotonic()
+        assert blocking_call(process.socket, "daemon.info")["result"]["pid"] > 0
+        slowest = max(slowest, time.monotonic() - began)
+    attacker.join()
+    assert outcome == [{"taken": most, "over": BUSY, "big": [-32600] * 3, "pushed": True}]
+    assert most_entries < 3000
+    assert slowest < SERVED_WITHIN
