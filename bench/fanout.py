@@ -53,7 +53,14 @@ from typing import Any
 import attrs
 import trio
 from _common import cpu_model
-from _servers import ServerProcess, connect, die_with_parent, free_port, start_process
+from _servers import (
+    ServerProcess,
+    connect,
+    die_with_parent,
+    free_port,
+    start_process,
+    statusd_env,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECEIVE_BYTES = 256 * 1024
@@ -175,15 +182,8 @@ def serve_baseline(path: str) -> None:
 def start_statusd(
     directory: Path, history: int, source: Path, *, websocket: bool = False
 ) -> ServerProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STATUSD_")}
-    for inherited in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-        env.pop(inherited, None)  # this daemon is ours, not systemd's
-    env.update(
-        HOME=str(directory),
-        XDG_CONFIG_HOME=str(directory / "config"),
-        PYTHONPATH=str(source),
-        STATUSD_STATUS_HISTORY=str(history),
-    )
+    env = statusd_env(directory, source)
+    env["STATUSD_STATUS_HISTORY"] = str(history)
     argv = [
         sys.executable,
         "-m",
