@@ -65,8 +65,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import queue
 import re
 import secrets
+import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,11 +82,9 @@ from statusd.downloads import files, names, rules
 from statusd.downloads.files import (
     BUFFERS,
     FILES,
-    HASHES,
     Directory,
     Part,
     Reserve,
-    ThreadPool,
     in_thread,
 )
 from statusd.downloads.http import HTTPClient, HTTPError, Response, TLSError
@@ -618,17 +619,19 @@ class _Download:
 
     async def _stream_large(self, response: Response) -> None:
         part = await self._ensure_part()
+        writer = _Writer(part, self.total, self.settings.reserve)
         try:
-            async with _open_nursery() as nursery:
-                writer = _Writer(nursery, part, self.total, self.settings.reserve)
-                while self.filled == len(self.buffer):
-                    await writer.write(self.buffer)  # the writer owns it from here
-                    self.buffer = BUFFERS.take(self.settings.chunk_size)
-                    self.filled = 0
-                    await self._fill(response)
-                await writer.wait()
+            writer.start()
+            while self.filled == len(self.buffer):
+                await writer.write(self.buffer)  # the writer owns it from here
+                self.buffer = writer.take(self.settings.chunk_size)
+                self.filled = 0
+                await self._fill(response)
+            await writer.wait()
         except OSError as exc:
             raise self._part_failure(exc) from exc
+        finally:
+            await writer.close()
 
     async def _ensure_part(self) -> Part:
         """The open part file, created (O_EXCL) if there is none yet."""
@@ -687,70 +690,147 @@ class _Download:
         return ItemResult(self.item.url, path, self.position, outcome.digest, None)
 
 
-class _Writer:
-    """Appends full buffers to the part and feeds them to the hasher, each in its own
-    worker thread (file writes and hashlib both release the GIL), one buffer in flight at a
-    time, while the event loop fills the next. A buffer goes back to the pool when both
-    are done with it. Never raises into its nursery: a write error is kept and raised by
-    the next ``write`` or ``wait``. With a ``reserve``, each write first claims its room,
-    and the rest of the file's (``total``, when known): a file that cannot fit fails
-    before its first byte is written."""
+# Buffers a download may have received and not yet written (and hashed): the loop keeps
+# receiving while the writer thread catches up, so a write that waits for the disk, or a
+# wake-up that waits for a busy event loop, stalls neither side. At 1 MiB chunks, 4 MiB
+# of memory per large download.
+PIPELINE_DEPTH = 4
 
-    def __init__(
-        self, nursery: trio.Nursery, part: Part, total: int | None, reserve: Reserve | None
-    ) -> None:
-        self._nursery = nursery
+
+class _Job:
+    __slots__ = ("buffer", "rest", "users", "view")
+
+    def __init__(self, buffer: bytearray, rest: int, users: int) -> None:
+        self.buffer = buffer
+        self.view = memoryview(buffer)
+        self.rest = rest  # the bytes of the file still to come, this buffer's included
+        self.users = users  # the threads (writer, hasher) not yet done with it
+
+
+class _Writer:
+    """Appends full buffers to the part in a thread of its own and feeds them, in another,
+    to the hasher (file writes and hashlib both release the GIL), while the event loop
+    receives the next ones: up to ``PIPELINE_DEPTH`` buffers in flight, handed over through
+    queues, so a buffer costs the loop no wake-up unless it has to wait for room. The
+    threads run until ``close``; a write error is kept and raised by the next ``write``
+    or ``wait``, and the buffers after it are dropped unwritten. With a ``reserve``, each
+    write first claims its room, and the rest of the file's (``total``, when known): a
+    file that cannot fit fails before its first byte is written."""
+
+    def __init__(self, part: Part, total: int | None, reserve: Reserve | None) -> None:
         self._part = part
         self._total = total
         self._reserve = reserve
-        self._idle = trio.Event()
-        self._idle.set()
-        self._running = 0
-        self._error: OSError | None = None
+        self._token = trio.lowlevel.current_trio_token()
+        self._lock = threading.Lock()
+        self._pending = 0  # buffers handed over that some thread still uses
+        self._room = -1  # the loop waits until _pending <= _room
+        self._wake: trio.Event | None = None
+        self._error: Exception | None = None
+        self._free: deque[bytearray] = deque()  # buffers every thread is done with
+        self._queues: list[queue.SimpleQueue[_Job | None]] = [queue.SimpleQueue()]
+        if part.hasher is not None:
+            self._queues.append(queue.SimpleQueue())
+        self._running = len(self._queues)
+        self._stopped = trio.Event()
+        self._started = False
+
+    def start(self) -> None:
+        works: list[Callable[[_Job], None]] = [self._write, self._hash]
+        for jobs, work in zip(self._queues, works, strict=False):
+            trio.lowlevel.start_thread_soon(
+                functools.partial(self._consume, jobs, work), self._thread_done
+            )
+        self._started = True
+
+    async def close(self) -> None:
+        """Let the threads finish what they were given and wait for them: a caller that
+        writes after this (``_keep``, ``finish``) appends at the right offset."""
+        if not self._started:
+            return
+        for jobs in self._queues:
+            jobs.put(None)
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+        while self._free:
+            BUFFERS.give(self._free.popleft())
+
+    def take(self, size: int) -> bytearray:
+        """A buffer for the next receive: one the threads are done with, if it fits."""
+        while self._free:
+            buffer = self._free.popleft()
+            if len(buffer) == size:
+                return buffer
+            BUFFERS.give(buffer)
+        return BUFFERS.take(size)
 
     async def write(self, buffer: bytearray) -> None:
-        """Start writing ``buffer`` (all of it) once the previous one is written."""
-        await self.wait()
-        view = memoryview(buffer)
-        self._idle = trio.Event()
-        self._running = 2
-        write: Callable[[Any, memoryview], None] = files.write_all
-        if self._reserve is not None:
-            rest = 0 if self._total is None else self._total - self._part.position
-            write = functools.partial(
-                files.write_claimed, reserve=self._reserve, rest=max(len(view), rest)
-            )
-        self._nursery.start_soon(self._run, FILES, write, self._part.fd, view, buffer)
-        if self._part.hasher is None:
-            self._running = 1
-        else:
-            self._nursery.start_soon(
-                self._run, HASHES, files.hash_data, self._part.hasher, view, buffer
-            )
-        self._part.position += len(view)
+        """Hand ``buffer`` (all of it) to the threads; waits only while the pipeline is
+        full."""
+        await self._until(PIPELINE_DEPTH - 1)
+        size = len(buffer)
+        rest = size if self._total is None else max(size, self._total - self._part.position)
+        job = _Job(buffer, rest, len(self._queues))
+        with self._lock:
+            self._pending += 1
+        for jobs in self._queues:
+            jobs.put(job)
+        self._part.position += size
 
     async def wait(self) -> None:
-        await self._idle.wait()
-        if self._error is not None:
-            raise self._error
+        """Wait until everything handed over is written (and hashed)."""
+        await self._until(0)
 
-    async def _run(
-        self,
-        pool: ThreadPool,
-        work: Callable[[Any, memoryview], None],
-        target: Any,
-        view: memoryview,
-        buffer: bytearray,
-    ) -> None:
-        try:
-            await pool.run(work, target, view)
-        except OSError as exc:
-            self._error = exc
-        finally:
+    async def _until(self, most: int) -> None:
+        while True:
+            with self._lock:
+                if self._error is not None:
+                    raise self._error
+                if self._pending <= most:
+                    return
+                self._room = most
+                wake = self._wake = trio.Event()
+            await wake.wait()
+
+    def _consume(self, jobs: queue.SimpleQueue[_Job | None], work: Callable[[_Job], None]) -> None:
+        while (job := jobs.get()) is not None:
+            error = None
+            if self._error is None:
+                try:
+                    work(job)
+                except Exception as exc:  # an OSError fails the item; anything else is a bug
+                    error = exc
+            self._release(job, error)
+
+    def _write(self, job: _Job) -> None:
+        if self._reserve is not None:
+            self._reserve.claim(self._part.fd, len(job.view), job.rest)
+        files.write_all(self._part.fd, job.view)
+
+    def _hash(self, job: _Job) -> None:
+        files.hash_data(self._part.hasher, job.view)
+
+    def _release(self, job: _Job, error: Exception | None) -> None:
+        with self._lock:
+            if error is not None and self._error is None:
+                self._error = error
+            job.users -= 1
+            if job.users == 0:
+                self._pending -= 1
+                self._free.append(job.buffer)
+            wake = self._wake
+            if wake is None or (self._pending > self._room and self._error is None):
+                return
+            self._wake = None
+        self._token.run_sync_soon(wake.set)
+
+    def _thread_done(self, _outcome: object) -> None:
+        with self._lock:
             self._running -= 1
-            if self._running == 0:
-                BUFFERS.give(buffer)
-                self._idle.set()
+            last = self._running == 0
+        if last:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._stopped.set)
 
 
 @contextlib.asynccontextmanager
