@@ -51,8 +51,10 @@ guarantees:
 
 Speed (figures in docs/bench-downloads.md): the body is received into pooled buffers of
 ``chunk_size`` bytes, straight from the socket for large bodies (``Response.receive_into``);
-a full buffer is written, and hashed when a digest is wanted, by worker threads while the
-next one fills, so disk and network overlap. A file that fits in one buffer costs one
+full buffers go through a bounded pipeline (``_Writer``): a writer thread and, when a digest
+is wanted, a hasher thread take them from queues while the loop fills the next ones, up to
+``PIPELINE_DEPTH`` ahead, so disk, hash and network overlap and a busy event loop (a status
+stream to many subscribers) delays no write and no write delays a receive. A file that fits in one buffer costs one
 hand-off to a worker in all (create the part, write, fsync, link, unlink), and the
 workers share one directory fsync among the files they finish together. Blocking file
 work never runs on the event loop.

@@ -20,7 +20,9 @@
   free on the file system (``downloads.min_free_bytes``, kept for the daemon's journals),
   in the thread that writes: ``BelowReserve``, an ENOSPC of its own.
 - **threads**: ``FILES`` runs file work in long-lived threads and fsyncs each directory
-  once per batch of work (a group commit of the links); ``HASHES`` hashes beside the writes.
+  once per batch of work (a group commit of the links). A large download's body is written
+  and hashed by threads of its own (the engine's pipeline), with ``write_all`` and
+  ``hash_data``.
 
 Must not depend on trio beyond waking the caller, nor on the engine, the journal or the
 RPC layer.
@@ -655,8 +657,6 @@ def _wake(batch: list[_FileWork]) -> None:
 
 # File creation, small files and links; batched, with directory fsyncs shared.
 FILES = ThreadPool("files", threads=4, max_batch=64)
-# Hashing runs beside the writes of the same data, so it gets threads of its own.
-HASHES = ThreadPool("hash", threads=2, max_batch=1)
 
 
 async def in_thread(work: Callable[..., _T], *args: Any) -> _T:
