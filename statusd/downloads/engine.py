@@ -49,15 +49,17 @@ guarantees:
   negative delta, a resume reports the bytes already on disk, and a failure takes back
   what it reported. ``total`` is the file's full size when the server said it.
 
-Speed (figures in docs/bench-downloads.md): the body is received into pooled buffers of
-``chunk_size`` bytes, straight from the socket for large bodies (``Response.receive_into``);
-full buffers go through a bounded pipeline (``_Writer``): a writer thread and, when a digest
-is wanted, a hasher thread take them from queues while the loop fills the next ones, up to
-``PIPELINE_DEPTH`` ahead, so disk, hash and network overlap and a busy event loop (a status
-stream to many subscribers) delays no write and no write delays a receive. A file that fits in one buffer costs one
-hand-off to a worker in all (create the part, write, fsync, link, unlink), and the
-workers share one directory fsync among the files they finish together. Blocking file
-work never runs on the event loop.
+Speed (figures in docs/bench-downloads.md, docs/bench-daemon.md): the body is received into
+pooled buffers of ``chunk_size`` bytes, straight from the socket for large bodies
+(``Response.receive_into``). Once the first buffer is full the body is large: the rest goes
+into buffers ``LARGE_BUFFER_FACTOR`` times as large, through a bounded pipeline
+(``_Writer``): a writer thread and, when a digest is wanted, a hasher thread take them from
+queues while the loop fills the next ones, up to ``PIPELINE_DEPTH`` ahead. Disk, hash and
+network overlap, and a busy event loop (a status stream to many subscribers) delays no
+write, nor a write a receive. A file that fits in one buffer costs one hand-off to a worker
+in all (create the part, write, fsync, link, unlink), and the workers share one directory
+fsync among the files they finish together. Blocking file work never runs on the event
+loop.
 
 Must not depend on the task manager, the journal or the RPC layer.
 """
@@ -622,11 +624,12 @@ class _Download:
     async def _stream_large(self, response: Response) -> None:
         part = await self._ensure_part()
         writer = _Writer(part, self.total, self.settings.reserve)
+        size = self.settings.chunk_size * LARGE_BUFFER_FACTOR
         try:
             writer.start()
             while self.filled == len(self.buffer):
                 await writer.write(self.buffer)  # the writer owns it from here
-                self.buffer = writer.take(self.settings.chunk_size)
+                self.buffer = writer.take(size)
                 self.filled = 0
                 await self._fill(response)
             await writer.wait()
@@ -697,6 +700,12 @@ class _Download:
 # wake-up that waits for a busy event loop, stalls neither side. At 1 MiB chunks, 4 MiB
 # of memory per large download.
 PIPELINE_DEPTH = 4
+# A body that filled its first buffer is large: the rest is received into buffers this many
+# times ``chunk_size``. With a status stream to 100 subscribers the loop gets to the socket
+# far less often, and each time takes what the kernel holds, up to a buffer: 4 MiB buffers
+# took 1.7x the MB/s of 1 MiB ones under that load (docs/bench-daemon.md). At most
+# PIPELINE_DEPTH of them, 16 MiB, per large download, only while the disk lags.
+LARGE_BUFFER_FACTOR = 4
 
 
 class _Job:
