@@ -102,11 +102,24 @@ class Session:
         self._work = trio.Event()
         self._room = trio.Event()
         self.closing = False
+        # False when the transport's reader sends its own replies once it has answered
+        # what it read (the Unix socket): a reply then costs no wake-up of the writer.
+        self.replies_wake_writer = True
 
     # -- the reader side -------------------------------------------------------------------
 
     def add_reply(self, line: bytes) -> None:
         self._replies.append(line)
+        if self.replies_wake_writer:
+            self._work.set()
+
+    def put_back(self, data: bytes) -> None:
+        """Queue the unsent rest of what ``take_pending`` gave, ahead of everything else,
+        and wake the writer to send it."""
+        self._replies.appendleft(data)
+        self._work.set()
+
+    def wake_writer(self) -> None:
         self._work.set()
 
     def reply_room(self) -> bool:

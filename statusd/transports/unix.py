@@ -1,10 +1,10 @@
 """The Unix socket server: newline-delimited JSON-RPC with peer credentials and limits.
 
 Per connection a reader parses lines (``limits.max_request_bytes``, read when the client
-connects) and queues replies in the ``Session``;
-a writer sends everything pending in one write. A client that stops reading blocks only
-its own writer: pushed messages it misses are dropped oldest-first and reported, and its
-reader pauses while its replies are unsent (see ``statusd.session``).
+connects), answers them and sends the replies to everything it read in one write; a writer
+sends pushes, and the rest of any write the socket had no room for. A client that stops
+reading blocks only its own writer: pushed messages it misses are dropped oldest-first and
+reported, and its reader pauses while its replies are unsent (see ``statusd.session``).
 """
 
 from __future__ import annotations
@@ -303,36 +303,20 @@ class UnixServer:
             await stream.send_all(line)
 
     async def _run_session(self, stream: trio.SocketStream, session: Session) -> None:
+        sender = _Sender(stream, session)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._read_loop, stream, session)
+            nursery.start_soon(self._read_loop, stream, session, sender)
             # A client that went away has nothing left to be told.
             with contextlib.suppress(*_GONE):
-                await self._write_loop(stream, session)
+                await sender.write_loop()
             nursery.cancel_scope.cancel()
 
-    async def _write_loop(self, stream: trio.SocketStream, session: Session) -> None:
-        fd = stream.socket.fileno()
-        while True:
-            await session.wait_pending()
-            pending = session.take_pending()
-            if pending:
-                data = b"".join(pending)
-                # One non-blocking write first: when the socket has room (nearly always)
-                # this costs no trip through the scheduler, where send_all costs two.
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-                if sent < len(data):
-                    await stream.send_all(memoryview(data)[sent:])
-            elif session.closing:
-                return
-
-    async def _read_loop(self, stream: trio.SocketStream, session: Session) -> None:
+    async def _read_loop(
+        self, stream: trio.SocketStream, session: Session, sender: _Sender
+    ) -> None:
         # The API's config is the live one (SIGHUP), so a new limit reaches new connections.
         decoder = LineDecoder(self._api.config.limits.max_request_bytes)
+        session.replies_wake_writer = False
         try:
             while not session.closing:
                 await session.wait_reply_room()
@@ -353,8 +337,71 @@ class UnixServer:
                     session.add_reply(jsonrpc.encode_line(jsonrpc.error_response(None, error)))
                     return
                 for line in lines:
-                    await session.wait_reply_room()
+                    if not session.reply_room():
+                        sender.send_now()
+                        await session.wait_reply_room()
                     await answer(self._api, session, line)
+                # The answers to everything read in one go leave in one write.
+                sender.send_now()
+        except _GONE:
+            return
         finally:
             # The writer flushes what is queued, then the connection closes.
             session.close()
+
+
+class _Sender:
+    """Sends one connection's output, in order, from whichever of its two tasks has it.
+
+    The reader sends its replies itself as soon as it has answered what it read: a reply
+    then costs one write and no wake-up of the writer task, which a trivial call would
+    otherwise pay in scheduling as much as in answering. The writer sends pushes, and
+    whatever did not fit into the socket; while it waits for room, the reader leaves
+    everything to it, so the bytes on the wire keep their order.
+    """
+
+    def __init__(self, stream: trio.SocketStream, session: Session) -> None:
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+        self._session = session
+        self._blocked = False  # the writer is in send_all, with the head of the output
+
+    def send_now(self) -> None:
+        session = self._session
+        if self._blocked:
+            session.wake_writer()
+            return
+        pending = session.take_pending()
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        sent = self._write(data)
+        if sent < len(data):
+            session.put_back(data[sent:])
+
+    def _write(self, data: bytes) -> int:
+        # One non-blocking write: when the socket has room (nearly always) this costs no
+        # trip through the scheduler, where send_all costs two.
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def write_loop(self) -> None:
+        session = self._session
+        while True:
+            await session.wait_pending()
+            pending = session.take_pending()
+            if pending:
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                sent = self._write(data)
+                if sent < len(data):
+                    self._blocked = True
+                    try:
+                        await self._stream.send_all(memoryview(data)[sent:])
+                    finally:
+                        self._blocked = False
+            elif session.closing:
+                return
