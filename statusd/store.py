@@ -42,11 +42,14 @@ Rules (they are what makes an acknowledged write safe):
   and a crash could then leave good lines after a hole, which is indistinguishable from
   damage.
 
-Blocking file work runs in ``trio.to_thread.run_sync``, one call per batch, on each store's
-own thread limiter: threads stuck elsewhere (DNS lookups on trio's default limiter) must
-never hold back a journal write, and a store never needs more than one thread. This module
-knows nothing of what the records mean (tasks, notifications): it depends on trio, attrs,
-the stdlib and ``statusd.errors`` only.
+Each batch's write and sync run on the store's own thread (``_Worker``), started with the
+first append and stopped on close: threads stuck elsewhere (DNS lookups on trio's default
+limiter) must never hold back a journal write, a store never needs more than one thread,
+and handing a job to a thread that waits for it is about a third cheaper than
+``trio.to_thread.run_sync`` (docs/bench-daemon.md), which is paid once per commit. Opening,
+compaction and close, rare, use ``trio.to_thread.run_sync`` on the store's limiter. This
+module knows nothing of what the records mean (tasks, notifications): it depends on trio
+(and its ``outcome``), attrs, the stdlib and ``statusd.errors`` only.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ import gc
 import json
 import logging
 import os
+import queue
+import threading
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
+import outcome
 import trio
 
 from statusd.errors import StartupError
@@ -350,6 +356,45 @@ class ChangeGate:
             self._resumed.set()
 
 
+_Job = tuple[Callable[[], None], trio.lowlevel.TrioToken, trio.lowlevel.Task]
+
+
+class _Worker:
+    """One thread that runs a store's commits, one at a time, while the caller waits.
+
+    Callers wait without a cancellation point: a job handed over is always waited for
+    (the store's appends are shielded anyway), so nobody leaves while its batch is written.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def run(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            # A daemon thread: a store nobody closed must not keep the process alive.
+            self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+            self._thread.start()
+        token = trio.lowlevel.current_trio_token()
+        self._jobs.put((job, token, trio.lowlevel.current_task()))
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def _serve(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, token, task = item
+            result = outcome.capture(job)
+            # A run cannot end under a waiting caller; should it, nobody is left to tell.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def stop(self) -> None:
+        """Let the thread end once it has run what it was given (no wait)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+
 @attrs.define
 class _Batch:
     lines: list[bytes] = attrs.Factory(list)
@@ -374,6 +419,7 @@ class JsonLinesStore:
         self._compactions = 0
         self._closed = False
         self._broken: str | None = None
+        self._worker = _Worker(f"statusd-store-{path.name}")
 
     async def append(self, record: Any) -> None:
         """Return once ``record`` is on disk (fdatasync'd); raise ``StoreError`` if not."""
@@ -408,9 +454,8 @@ class JsonLinesStore:
                 raise StoreError("store is closed")
             if self._broken is not None:
                 raise StoreError(self._broken)
-            await trio.to_thread.run_sync(
-                self._write_and_sync, b"".join(batch.lines), limiter=self._limiter
-            )
+            data = b"".join(batch.lines)
+            await self._worker.run(lambda: self._write_and_sync(data))
         except (OSError, StoreError) as exc:
             batch.error = exc
         except BaseException as exc:
@@ -525,6 +570,7 @@ class JsonLinesStore:
             async with self._lock:
                 if not self._closed:
                     self._closed = True
+                    self._worker.stop()
                     await trio.to_thread.run_sync(self._seal_and_close, limiter=self._limiter)
 
     def _seal_and_close(self) -> None:
