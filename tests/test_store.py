@@ -329,6 +329,52 @@ async def test_concurrent_appenders_share_syncs_and_are_acknowledged_in_order(
     assert [r["n"] for r in load(path).records] == called
 
 
+async def test_every_appender_is_answered_only_after_a_sync_covered_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Appends arriving while a sync runs are written and synced together by the next
+    # commit: each must be answered after a sync that covered its own line, never before.
+    path = tmp_path / "store.jsonl"
+    store, _ = await open_store(path)
+    synced: list[int] = []  # the file's size at the end of each sync
+    real_sync = os.fdatasync
+
+    def sync(fd: int) -> None:
+        real_sync(fd)
+        synced.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fdatasync", sync)
+
+    async def appender(n: int) -> None:
+        for k in range(5):
+            if k:  # all together first (they share syncs), then at random moments
+                await trio.sleep(random.random() / 1000)
+            await store.append({"n": n, "k": k})
+            durable = path.read_bytes()[: max(synced)]
+            assert f'"k":{k},"n":{n}}}'.encode() in durable
+
+    async with trio.open_nursery() as nursery:
+        for n in range(32):
+            nursery.start_soon(appender, n)
+    assert store.statistics().appends == 160
+    assert store.statistics().syncs < 160  # some batches held more than one append
+    await store.aclose()
+    assert len(load(path).records) == 160
+
+
+async def test_a_closed_store_leaves_no_thread_behind(tmp_path: Path) -> None:
+    def store_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "statusd-store-store.jsonl"]
+
+    before = store_threads()
+    store, _ = await open_store(tmp_path / "store.jsonl")
+    await store.append({"n": 1})
+    [thread] = set(store_threads()) - set(before)
+    await store.aclose()
+    await trio.to_thread.run_sync(thread.join, 10)
+    assert not thread.is_alive()
+
+
 async def test_a_failed_sync_is_not_acknowledged_and_leaves_the_file_clean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

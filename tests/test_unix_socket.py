@@ -12,6 +12,9 @@ import trio
 import trio.testing
 
 from statusd.daemon import Daemon, run
+from statusd.protocol import jsonrpc
+from statusd.protocol.framing import LineDecoder
+from statusd.session import DEFAULT_MAX_PENDING_REPLIES
 from tests.conftest import RawClient, make_config
 
 REQUEST = b'{"jsonrpc":"2.0","id":%d,"method":"daemon.info"}\n'
@@ -290,6 +293,12 @@ async def test_reply_backlog_pauses_only_that_client(daemon: Daemon, connect: An
             await greedy.send_all(flood[sent : sent + 65536])
             sent += 65536
     assert sent < len(flood), "the daemon should have stopped reading the flood"
+    # What it holds for the client stays within max_pending_replies: replies queued one
+    # by one, and at most the rest of one write of as many that the socket had no room for.
+    [session] = [s for s in daemon.unix._sessions if s.statistics().pending_replies]
+    reply = len(jsonrpc.encode_line(await (await connect()).request("daemon.info")))
+    held = sum(map(len, session._replies))
+    assert held <= 2 * DEFAULT_MAX_PENDING_REPLIES * (reply + 10)
     other = await connect()
     await assert_still_usable(other)
     # Every reply is still there, none dropped, once the client reads.
@@ -303,3 +312,48 @@ async def test_reply_backlog_pauses_only_that_client(daemon: Daemon, connect: An
                 assert json.loads(line)["id"] == decoder_lines
                 decoder_lines += 1
     await greedy.aclose()
+
+
+async def test_replies_and_pushes_keep_their_order_when_the_socket_fills(
+    daemon: Daemon, connect: Any
+) -> None:
+    # The reader sends replies itself, the writer sends pushes and the rest of any write
+    # the socket had no room for. A client that reads slowly, in small pieces, keeps the
+    # socket going from full to drained while both tasks have output: the bytes must still
+    # leave whole and in order.
+    client = await connect()
+    await client.call("subscribe")
+    publisher = await connect()
+    requests = 20000
+    flood = b"".join(REQUEST % n for n in range(requests))
+    ids: list[int] = []
+    statuses: list[str] = []
+    lost = 0
+
+    async def publish() -> None:
+        for n in range(300):
+            await publisher.call("status.publish", {"level": "info", "message": f"p{n:03d}"})
+
+    async def read_slowly() -> None:
+        nonlocal lost
+        decoder = LineDecoder(1 << 20)
+        while len(ids) < requests or not statuses or statuses[-1] != "p299":
+            data = await client.stream.receive_some(997)
+            assert data, "the daemon closed the connection"
+            for line in decoder.feed(data):
+                message = json.loads(line)
+                if "id" in message:
+                    ids.append(message["id"])
+                elif message["method"] == "status":
+                    statuses.append(message["params"]["message"])
+                elif message["method"] == "dropped":
+                    lost += message["params"]["count"]
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send, flood)
+            nursery.start_soon(publish)
+            nursery.start_soon(read_slowly)
+    assert ids == list(range(requests))
+    assert statuses == sorted(statuses)
+    assert len(statuses) + lost == 300

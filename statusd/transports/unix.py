@@ -364,7 +364,10 @@ class _Sender:
         self._stream = stream
         self._fd = stream.socket.fileno()
         self._session = session
-        self._blocked = False  # the writer is in send_all, with the head of the output
+        # The writer holds the head of the output (the rest of a write the socket had no
+        # room for): until it has sent it, the reader leaves all sending to it, so the
+        # order stays, and replies queue one by one against ``max_pending_replies``.
+        self._blocked = False
 
     def send_now(self) -> None:
         session = self._session
@@ -377,6 +380,7 @@ class _Sender:
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         sent = self._write(data)
         if sent < len(data):
+            self._blocked = True
             session.put_back(data[sent:])
 
     def _write(self, data: bytes) -> int:
@@ -399,9 +403,9 @@ class _Sender:
                 sent = self._write(data)
                 if sent < len(data):
                     self._blocked = True
-                    try:
-                        await self._stream.send_all(memoryview(data)[sent:])
-                    finally:
-                        self._blocked = False
+                    await self._stream.send_all(memoryview(data)[sent:])
+                # Sent whole: the reader may send again. Whatever it queued meanwhile is
+                # taken next, with no checkpoint in between for it to get ahead.
+                self._blocked = False
             elif session.closing:
                 return
