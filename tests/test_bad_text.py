@@ -314,8 +314,11 @@ async def test_a_failing_connection_costs_only_itself(
     monkeypatch.setattr(Session, "take_pending", failing_once)
     victim = await connect()
     await victim.send(envelope("daemon.info"))
+    # The reply may still leave (the reader sends it, the writer flushes what is queued
+    # as the connection closes); the connection ends either way.
     with trio.fail_after(10), pytest.raises(EOFError):
-        await victim.receive()
+        while True:
+            await victim.receive()
     assert not armed
     assert (await bystander.call("daemon.info"))["pid"] > 0
     await healthy(daemon)
