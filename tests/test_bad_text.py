@@ -316,9 +316,12 @@ async def test_a_failing_connection_costs_only_itself(
     await victim.send(envelope("daemon.info"))
     # The reply may still leave (the reader sends it, the writer flushes what is queued
     # as the connection closes); the connection ends either way.
-    with trio.fail_after(10), pytest.raises(EOFError):
+    async def read_to_the_end() -> None:
         while True:
             await victim.receive()
+
+    with trio.fail_after(10), pytest.raises(EOFError):
+        await read_to_the_end()
     assert not armed
     assert (await bystander.call("daemon.info"))["pid"] > 0
     await healthy(daemon)
