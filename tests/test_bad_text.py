@@ -314,6 +314,7 @@ async def test_a_failing_connection_costs_only_itself(
     monkeypatch.setattr(Session, "take_pending", failing_once)
     victim = await connect()
     await victim.send(envelope("daemon.info"))
+
     # The reply may still leave (the reader sends it, the writer flushes what is queued
     # as the connection closes); the connection ends either way.
     async def read_to_the_end() -> None:
