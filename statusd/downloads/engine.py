@@ -742,27 +742,33 @@ class _Writer:
         self._queues: list[queue.SimpleQueue[_Job | None]] = [queue.SimpleQueue()]
         if part.hasher is not None:
             self._queues.append(queue.SimpleQueue())
-        self._running = len(self._queues)
+        self._running = 0  # threads started and not yet finished
         self._stopped = trio.Event()
-        self._started = False
 
     def start(self) -> None:
         works: list[Callable[[_Job], None]] = [self._write, self._hash]
         for jobs, work in zip(self._queues, works, strict=False):
-            trio.lowlevel.start_thread_soon(
-                functools.partial(self._consume, jobs, work), self._thread_done
-            )
-        self._started = True
+            with self._lock:
+                self._running += 1
+            try:
+                trio.lowlevel.start_thread_soon(
+                    functools.partial(self._consume, jobs, work), self._thread_done
+                )
+            except BaseException:
+                with self._lock:
+                    self._running -= 1
+                raise
 
     async def close(self) -> None:
         """Let the threads finish what they were given and wait for them: a caller that
         writes after this (``_keep``, ``finish``) appends at the right offset."""
-        if not self._started:
-            return
-        for jobs in self._queues:
-            jobs.put(None)
-        with trio.CancelScope(shield=True):
-            await self._stopped.wait()
+        with self._lock:
+            running = self._running
+        if running:
+            for jobs in self._queues:
+                jobs.put(None)
+            with trio.CancelScope(shield=True):
+                await self._stopped.wait()
         while self._free:
             BUFFERS.give(self._free.popleft())
 
