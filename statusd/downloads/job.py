@@ -239,12 +239,18 @@ class DownloadJob:
     _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
     # Whether dest shares the state directory's file system (its reserve applies).
     _beside_journals: bool = attrs.field(init=False, default=True)
+    # Running tallies of ``results`` and ``sizes``: recounting them per finished item made
+    # a 2,000-item task quadratic (6-11% of the loop's work in the many-file profile).
+    _processed: int = attrs.field(init=False, default=0)
+    _unknown_sizes: int = attrs.field(init=False, default=0)
+    _known_bytes: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
         self.sizes = [None] * len(self.items)
+        self._unknown_sizes = len(self.items)
         self.held = [0] * len(self.items)
         self.unsettled = set()
         self._settled = []
@@ -264,8 +270,8 @@ class DownloadJob:
                 self.states[index] = converter.structure(checkpoint["state"], ItemState)
             if checkpoint.get("result") is not None:
                 result = converter.structure(checkpoint["result"], ItemResult)
-                self.results[index] = result
-                self.sizes[index] = result.bytes
+                self._set_result(index, result)
+                self._record_size(index, result.bytes)
 
     @property
     def dest(self) -> str:
@@ -313,7 +319,7 @@ class DownloadJob:
         # After a restart, count the finished items again; unfinished ones report what
         # they hold on disk as they resume.
         reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
-        reporter.update_progress(self._processed())
+        reporter.update_progress(self._processed)
         for batch in range(batches):
             indices = [
                 i
@@ -333,8 +339,15 @@ class DownloadJob:
         reporter.status(Level.SUCCESS, "All downloads completed successfully")
         return result
 
-    def _processed(self) -> int:
-        return sum(result is not None for result in self.results)
+    def _set_result(self, index: int, result: ItemResult | None) -> None:
+        self._processed += (result is not None) - (self.results[index] is not None)
+        self.results[index] = result
+
+    def _record_size(self, index: int, size: int | None) -> None:
+        old = self.sizes[index]
+        self._unknown_sizes += (size is None) - (old is None)
+        self._known_bytes += (size or 0) - (old or 0)
+        self.sizes[index] = size
 
     async def _fetch(
         self,
@@ -345,7 +358,7 @@ class DownloadJob:
     ) -> None:
         item = self.items[index]
         async with limiter:
-            reporter.update_progress(self._processed(), item.url)
+            reporter.update_progress(self._processed, item.url)
 
             async def on_state(state: ItemState) -> None:
                 # The engine writes nothing under a name, part or validator before this
@@ -367,7 +380,7 @@ class DownloadJob:
                 on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
                 on_state=on_state,
             )
-        self.results[index] = result
+        self._set_result(index, result)
         self._set_size(reporter, index, result.bytes)
         if self._journalled.pop(index, None) == result:
             self._settled.append(index)  # journalled with the next record
@@ -378,7 +391,7 @@ class DownloadJob:
             )
         if result.error:
             reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
-        reporter.update_progress(self._processed())
+        reporter.update_progress(self._processed)
 
     def _done_result(self, index: int, directory: Directory, state: ItemState) -> ItemResult:
         """What ``download_item`` returns for an item that reports ``done`` (the engine
@@ -400,9 +413,9 @@ class DownloadJob:
 
     def _set_size(self, reporter: Reporter, index: int, size: int) -> None:
         """bytes_total is known once every item's size is (a single file: at its head)."""
-        self.sizes[index] = size
-        if all(known is not None for known in self.sizes):
-            reporter.set_bytes_total(sum(known or 0 for known in self.sizes))
+        self._record_size(index, size)
+        if not self._unknown_sizes:
+            reporter.set_bytes_total(self._known_bytes)
 
     def _result(self) -> dict[str, Any]:
         items = [
@@ -437,8 +450,8 @@ class DownloadJob:
         """A retry: failed items are fetched again (their states are kept for the resume)."""
         for index, result in enumerate(self.results):
             if result is not None and result.error:
-                self.results[index] = None
-                self.sizes[index] = None
+                self._set_result(index, None)
+                self._record_size(index, None)
 
     def checkpoints_to_keep(self) -> list[dict[str, Any]]:
         """What a retry needs once the task has failed or was cancelled: which items
@@ -455,7 +468,7 @@ class DownloadJob:
     def _restore_completed(self, rows: list[list[Any]]) -> None:
         for index, path, size, sha256 in rows:
             result = ItemResult(self.items[index].url, path, size, sha256, None)
-            self.results[index] = result
-            self.sizes[index] = size
+            self._set_result(index, result)
+            self._record_size(index, size)
             name = None if path is None else os.path.basename(path)
             self.states[index] = ItemState(name=name, done=True)
