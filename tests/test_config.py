@@ -799,6 +799,16 @@ def test_main_sets_up_logging_and_returns_what_serve_returns(
     assert config.config_file == clean_environment
 
 
+def test_download_defaults_serve_a_user_who_tunes_nothing(environ: dict[str, str]) -> None:
+    # docs/bench-daemon.md, "Defaults": at 4 items at a time in batches of 10, many small
+    # files ran at a third of aria2c's default speed.
+    downloads = load(environ)[0].downloads
+    assert (downloads.parallel_items, downloads.batch_size) == (16, 100)
+    text = "[downloads]\nparallel_items = 4\nbatch_size = 10\n"
+    tuned = load(environ, text)[0].downloads
+    assert (tuned.parallel_items, tuned.batch_size) == (4, 10)
+
+
 # --- [limits] -----------------------------------------------------------------------------------
 
 
