@@ -49,7 +49,7 @@ from statusd.downloads.engine import (
 )
 from statusd.downloads.files import DestError, Directory, Reserve, in_thread
 from statusd.downloads.http import HTTPClient
-from statusd.downloads.names import safe_filename, validate_url
+from statusd.downloads.names import safe_filename
 from statusd.errors import Busy, Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
@@ -131,8 +131,7 @@ class Downloads:
         for index, entry in enumerate(raw):
             where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
             try:
-                validate_url(entry["url"])
-                DownloadItem(**entry)
+                DownloadItem(**entry)  # checks the url (names.validate_url) and sha256
             except ValueError as exc:
                 path = where if "url" in str(exc) else f"items[{index}].sha256"
                 raise InvalidParams(path, str(exc)) from None
