@@ -200,7 +200,11 @@ async def test_a_byte_every_20_s_fails_after_stall_timeout_and_leaves_no_part(
     with trio.fail_after(120):  # mock time
         result = await fetch(client, url, dest, STALL)
     assert result.error == STALLED_60
-    assert 60 <= trio.current_time() - started < 61
+    # Windows follow the first body byte, and exact to the second when the machine is
+    # idle; a worker thread that takes longer than JUMP before that byte is read lets the
+    # clock jump to the server's next send (20 s on). The rule's arithmetic is checked to
+    # the second in the rules table; here: it stalled, once, and not before 60 s.
+    assert 60 <= trio.current_time() - started < 100
     assert len(http_server.requests_for("/slow.bin")) == 1  # failed, not tried again
     assert listing(dest) == []
 
