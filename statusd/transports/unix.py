@@ -317,11 +317,12 @@ class UnixServer:
         # The API's config is the live one (SIGHUP), so a new limit reaches new connections.
         decoder = LineDecoder(self._api.config.limits.max_request_bytes)
         session.replies_wake_writer = False
+        fd = stream.socket.fileno()
         try:
             while not session.closing:
                 await session.wait_reply_room()
                 try:
-                    data = await stream.receive_some(RECEIVE_CHUNK)
+                    data = await _receive(fd)
                 except _GONE:
                     return
                 if not data:
@@ -348,6 +349,23 @@ class UnixServer:
         finally:
             # The writer flushes what is queued, then the connection closes.
             session.close()
+
+
+async def _receive(fd: int) -> bytes:
+    """The next bytes from the client, b"" at its end.
+
+    A client nearly always waits for its answer before it sends again, so wait for
+    something to read first: trying first (``receive_some``) costs a failed ``recv`` and
+    its exception per call.
+    """
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, RECEIVE_CHUNK)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 class _Sender:
