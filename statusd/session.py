@@ -2,7 +2,9 @@
 
 A transport runs two loops per connection: a reader that parses requests and queues the
 replies here, and a writer that takes everything pending in one go and sends it in one
-write. The outgoing buffer is bounded two ways:
+write (on the Unix socket the reader takes and sends its own replies once it has answered
+what it read, with ``replies_wake_writer`` off, and the writer sends the rest). The
+outgoing buffer is bounded two ways:
 
 - replies are never dropped; when ``max_pending_replies`` are waiting, the reader stops
   reading (``wait_reply_room``), so a client that does not read its replies only slows

@@ -1,0 +1,89 @@
+"""Two statusd source trees through their sockets at once: an A/B of one change.
+
+Not a test. On a shared, noisy machine two runs of ``bench/run.py`` minutes apart differ by
+more than most changes; here both daemons (``--before``, e.g. a ``git archive`` of main,
+and ``--after``) run at the same time and are called alternately, in many short rounds
+whose order flips every round, so drift hits both sides alike. For the ``info`` workload
+``bench/minirpc.py`` takes its turn too. Prints each side's median and rounds, the ratio
+of the medians and in how many rounds ``after`` beat ``before``. Clients as in
+``bench/run.py``: processes of their own, each call awaited before the next.
+
+Usage::
+
+    git archive main | tar -x -C /tmp/before
+    python bench/side_by_side.py --before /tmp/before --after . info --clients 16
+    python bench/side_by_side.py --before /tmp/before --after . create --dir /var/tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import _clients
+from _servers import ServerProcess, known_keys, start_minirpc, start_statusd
+
+PARAMS = {"type": "info", "title": "bench title", "message": "bench message " * 8}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=["info", "create"])
+    parser.add_argument("--before", type=Path, required=True, help="a statusd source tree")
+    parser.add_argument("--after", type=Path, required=True, help="another one")
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=3000, help="calls per round, all clients")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--dir", type=Path, default=Path("/dev/shm"), help="state goes here")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(dir=args.dir, prefix="statusd-ab-"))
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name in ("before", "after"):
+            source = getattr(args, name).resolve()
+            known = known_keys(root / name, source)
+            servers[name] = start_statusd(root / name, {}, known=known, source=source, name=name)
+        if args.workload == "info":
+            (root / "minirpc").mkdir()
+            servers["minirpc"] = start_minirpc(root / "minirpc")
+        for server in servers.values():
+            server.wait_ready()
+        results = _rounds(servers, args)
+    finally:
+        for server in servers.values():
+            server.stop()
+    for name, values in results.items():
+        rounds = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"{name:8} median {statistics.median(values):9,.0f}/s  rounds: {rounds}")
+    before, after = (statistics.median(results[name]) for name in ("before", "after"))
+    line = f"after/before {after / before:.2f}x"
+    if "minirpc" in results:
+        floor = statistics.median(results["minirpc"])
+        line += f"; before/minirpc {before / floor:.2f}x, after/minirpc {after / floor:.2f}x"
+    print(line)
+    wins = sum(a > b for a, b in zip(results["after"], results["before"], strict=True))
+    print(f"rounds where after > before: {wins}/{args.rounds}")
+
+
+def _rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {name: [] for name in servers}
+    extra = []
+    if args.workload == "create":
+        extra = ["--method", "notifications.create", "--params", json.dumps(PARAMS)]
+    share = args.calls // args.clients
+    for number in range(args.rounds):
+        order = list(servers) if number % 2 == 0 else list(reversed(servers))
+        for name in order:
+            command = ["--socket", servers[name].socket, "--count", str(share), *extra]
+            argvs = [_clients.command("calls", *command) for _ in range(args.clients)]
+            seconds, _ = _clients.run_gang(argvs)
+            results[name].append(share * args.clients / seconds)
+    return results
+
+
+if __name__ == "__main__":
+    main()
