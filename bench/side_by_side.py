@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -56,6 +57,7 @@ def main() -> None:
     finally:
         for server in servers.values():
             server.stop()
+        shutil.rmtree(root, ignore_errors=True)
     for name, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{name:8} median {statistics.median(values):9,.0f}/s  rounds: {rounds}")
