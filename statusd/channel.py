@@ -12,6 +12,13 @@ all, a user also their own. ``seq`` is global, so a user's messages have gaps be
 ``dropped`` counts only the messages the reader could have read. Both come from a small
 index beside the ring, the messages held and dropped per key (everyone's, or one user's),
 so a reader costs what it reads, not a scan of the ring.
+
+The history is shared, so one user must not be able to wipe it: once it is full, a user
+whose messages (their tasks' and what they publish) already hold ``user_share`` of it
+pushes out their own oldest, not everyone's oldest; and a user holding more than their
+share (a flood begun while the history had room) gives up theirs first when someone else's
+message needs room. A flood from one user costs the others at most that share; a lone
+user still has the whole history.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import attrs
 from statusd.protocol import jsonrpc
 from statusd.protocol.codec import unstructure
 from statusd.redact import redact_urls_in
-from statusd.state.ring import DropOldestRing, RingStatistics
+from statusd.state.ring import MAX_CAPACITY, RingStatistics
 from statusd.state.status import MAX_MESSAGE_CHARS, Audience, Level, Reader, StatusMessage
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,12 @@ Watcher = Callable[[], None]
 # None: a message for everyone; else the one user who reads it besides admins ("" for a
 # message for one user that names none: admins alone, since no user name is empty).
 Key = str | None
+
+
+def user_share(capacity: int, percent: int = 25) -> int:
+    """How many of a full history's ``capacity`` messages one user's may hold
+    (``limits.status_user_share`` percent of it, at least one)."""
+    return max(1, capacity * percent // 100)
 
 
 @attrs.frozen
@@ -106,8 +119,21 @@ def _utc_now() -> datetime:
 
 
 class StatusChannel:
-    def __init__(self, capacity: int = 100, *, now: Callable[[], datetime] = _utc_now) -> None:
-        self._ring: DropOldestRing[_Entry] = DropOldestRing(capacity)
+    def __init__(
+        self,
+        capacity: int = 100,
+        *,
+        user_share_percent: int = 25,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if not 1 <= capacity <= MAX_CAPACITY:
+            raise ValueError(f"capacity must be between 1 and {MAX_CAPACITY}, not {capacity}")
+        self._capacity = capacity
+        self._share = user_share(capacity, user_share_percent)
+        self._size = 0
+        self._last_seq = 0
+        self._dropped_total = 0
+        # Each key's messages held, oldest first: together, the history.
         self._held: dict[Key, deque[_Entry]] = {}
         self._dropped: dict[Key, _Dropped] = {}
         self._last: dict[Key, int] = {}
@@ -120,12 +146,16 @@ class StatusChannel:
 
     @property
     def last_seq(self) -> int:
-        return self._ring.last_seq
+        return self._last_seq
+
+    def set_user_share(self, percent: int) -> None:
+        """Change ``limits.status_user_share`` (on reload); applies from the next message."""
+        self._share = user_share(self._capacity, percent)
 
     def last_seq_for(self, reader: Reader | None) -> int:
         """The seq of the newest message ``reader`` may read (0 before any)."""
         if reader is None or reader.admin:
-            return self._ring.last_seq
+            return self._last_seq
         return max(self._last.get(None, 0), self._last.get(reader.username, 0))
 
     def publish_status(
@@ -148,7 +178,7 @@ class StatusChannel:
             if audience is None:
                 audience = Audience.ALL if user is None else Audience.USER
             status = StatusMessage(
-                seq=self._ring.last_seq + 1,
+                seq=self._last_seq + 1,
                 timestamp=self._now(),
                 level=Level(level),
                 message=redact_urls_in(str(message), limit=MAX_MESSAGE_CHARS),
@@ -168,19 +198,40 @@ class StatusChannel:
         return status
 
     def _append(self, entry: _Entry) -> None:
-        gone = self._ring.next_dropped()
-        if gone is not None:
-            held = self._held[gone.key]
-            held.popleft()  # a key's oldest held message is the ring's oldest of that key
-            if not held:
-                del self._held[gone.key]
-            dropped = self._dropped.get(gone.key)
-            if dropped is None:
-                dropped = self._dropped[gone.key] = _Dropped(deque(maxlen=self._ring.capacity))
-            dropped.add(gone.message.seq)
-        self._ring.append(entry)
+        if self._size >= self._capacity:
+            own = self._held.get(entry.key)
+            if entry.key and own is not None and len(own) >= self._share:
+                self._drop_oldest_of(entry.key)
+            else:
+                self._drop_oldest_of(self._key_to_drop())
         self._held.setdefault(entry.key, deque()).append(entry)
+        self._size += 1
+        self._last_seq = entry.message.seq
         self._last[entry.key] = entry.message.seq
+
+    def _key_to_drop(self) -> Key:
+        """Whose oldest message makes room for one of a user within their share: the user
+        holding the most past their share (a flood that began while the history had
+        room), else whoever holds the oldest message. A scan of the keys (the users
+        with messages held), not of the messages."""
+        largest = max(
+            (key for key in self._held if key), key=lambda key: len(self._held[key]), default=None
+        )
+        if largest is not None and len(self._held[largest]) > self._share:
+            return largest
+        return min(self._held, key=lambda key: self._held[key][0].message.seq)
+
+    def _drop_oldest_of(self, key: Key) -> None:
+        held = self._held[key]
+        gone = held.popleft()
+        if not held:
+            del self._held[key]
+        self._size -= 1
+        self._dropped_total += 1
+        dropped = self._dropped.get(key)
+        if dropped is None:
+            dropped = self._dropped[key] = _Dropped(deque(maxlen=self._capacity))
+        dropped.add(gone.message.seq)
 
     def _wake(self, key: Key) -> None:
         # One-shot: a watcher is a session parked with nothing to send; one that is
@@ -199,21 +250,26 @@ class StatusChannel:
                 wake()
 
     def _after(self, seq: int, reader: Reader | None) -> tuple[list[_Entry], int]:
-        if seq > self._ring.last_seq:
+        if seq > self._last_seq:
             # A seq we never handed out: the client counted with an earlier daemon (seqs
             # start again at 1 after a restart). Everything we hold is new to it.
             seq = 0
+        keys: list[Key]
         if reader is None or reader.admin:
-            return self._ring.after(seq)
-        keys: tuple[Key, Key] = (None, reader.username)
-        everyones, mine = (_tail_after(self._held.get(key, deque()), seq) for key in keys)
-        if everyones and mine:
-            entries = list(heapq.merge(everyones, mine, key=_seq))
+            keys = list(self._held)
+            dropped = list(self._dropped.values())
         else:
-            entries = everyones or mine
-        missed = sum(self._dropped[key].after(seq) for key in keys if key in self._dropped)
-        gap = max(0, self._ring.first_seq - seq - 1)
-        return entries, min(missed, gap)
+            keys = [None, reader.username]
+            dropped = [self._dropped[key] for key in keys if key in self._dropped]
+        tails = [tail for key in keys if (tail := _tail_after(self._held.get(key, deque()), seq))]
+        if len(tails) > 1:
+            entries = list(heapq.merge(*tails, key=_seq))
+        else:
+            entries = tails[0] if tails else []
+        missed = sum(gone.after(seq) for gone in dropped)
+        # Past what a key's record keeps, ``after`` is an upper bound: no more can be
+        # missing than the seqs after ``seq`` not handed over.
+        return entries, min(missed, self._last_seq - seq - len(entries))
 
     def recent(
         self, since: int = 0, reader: Reader | None = None
@@ -249,8 +305,16 @@ class StatusChannel:
 
     def statistics(self) -> ChannelStatistics:
         users = sum(len(watchers) for watchers in self._user_watchers.values())
+        first = min((held[0].message.seq for held in self._held.values()), default=None)
+        ring = RingStatistics(
+            capacity=self._capacity,
+            size=self._size,
+            first_seq=self._last_seq + 1 if first is None else first,
+            last_seq=self._last_seq,
+            dropped=self._dropped_total,
+        )
         return ChannelStatistics(
-            ring=self._ring.statistics(),
+            ring=ring,
             watchers=len(self._watchers) + users,
             published=self._published,
             refused=self._refused,

@@ -112,6 +112,9 @@ class LimitsConfig:
     max_tasks_per_user: int = 100
     max_items_per_task: int = 10_000
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    # The status history is shared: one user's flood at the publish rate still wiped the
+    # others' messages. Once it is full, a user's messages hold at most this percent of it.
+    status_user_share: int = 25
 
 
 @attrs.frozen
@@ -461,6 +464,7 @@ _KEYS = (
     _Key("limits.max_pending_handshakes", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_tasks_per_user", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_items_per_task", _integer(1, 1_000_000), _integer_text),
+    _Key("limits.status_user_share", _integer(1, 100), _integer_text),
     _Key(
         "limits.max_request_bytes",
         _integer(MIN_REQUEST_BYTES, MAX_REQUEST_BYTES),

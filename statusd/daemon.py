@@ -129,6 +129,7 @@ class Daemon:
         if self.websocket is not None:
             self.websocket.configure(effective)
         self.tasks.max_running = effective.max_running_tasks
+        self.channel.set_user_share(effective.limits.status_user_share)
         if self.downloads is not None:
             self.downloads.configure(effective.downloads)
         # The API reads its limits from its config at each request.
@@ -204,7 +205,9 @@ async def run(
 
 
 async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> None:
-    streams = Streams(StatusChannel(config.status_history))
+    streams = Streams(
+        StatusChannel(config.status_history, user_share_percent=config.limits.status_user_share)
+    )
     channel = streams.status
     if config.config_file is not None:
         channel.publish_status(Level.INFO, "Configuration loaded from file")

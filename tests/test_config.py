@@ -826,6 +826,7 @@ def test_limits_defaults(environ: dict[str, str]) -> None:
         max_tasks_per_user=100,
         max_items_per_task=10_000,
         max_request_bytes=1024 * 1024,
+        status_user_share=25,
     )
 
 
@@ -889,6 +890,14 @@ def test_limits_come_from_the_file_the_environment_and_flags(environ: dict[str, 
         ('publish_rate = "fast"', "limits.publish_rate: must be a number of messages"),
         ("publish_burst = 0", "limits.publish_burst: must be an integer from 1 to 1000000, not 0"),
         (
+            "status_user_share = 0",
+            "limits.status_user_share: must be an integer from 1 to 100, not 0",
+        ),
+        (
+            "status_user_share = 101",
+            "limits.status_user_share: must be an integer from 1 to 100, not 101",
+        ),
+        (
             "max_connections_per_user = 0",
             "limits.max_connections_per_user: must be an integer from 1 to 1000000, not 0",
         ),
@@ -944,6 +953,7 @@ def test_render_config_round_trips_the_limits(tmp_path: Path, environ: dict[str,
             max_tasks_per_user=4,
             max_items_per_task=5,
             max_request_bytes=6000,
+            status_user_share=40,
         ),
     )
     assert tomllib.loads(render_config(config))["limits"]["publish_rate"] == 0.5

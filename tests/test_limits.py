@@ -281,7 +281,11 @@ def test_a_publish_flood_from_another_user_keeps_the_history_of_others(
     config = short_tmp / "statusd.toml"
     group = grp.getgrgid(65534).gr_name
     # A slow refill keeps the test independent of the machine's speed.
-    config.write_text(f'socket_group = "{group}"\n[limits]\npublish_rate = 0.5\n')
+    # A history shorter than the flood's burst: the flood fills it, then may push out
+    # only its own (limits.status_user_share), never root's.
+    config.write_text(
+        f'socket_group = "{group}"\nstatus_history = 40\n[limits]\npublish_rate = 0.5\n'
+    )
     process = daemon_process()
     process.start("--config", str(config))
     for n in range(10):
@@ -310,6 +314,7 @@ def test_a_publish_flood_from_another_user_keeps_the_history_of_others(
     recent = blocking_call(process.socket, "status.recent")["result"]["messages"]
     texts = [m["message"] for m in recent]
     assert [t for t in texts if t.startswith("mine")] == [f"mine {n}" for n in range(10)]
+    assert len(recent) == 40  # the flood's own oldest went
 
 
 async def test_limits_change_on_reload(start_daemon: Any) -> None:

@@ -27,7 +27,7 @@ import trio
 from websockets.sync.client import connect as ws_connect
 
 from statusctl import cli, render
-from statusd.channel import StatusChannel
+from statusd.channel import StatusChannel, user_share
 from statusd.events import Streams
 from statusd.identity import Caller
 from statusd.logs import setup_logging
@@ -159,13 +159,13 @@ def test_each_reader_gets_its_own_and_everyones_in_seq_order() -> None:
 
 
 def test_dropped_counts_only_what_the_reader_could_have_read() -> None:
-    channel = StatusChannel(3, now=_now)
+    channel = StatusChannel(3, now=_now)  # a user's share of a full history: 1
     channel.publish_status("info", "d1")  # seq 1, everyone's
     channel.publish_status("info", "a1", user="alice")  # 2
-    channel.publish_status("info", "b1", user="bob")  # 3
-    channel.publish_status("info", "a2", user="alice")  # 4
-    channel.publish_status("info", "b2", user="bob")  # 5
-    channel.publish_status("info", "b3", user="bob")  # 6; the ring holds 4, 5, 6
+    channel.publish_status("info", "b1", user="bob")  # 3; full
+    channel.publish_status("info", "a2", user="alice")  # 4 pushes out alice's own a1
+    channel.publish_status("info", "b2", user="bob")  # 5 pushes out b1
+    channel.publish_status("info", "b3", user="bob")  # 6 pushes out b2; held: 1, 4, 6
     recent = {
         name: (_texts(messages), dropped)
         for name, (messages, dropped) in [
@@ -176,18 +176,63 @@ def test_dropped_counts_only_what_the_reader_could_have_read() -> None:
         ]
     }
     assert recent == {
-        "alice": (["a2"], 2),  # d1, a1
-        "bob": (["b2", "b3"], 2),  # d1, b1
-        "carol": ([], 1),  # d1
-        "root": (["a2", "b2", "b3"], 3),
+        "alice": (["d1", "a2"], 1),  # a1
+        "bob": (["d1", "b3"], 2),  # b1, b2
+        "carol": (["d1"], 0),
+        "root": (["d1", "a2", "b3"], 3),
     }
     # Since a seq: only what came after it, and only what this reader could have read.
     assert channel.recent(2, ALICE)[1] == 0  # b1 is bob's
-    assert channel.recent(1, BOB)[1] == 1  # b1
-    assert channel.recent(3, BOB)[1] == 0
+    assert channel.recent(1, BOB)[1] == 2  # b1, b2
+    assert channel.recent(3, BOB)[1] == 1  # b2
     assert _texts(channel.recent(5, BOB)[0]) == ["b3"]
     lines, missed = channel.lines_after(0, BOB)
     assert (len(lines), missed) == (2, 2)
+
+
+def test_one_users_flood_pushes_out_only_their_own_past_their_share() -> None:
+    """The issue's flood (item 10): one user publishing as fast as they may wipes neither
+    the daemon's messages nor other users'; past a quarter of the history they push out
+    their own oldest."""
+    channel = StatusChannel(100, now=_now)
+    assert user_share(100) == 25
+    channel.publish_status("info", "System ready")
+    for n in range(10):
+        channel.publish_status("info", f"root {n}", user="root")
+        channel.publish_status("info", f"alice {n}", user="alice")
+    for n in range(1000):
+        channel.publish_status("info", f"flood {n}", user="mallory")
+    everything, dropped = channel.recent(0, ROOT)
+    texts = _texts(everything)
+    assert texts[:21] == ["System ready"] + [
+        f"{who} {n}" for n in range(10) for who in ("root", "alice")
+    ]
+    # The flood filled the rest of the history, then recycled only its own messages.
+    assert texts[21:] == [f"flood {n}" for n in range(1000 - 79, 1000)]
+    assert dropped == 1000 - 79
+    assert channel.recent(0, ALICE) == (channel.recent(0, ALICE)[0], 0)
+    assert _texts(channel.recent(0, ALICE)[0]) == ["System ready"] + [
+        f"alice {n}" for n in range(10)
+    ]
+    assert channel.statistics().ring.size == 100
+    # The flood holds more than its share (it began while the history had room): the next
+    # message of someone else's takes the room from it, not from the oldest.
+    channel.publish_status("info", "root late", user="root")
+    texts = _texts(channel.recent(0, ROOT)[0])
+    assert texts[:21] == ["System ready"] + [
+        f"{who} {n}" for n in range(10) for who in ("root", "alice")
+    ]
+    assert texts[21] == f"flood {1000 - 78}"
+    assert texts[-1] == "root late"
+
+
+def test_a_lone_user_keeps_the_whole_history() -> None:
+    channel = StatusChannel(100, now=_now)
+    for n in range(250):
+        channel.publish_status("info", f"mine {n}", user="alice")
+    messages, dropped = channel.recent(0, ALICE)
+    assert _texts(messages) == [f"mine {n}" for n in range(150, 250)]
+    assert dropped == 150
 
 
 def test_far_behind_the_dropped_count_is_capped_by_the_gap() -> None:
@@ -238,7 +283,7 @@ def test_unwatch_forgets_a_users_watcher() -> None:
 
 def test_a_session_is_sent_only_what_its_user_may_read() -> None:
     """Both transports send what ``Session.take_pending`` gives them, seed endpoints too."""
-    channel = StatusChannel(3, now=_now)
+    channel = StatusChannel(3, user_share_percent=100, now=_now)  # plain drop-oldest
     streams = Streams(channel)
     bob = Session(Caller(1001, "bob", admin=False), streams)
     channel.publish_status("info", "d1")
@@ -700,7 +745,10 @@ async def _watch_while_a_downloads(
 
 def test_dropped_and_since_per_reader_on_a_small_ring(daemon_process: Any, short_tmp: Path) -> None:
     _require_root()
-    process = _start(daemon_process, short_tmp, "status_history = 6")
+    # Plain drop-oldest (a user may hold all of it): this is about the counts, not shares.
+    process = _start(
+        daemon_process, short_tmp, "status_history = 6", "[limits]", "status_user_share = 100"
+    )
     admin = LineClient(process.socket)
     try:
         start = admin.call("daemon.info")["status_seq"]  # the daemon's own, for everyone
