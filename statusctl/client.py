@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections import deque
@@ -175,6 +176,33 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 # -- socket discovery ------------------------------------------------------------------------
+
+# The fallback when there is no $XDG_RUNTIME_DIR lives in world-writable /tmp: another user
+# can make /tmp/statusd-UID first and answer in our daemon's name.
+SHARED_FALLBACK_PREFIX = "/tmp/statusd-"
+
+
+def distrusted(path: Path, uid: int | None = None) -> str | None:
+    """Why a socket in the shared /tmp fallback must not be used, or None.
+
+    Its directory must be a directory of the caller's (``uid``, default ours) that nobody
+    else may write to: the daemon refuses to start in any other, so a socket there is
+    someone else's."""
+    directory = path.parent
+    if not str(directory).startswith(SHARED_FALLBACK_PREFIX):
+        return None
+    try:
+        info = directory.lstat()
+    except OSError:
+        return None  # connecting fails and says why
+    uid = os.getuid() if uid is None else uid
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{directory} is not a directory; not trusting it"
+    if info.st_uid != uid:
+        return f"{directory} belongs to uid {info.st_uid}, not to you; not trusting it"
+    if info.st_mode & 0o022:
+        return f"{directory} is writable by others; not trusting it"
+    return None
 
 
 def socket_candidates(
@@ -583,6 +611,9 @@ async def open_client(
 async def _open_first(candidates: Sequence[Path]) -> tuple[Path, trio.SocketStream]:
     tried: list[tuple[Path, str]] = []
     for path in candidates:
+        if (reason := distrusted(path)) is not None:
+            tried.append((path, reason))
+            continue
         try:
             return path, await trio.open_unix_socket(os.fspath(path))
         except OSError as exc:
@@ -596,6 +627,9 @@ async def _open_first(candidates: Sequence[Path]) -> tuple[Path, trio.SocketStre
 def _connect_first(candidates: Sequence[Path], timeout: float | None) -> tuple[Path, socket.socket]:
     tried: list[tuple[Path, str]] = []
     for path in candidates:
+        if (reason := distrusted(path)) is not None:
+            tried.append((path, reason))
+            continue
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)

@@ -34,6 +34,8 @@ from statusctl.client import (
     Client,
     DaemonUnreachable,
     StatusMonitor,
+    _connect_first,
+    distrusted,
     open_client,
     socket_candidates,
 )
@@ -307,3 +309,59 @@ async def test_a_user_outside_the_socket_group_is_told_why(
         f"statusctl: cannot connect to statusd at any of {own} (no such file or directory),"
         f" {system} (permission denied)\n"
     )
+
+
+# -- the shared /tmp fallback ------------------------------------------------------------------
+
+
+def test_a_fallback_directory_must_be_the_callers_alone() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="statusd-", dir="/tmp"))
+    try:
+        path = directory / "statusd.sock"
+        directory.chmod(0o700)
+        assert distrusted(path) is None
+        me = os.getuid()
+        assert distrusted(path, uid=me + 1) == (
+            f"{directory} belongs to uid {me}, not to you; not trusting it"
+        )
+        directory.chmod(0o1777)
+        assert distrusted(path) == f"{directory} is writable by others; not trusting it"
+        # Only the shared fallback is judged: other places are the user's or the system's.
+        assert distrusted(Path("/run/user/7/statusd/statusd.sock"), uid=8) is None
+    finally:
+        shutil.rmtree(directory)
+
+
+@needs_root
+def test_a_socket_another_user_planted_in_the_fallback_is_not_used() -> None:
+    """nobody makes /tmp/statusd-65533 first and listens there; uid 65533, with no
+    $XDG_RUNTIME_DIR, must not talk to it (it would answer in the daemon's name)."""
+    victim = 65533
+    directory = Path(f"/tmp/statusd-{victim}")
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o755)
+    os.chown(directory, NOBODY_UID, NOBODY_GID)
+    planted = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        planted.bind(str(directory / "statusd.sock"))
+        (directory / "statusd.sock").chmod(0o777)  # anyone may connect, as its maker wants
+        planted.listen()
+        planted.setblocking(False)
+
+        def look() -> list[list[str]]:
+            try:
+                _connect_first(socket_candidates(None, {}, uid=victim), 2.0)
+            except DaemonUnreachable as unreachable:
+                return [[str(path), reason] for path, reason in unreachable.tried]
+            return []
+
+        tried = run_as(victim, NOBODY_GID, look)
+        assert tried[0] == [
+            str(directory / "statusd.sock"),
+            f"{directory} belongs to uid {NOBODY_UID}, not to you; not trusting it",
+        ]
+        with pytest.raises(BlockingIOError):
+            planted.accept()  # nobody connected
+    finally:
+        planted.close()
+        shutil.rmtree(directory, ignore_errors=True)
