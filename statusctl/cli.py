@@ -49,6 +49,7 @@ from statusctl.client import (
 )
 from statusd.errors import CONFLICT, NOT_FOUND
 from statusd.identity import username_for
+from statusd.tokens import split_token
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -512,11 +513,20 @@ def run_summary(context: Context, _args: argparse.Namespace) -> int:
 
 
 def cleanup_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-age-hours", metavar="N", type=float, default=24.0)
+    age = parser.add_mutually_exclusive_group()
+    age.add_argument(
+        "--max-age-hours",
+        metavar="N",
+        type=float,
+        default=24.0,
+        help="forget finished tasks that ended more than N hours ago (default 24)",
+    )
+    age.add_argument("--all", action="store_true", help="forget every finished task")
 
 
 def run_cleanup(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("tasks.cleanup", {"max_age_hours": args.max_age_hours})
+    hours = 0.0 if args.all else args.max_age_hours
+    result = context.call("tasks.cleanup", {"max_age_hours": hours})
     context.emit(result, [f"removed {result['removed']} tasks"])
     return EXIT_OK
 
@@ -624,7 +634,9 @@ def token_arguments(parser: argparse.ArgumentParser) -> None:
     )
     actions.add_parser("list", help="your tokens (an admin sees all); never their secrets")
     revoke = actions.add_parser("revoke", help="revoke a token; connections using it close")
-    revoke.add_argument("token_id", metavar="TOKEN_ID")
+    revoke.add_argument(
+        "token_id", metavar="TOKEN", help="the token's id, or the token itself (sdt_...)"
+    )
 
 
 def run_token(context: Context, args: argparse.Namespace) -> int:
@@ -658,8 +670,11 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
         ]
         context.emit(result, lines)
         return EXIT_OK
-    result = context.call("tokens.revoke", {"token_id": args.token_id})
-    context.emit(result, [f"revoked {args.token_id}"])
+    # The token itself names its id; only the id goes to the daemon, never the secret.
+    parts = split_token(args.token_id)
+    token_id = parts[0] if parts is not None else args.token_id
+    result = context.call("tokens.revoke", {"token_id": token_id})
+    context.emit(result, [f"revoked {render.one_line(token_id)}"])
     return EXIT_OK
 
 
@@ -739,7 +754,21 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = commands.add_parser(command.name, help=command.help, description=command.help)
         command.arguments(subparser)
         subparser.set_defaults(command=command)
+        _json_after_the_command(subparser)
     return parser
+
+
+def _json_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``statusctl summary --json`` as well as ``statusctl --json summary`` (and after a
+    nested action: ``token list --json``). SUPPRESS keeps a parser that did not see it
+    from resetting what an outer one did."""
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for nested in action.choices.values():
+                _json_after_the_command(nested)
 
 
 def main(

@@ -86,6 +86,11 @@ def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float |
         raise InvalidParams(attribute.name, f"must be > 0, not {value}")
 
 
+def _not_negative_hours(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise InvalidParams(attribute.name, f"must be >= 0, not {value}")
+
+
 # A timedelta holds at most 999,999,999 days; a million hours (114 years) is "all" already.
 MAX_AGE_HOURS = 1_000_000
 
@@ -137,7 +142,10 @@ class ListTasksParams:
 
 @attrs.frozen
 class CleanupParams:
-    max_age_hours: float = attrs.field(default=24.0, validator=[_positive, _at_most(MAX_AGE_HOURS)])
+    # 0: every finished task (``statusctl cleanup --all``).
+    max_age_hours: float = attrs.field(
+        default=24.0, validator=[_not_negative_hours, _at_most(MAX_AGE_HOURS)]
+    )
 
 
 @attrs.frozen

@@ -140,3 +140,39 @@ def test_pause_resume_retry_and_cancel_all(
     assert usage.returncode == 2
     summary = json.loads(run("--json", "summary").stdout)
     assert (summary["cancelled"], summary["completed"], summary["paused"]) == (3, 1, 0)
+
+
+def test_everyday_flags_cleanup_all_json_after_the_command_and_revoke_by_token(
+    daemon_process: Any, files_url: str
+) -> None:
+    """Issue 13 item 5 (part): `cleanup --all` forgets every finished task (the seconds
+    old included), `--json` works after the command and after a nested action, and
+    `token revoke` takes the token itself without sending its secret."""
+    process = daemon_process()
+    process.start()
+    for name in ("a", "b"):
+        assert (
+            statusctl(process.socket, "download", f"{files_url}/{name}.txt", "--wait").returncode
+            == 0
+        )
+    kept = json.loads(statusctl(process.socket, "cleanup", "--json").stdout)
+    assert kept == {"removed": 0}  # both ended seconds ago, under the default 24 hours
+    summary = json.loads(statusctl(process.socket, "summary", "--json").stdout)
+    assert summary["completed"] == 2
+    cleaned = statusctl(process.socket, "cleanup", "--all")
+    assert (cleaned.returncode, cleaned.stdout) == (0, "removed 2 tasks\n")
+    assert json.loads(statusctl(process.socket, "tasks", "--json").stdout)["tasks"] == []
+    both = statusctl(process.socket, "cleanup", "--all", "--max-age-hours", "1")
+    assert both.returncode == 2
+    assert "not allowed with argument" in both.stderr
+
+    token = statusctl(process.socket, "token", "create").stdout.strip()
+    assert token.startswith("sdt_")
+    listed = json.loads(statusctl(process.socket, "token", "list", "--json").stdout)
+    [record] = listed["tokens"]
+    revoked = statusctl(process.socket, "token", "revoke", token)
+    assert (revoked.returncode, revoked.stdout) == (0, f"revoked {record['token_id']}\n")
+    assert json.loads(statusctl(process.socket, "--json", "token", "list").stdout)["tokens"] == []
+    # A revoke of an id that is gone is the daemon's error, as before.
+    again = statusctl(process.socket, "token", "revoke", record["token_id"])
+    assert again.returncode == 4
