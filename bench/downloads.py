@@ -62,6 +62,7 @@ from typing import Any
 
 import attrs
 from _common import first_line
+from _servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONTENDERS = ("statusd", "statusd+sha256", "curl", "aria2c", "httpx")
@@ -195,17 +196,26 @@ http {{
 @contextlib.contextmanager
 def serve(files: Files, nginx: str | None, work: Path) -> Iterator[tuple[str, str]]:
     """Yield (base URL, description) of a running server for ``files``."""
-    port = _free_port()
+    with serve_directory(files.root, nginx, work) as served:
+        yield served
+
+
+@contextlib.contextmanager
+def serve_directory(
+    root: Path, nginx: str | None, work: Path, *, workers: int | None = None
+) -> Iterator[tuple[str, str]]:
+    """Yield (base URL, description) of a running server for the files under ``root``:
+    nginx with ``workers`` processes (default one a CPU), else a small asyncio server."""
+    port = free_port()
     if nginx:
+        workers = workers or os.cpu_count() or 1
         conf = work / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(workers=os.cpu_count() or 1, work=work, port=port, root=files.root)
-        )
+        conf.write_text(NGINX_CONF.format(workers=workers, work=work, port=port, root=root))
         command = [nginx, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
         version = first_line([nginx, "-v"]).removeprefix("nginx version: ")
-        description = f"{version}, {os.cpu_count() or 1} workers, sendfile, keep-alive"
+        description = f"{version}, {workers} workers, sendfile, keep-alive"
     else:
-        command = [sys.executable, __file__, "--serve", str(files.root), "--port", str(port)]
+        command = [sys.executable, __file__, "--serve", str(root), "--port", str(port)]
         description = "asyncio sendfile server in bench/downloads.py (nginx not available)"
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -218,13 +228,6 @@ def serve(files: Files, nginx: str | None, work: Path) -> Iterator[tuple[str, st
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:

@@ -259,14 +259,20 @@ def _statusd_download(bench: Bench, server: ServerProcess, urls: list[str]) -> t
     return seconds, dest
 
 
-def _aria2_rpc_download(bench: Bench, urls: list[str], options: list[str]) -> tuple[float, Path]:
+def _aria2_inputs(bench: Bench, name: str, urls: list[str]) -> tuple[str, Path, Path, Path]:
+    """aria2c's path, a scratch directory, its empty ``out`` and the URL list in it."""
     aria2c = bench.tools["aria2c"]
     assert aria2c is not None
-    directory = bench.scratch(bench.shm, "aria2-rpc")
+    directory = bench.scratch(bench.shm, name)
     dest = directory / "out"
     dest.mkdir()
     listing = directory / "urls.txt"
     listing.write_text("\n".join(urls) + "\n")
+    return aria2c, directory, dest, listing
+
+
+def _aria2_rpc_download(bench: Bench, urls: list[str], options: list[str]) -> tuple[float, Path]:
+    aria2c, directory, dest, listing = _aria2_inputs(bench, "aria2-rpc", urls)
     daemon = start_aria2_rpc(aria2c, directory, dest, options)
     try:
         argv = _clients.command("aria2", "--url", daemon.url, "--urls", str(listing))
@@ -277,13 +283,7 @@ def _aria2_rpc_download(bench: Bench, urls: list[str], options: list[str]) -> tu
 
 
 def _aria2_cli_download(bench: Bench, urls: list[str], options: list[str]) -> tuple[float, Path]:
-    aria2c = bench.tools["aria2c"]
-    assert aria2c is not None
-    directory = bench.scratch(bench.shm, "aria2c")
-    dest = directory / "out"
-    dest.mkdir()
-    listing = directory / "urls.txt"
-    listing.write_text("\n".join(urls) + "\n")
+    aria2c, _, dest, listing = _aria2_inputs(bench, "aria2c", urls)
     run = downloads.timed_process([aria2c, "-q", "-d", str(dest), *options, "-i", str(listing)])
     return run.seconds, dest
 

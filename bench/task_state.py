@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import downloads
 from _common import cpu_model, first_line
 
 HERE = Path(__file__).resolve().parent
@@ -62,51 +63,14 @@ def say(text: str) -> None:
 # -- the servers ---------------------------------------------------------------------------
 
 
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    types {{ application/octet-stream bin; }}
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def nginx(root: Path, work: Path) -> Iterator[str]:
-    """nginx serving ``root``; yields its base URL."""
+    """nginx (one worker) serving ``root``; yields its base URL."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
         raise SystemExit("nginx is needed (apt-get install nginx-light)")
-    port = free_port()
-    conf = work / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(work=work, port=port, root=root))
-    command = [binary, "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: _tcp_connects(port), "nginx to listen")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGQUIT)
-        process.wait(10)
+    with downloads.serve_directory(root, binary, work, workers=1) as (base, _):
+        yield base
 
 
 @contextlib.contextmanager
@@ -116,11 +80,6 @@ def silent_server() -> Iterator[str]:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4096)
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-
-
-def _tcp_connects(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def wait_for(check: Any, what: str, timeout: float = READY_TIMEOUT) -> None:
