@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
@@ -74,6 +75,15 @@ class HTTPError(Exception):
 
 class ConnectError(HTTPError):
     """The connection could not be opened, or broke while the request was sent."""
+
+
+class ResolveError(ConnectError):
+    """The host name did not resolve. ``temporary``: the resolver could not answer now
+    (EAI_AGAIN), as opposed to saying there is no such name."""
+
+    def __init__(self, message: str, *, temporary: bool) -> None:
+        super().__init__(message)
+        self.temporary = temporary
 
 
 class TLSError(ConnectError):
@@ -267,13 +277,17 @@ class _Connection:
                         f"response head from {self.origin} exceeds {self._max_head} bytes"
                     )
                 data = await self._receive(self._max_head + 1 - received)
+                if not data:
+                    # h11 would say "can't handle event type ConnectionClosed ...": its
+                    # internals, not what happened.
+                    raise ProtocolError(_closed_early(self.origin, received))
                 received += len(data)
                 self._h11.receive_data(data)  # type: ignore[arg-type]  # bytes-like will do
                 continue
             if isinstance(event, h11.Response):
                 return event
             if isinstance(event, h11.ConnectionClosed):
-                raise ProtocolError(f"{self.origin} closed the connection before answering")
+                raise ProtocolError(_closed_early(self.origin, received))
             # 1xx (100 Continue, 103 Early Hints) are informational: skip them.
             if not isinstance(event, h11.InformationalResponse):
                 raise ProtocolError(f"unexpected {type(event).__name__} from {self.origin}")
@@ -815,6 +829,10 @@ class HTTPClient:
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
+        except socket.gaierror as exc:
+            raise ResolveError(
+                _unresolved(origin.host, exc), temporary=exc.errno == socket.EAI_AGAIN
+            ) from exc
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"tls certificate of {origin} not accepted: {exc.verify_message}"
@@ -858,8 +876,55 @@ def _ascii_host(host: str) -> str:
         raise ValueError(f"url host is not a valid host name: '{host}'") from None
 
 
+def _closed_early(origin: Origin, received: int) -> str:
+    if received:
+        return f"{origin} closed the connection in the middle of the response head"
+    return f"{origin}: the server closed the connection without answering"
+
+
+# Name-not-found answers: the name is wrong, and asking again will not change that.
+_NO_SUCH_NAME = {
+    getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name)
+}
+
+
+def _unresolved(host: str, exc: socket.gaierror) -> str:
+    """What a failed lookup of ``host`` says: a gaierror's errno is no errno (-2 reads
+    "unknown error -2" through os.strerror), its strerror is getaddrinfo's own text."""
+    if exc.errno in _NO_SUCH_NAME or not exc.strerror:
+        return f"could not resolve host {host}"
+    return f"could not resolve host {host}: {_lower_first(str(exc.strerror))}"
+
+
+# OpenSSL reasons a plain-HTTP answer to our ClientHello produces: its "HTTP/1.1 400"
+# read as a TLS record header.
+_PLAIN_HTTP_REASONS = {"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    """An SSL error in words: its errno is an SSL_ERROR_* number, which os.strerror would
+    turn into "operation not permitted"."""
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "the server closed the connection during the tls handshake"
+    reason = exc.reason
+    if reason in _PLAIN_HTTP_REASONS:
+        return f"{reason.lower().replace('_', ' ')}: is this an https port?"
+    if reason:
+        return reason.lower().replace("_", " ")
+    text = str(exc.strerror or exc)
+    return _lower_first(text.rsplit(" (_ssl.c:", 1)[0])
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
 def _reason(exc: BaseException) -> str:
     """A short, lowercase-first description of a network error."""
+    if isinstance(exc, ssl.SSLError):
+        return _ssl_reason(exc)
+    if isinstance(exc, socket.gaierror):
+        return _lower_first(str(exc.strerror or exc))
     if isinstance(exc, OSError) and (exc.errno or exc.strerror):
         text = os.strerror(exc.errno) if exc.errno else str(exc.strerror)
         return text[:1].lower() + text[1:]
@@ -881,6 +946,7 @@ __all__: Sequence[str] = (
     "Origin",
     "ProtocolError",
     "ReadTimeout",
+    "ResolveError",
     "Response",
     "TLSError",
     "split_url",
