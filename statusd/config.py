@@ -72,6 +72,7 @@ class DownloadsConfig:
     batch_size: int = 100  # every batch ends in a barrier, a status message and a push
     parallel_items: int = 16  # items of one task fetched at once
     max_attempts: int = 5  # per item, counting the first
+    max_redirects: int = 20  # per attempt; wget's and aria2c's (curl's is 50)
     # 0: no cap. A sane default an admin can lift: one file may not fill a shared disk.
     max_file_bytes: int = 64 * GiB
     connect_timeout: float = 10.0
@@ -448,6 +449,7 @@ _KEYS = (
     _Key("downloads.batch_size", _integer(1, 1000), _integer_text),
     _Key("downloads.parallel_items", _integer(1, 64), _integer_text),
     _Key("downloads.max_attempts", _integer(1, 100), _integer_text),
+    _Key("downloads.max_redirects", _integer(0, 100), _integer_text),
     _Key("downloads.max_file_bytes", _integer(0), _integer_text),
     _Key("downloads.connect_timeout", _seconds, _number_text),
     _Key("downloads.read_timeout", _seconds, _number_text),

@@ -385,7 +385,7 @@ async def test_redirects_are_followed(
 async def test_redirect_loop(http_server: HTTPTestServer, client: HTTPClient, dest: Path) -> None:
     url = http_server.route("/loop", redirect("/loop"))
     result = await fetch(client, url, dest, attrs.evolve(FAST, max_redirects=10))
-    assert result.error == "too many redirects (10)"
+    assert result.error == "too many redirects: more than 10 (downloads.max_redirects)"
     assert len(http_server.requests_for("/loop")) == 11
     assert http_server.connections == 1  # small redirect bodies are read: the connection stays
 

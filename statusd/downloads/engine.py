@@ -99,6 +99,7 @@ FALLBACK_NAME = "download"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so the connection stays
 _T = TypeVar("_T")
+DEFAULT_MAX_REDIRECTS = 20
 
 
 def _check_sha256(_instance: Any, _attribute: Any, value: str | None) -> None:
@@ -141,7 +142,8 @@ def _optional_cap(_instance: Any, attribute: Any, value: int | None) -> None:
 class DownloadSettings:
     """How hard to try and how much to accept; one value shared by all items of a task."""
 
-    max_redirects: int = attrs.field(default=10, validator=_at_least(0))
+    # wget's and aria2c's (curl's is 50); the daemon's is downloads.max_redirects.
+    max_redirects: int = attrs.field(default=DEFAULT_MAX_REDIRECTS, validator=_at_least(0))
     max_attempts: int = attrs.field(default=5, validator=_at_least(1))
     backoff_initial: float = attrs.field(default=0.5, validator=_at_least(0))
     backoff_max: float = attrs.field(default=30.0, validator=_at_least(0))
@@ -452,7 +454,7 @@ class _Download:
                     location = response.headers.get("location")
                     if rules.is_redirect(response.status, location):
                         assert location is not None
-                        url = _redirect_target(url, location)
+                        url = _redirect_target(url, rules.location_text(location))
                         await _drain(response)
                         continue
                     if 200 <= response.status < 300:
@@ -470,7 +472,9 @@ class _Download:
                 raise _Retry(str(exc)) from exc
             except HTTPError as exc:
                 raise _Retry(str(exc)) from exc
-        raise _Fail(f"too many redirects ({self.settings.max_redirects})")
+        raise _Fail(
+            f"too many redirects: more than {self.settings.max_redirects} (downloads.max_redirects)"
+        )
 
     async def _finished_earlier(self, final: str) -> ItemResult:
         """A crash came between linking the part to ``final`` and journalling it: finish."""

@@ -203,6 +203,7 @@ def home_name(caller: Caller) -> str:
 def _settings(downloads: DownloadsConfig) -> DownloadSettings:
     return DownloadSettings(
         max_attempts=downloads.max_attempts,
+        max_redirects=downloads.max_redirects,
         connect_timeout=downloads.connect_timeout,
         read_timeout=downloads.read_timeout,
         max_file_bytes=downloads.max_file_bytes or None,

@@ -143,13 +143,44 @@ def is_redirect(status: int, location: str | None) -> bool:
     return status in REDIRECT_STATUSES and bool(location)
 
 
+# What a Location's path, query and fragment may hold as they are: RFC 3986's unreserved
+# and reserved characters, and "%" (escapes already made stay as they are).
+_LOCATION_SAFE = "!#$%&'()*+,/:;=?@[]~-._"
+
+
 def redirect_target(url: str, location: str) -> str:
-    """The absolute URL a redirect from ``url`` points at; ValueError if unusable."""
-    target = urllib.parse.urljoin(url, location.strip())
+    """The absolute URL a redirect from ``url`` points at; ValueError if unusable.
+
+    A raw space or raw UTF-8 in the path, query or fragment is percent-encoded first, as
+    curl, wget, aria2c and browsers do: servers send them (a file name put in a Location
+    as it is) and mean the encoded URL. The host is left to IDNA (``validate_url``).
+    """
+    target = urllib.parse.urljoin(url, _encode_location(location.strip()))
     try:
         return names.validate_url(target)
     except ValueError as exc:
         raise ValueError(f"redirect to an unusable url: {exc}") from None
+
+
+def location_text(value: str) -> str:
+    """A Location header's text: header values arrive as latin-1 (a character per byte),
+    but a raw non-ASCII Location is UTF-8 as servers write it. Bytes that are not UTF-8
+    become surrogates, which ``redirect_target`` percent-encodes back to those bytes."""
+    if value.isascii():
+        return value
+    return value.encode("latin-1", "surrogateescape").decode("utf-8", "surrogateescape")
+
+
+def _encode_location(location: str) -> str:
+    parts = urllib.parse.urlsplit(location)
+
+    def encode(text: str) -> str:
+        return urllib.parse.quote(text, safe=_LOCATION_SAFE, errors="surrogateescape")
+
+    encoded = parts._replace(
+        path=encode(parts.path), query=encode(parts.query), fragment=encode(parts.fragment)
+    )
+    return location if encoded == parts else urllib.parse.urlunsplit(encoded)
 
 
 def backoff(failures: int, initial: float, maximum: float) -> float:
