@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 
 from statusd.errors import ConfigError
+from statusd.proxy import ProxyEnvironment, hide_password, parse_proxy, proxy_rules
 from statusd.state.ring import MAX_CAPACITY
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -84,6 +85,11 @@ class DownloadsConfig:
     # Free bytes downloads leave on the state directory's file system (when they share
     # it), so the journals can always be written; 0: none.
     min_free_bytes: int = GiB
+    # The proxy for every download, "http://[user:password@]host[:port]"; "" for none.
+    # None: the daemon's http_proxy/https_proxy (statusd.proxy).
+    proxy: str | None = None
+    # Hosts reached without the proxy, as in no_proxy; None: the daemon's no_proxy.
+    no_proxy: str | None = None
 
 
 @attrs.frozen
@@ -137,6 +143,8 @@ class Config:
     max_running_tasks: int = DEFAULT_MAX_RUNNING_TASKS
     downloads: DownloadsConfig = DownloadsConfig()
     limits: LimitsConfig = LimitsConfig()
+    # Read with the rest at start and on SIGHUP; [downloads] proxy and no_proxy win.
+    proxy_environment: ProxyEnvironment = attrs.field(factory=ProxyEnvironment)
 
 
 # --- defaults ---------------------------------------------------------------------------------
@@ -328,6 +336,25 @@ def _rate(value: object, context: _Context) -> float:
     return float(value)
 
 
+def _proxy_url(value: object, context: _Context) -> str:
+    if not isinstance(value, str):
+        raise _BadValue(f'must be a proxy url string ("" for none), not {_show(value)}')
+    if value:
+        try:
+            parse_proxy(value)
+        except ValueError as exc:  # says what is wrong without the url: it may hold a password
+            raise _BadValue(str(exc)) from None
+    return value.strip()
+
+
+def _no_proxy(value: object, context: _Context) -> str:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return ",".join(item.strip() for item in value if item.strip())
+    if not isinstance(value, str):
+        raise _BadValue(f"must be a string of comma-separated hosts, not {_show(value)}")
+    return value
+
+
 def _number_text(text: str) -> object:
     try:
         return float(text)
@@ -456,6 +483,8 @@ _KEYS = (
     _Key("downloads.lowest_speed", _integer(0), _integer_text),
     _Key("downloads.stall_timeout", _seconds, _number_text),
     _Key("downloads.min_free_bytes", _integer(0), _integer_text),
+    _Key("downloads.proxy", _proxy_url),
+    _Key("downloads.no_proxy", _no_proxy),
     _Key("limits.max_subscriptions_per_connection", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_batch_entries", _integer(1, 100_000), _integer_text),
     _Key("limits.max_reply_bytes", _integer(1024, MAX_REPLY_BYTES), _integer_text),
@@ -645,6 +674,14 @@ def _assemble(
     if "socket_group" in values:
         _check_socket_group(values["socket_group"], sources["socket_group"])
     state_dir = values["state_dir"] if "state_dir" in values else default_state_dir(environ, uid)
+    proxy_environment = ProxyEnvironment.read(environ)
+    try:
+        proxy_rules(
+            values.get("downloads.proxy"), values.get("downloads.no_proxy"), proxy_environment
+        )
+    except ValueError as exc:  # "https_proxy: proxy url scheme must be http, not 'socks5'"
+        variable, _, problem = str(exc).partition(": ")
+        raise ConfigError(variable, problem, "environment") from None
     download_dir = values.get("download_dir", state_dir / "downloads")
     return Config(
         socket=socket,
@@ -677,6 +714,7 @@ def _assemble(
                 if key.startswith("limits.")
             }
         ),
+        proxy_environment=proxy_environment,
     )
 
 
@@ -747,7 +785,14 @@ def render_config(config: Config) -> str:
         *(
             f"{field.name} = {getattr(config.downloads, field.name)!r}"
             for field in attrs.fields(DownloadsConfig)
+            if field.name not in ("proxy", "no_proxy")
         ),
+        _optional(
+            "proxy",
+            None if config.downloads.proxy is None else hide_password(config.downloads.proxy),
+            "http_proxy and https_proxy of the daemon's environment",
+        ),
+        _optional("no_proxy", config.downloads.no_proxy, "no_proxy of the daemon's environment"),
         "",
         "[limits]",
         *(

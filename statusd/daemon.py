@@ -31,6 +31,7 @@ from statusd.errors import ConfigError, StartupError
 from statusd.events import Streams
 from statusd.lockfile import lock_state_dir
 from statusd.notifications import open_notifications
+from statusd.proxy import hide_password
 from statusd.state.status import Level
 from statusd.systemd import (
     Notifier,
@@ -121,7 +122,7 @@ class Daemon:
             return False
         effective, restart = _reloaded(self.config, new)
         for name, (before, after) in _changes(self.config, effective).items():
-            log.info("%s changed: %s -> %s", name, before, after)
+            log.info("%s changed: %s -> %s", name, _shown(name, before), _shown(name, after))
         for name in restart:
             log.warning("%s changed: needs a restart", name)
         logging.getLogger().setLevel(effective.log_level.upper())
@@ -131,7 +132,7 @@ class Daemon:
         self.tasks.max_running = effective.max_running_tasks
         self.channel.set_user_share(effective.limits.status_user_share)
         if self.downloads is not None:
-            self.downloads.configure(effective.downloads)
+            self.downloads.configure(effective.downloads, effective.proxy_environment)
         # The API reads its limits from its config at each request.
         self.api.config = effective
         # The WebSocket server reads allowed_origins from here at each handshake.
@@ -170,6 +171,7 @@ def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
         admin_group=new.admin_group,
         websocket=attrs.evolve(old.websocket, allowed_origins=new.websocket.allowed_origins),
         config_file=new.config_file,
+        proxy_environment=new.proxy_environment,
     )
     return effective, list(_changes(effective, new))
 
@@ -178,6 +180,11 @@ def _changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """``{"websocket.listen": (before, after), ...}`` for every setting that differs."""
     before, after = _flatten(attrs.asdict(old)), _flatten(attrs.asdict(new))
     return {name: (before[name], after[name]) for name in before if before[name] != after[name]}
+
+
+def _shown(name: str, value: Any) -> Any:
+    # A proxy url (downloads.proxy, the proxy variables) may hold a password.
+    return hide_password(value) if "proxy" in name and isinstance(value, str) else value
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -36,11 +36,11 @@ guarantees:
   to ``max_attempts`` attempts in all, waiting ``backoff_initial * 2**(k-1)`` seconds after
   the k-th failure (at most ``backoff_max``), or what ``Retry-After`` asks (at most
   ``max_retry_after``). Other 4xx, TLS errors, a host name that does not resolve (a
-  resolver that cannot answer now is retried), a size over the cap, a sha256
-  mismatch, a full disk, a write that would eat into the ``reserve``, a transfer
-  slower than ``lowest_speed`` for ``stall_timeout`` (``rules.StallWatch``: retrying a
-  server that trickles would hold the slot as long again) and too many redirects fail
-  the item at once.
+  resolver that cannot answer now is retried), a proxy refusing CONNECT with a 4xx, a
+  size over the cap, a sha256 mismatch, a full disk, a write that would eat into the
+  ``reserve``, a transfer slower than ``lowest_speed`` for ``stall_timeout``
+  (``rules.StallWatch``: retrying a server that trickles would hold the slot as long
+  again) and too many redirects fail the item at once.
 - **failures** are returned as ``ItemResult(error=...)`` and the item's part is removed;
   only ``trio.Cancelled`` (and bugs) propagate. On cancellation the part stays, for a
   resume after a daemon restart; a user's cancel removes it with ``remove_partial``.
@@ -92,7 +92,14 @@ from statusd.downloads.files import (
     Reserve,
     in_thread,
 )
-from statusd.downloads.http import HTTPClient, HTTPError, ResolveError, Response, TLSError
+from statusd.downloads.http import (
+    HTTPClient,
+    HTTPError,
+    ProxyRefused,
+    ResolveError,
+    Response,
+    TLSError,
+)
 
 NAME_BYTES = names.MAX_NAME_BYTES
 FALLBACK_NAME = "download"
@@ -464,6 +471,10 @@ class _Download:
                     raise _status_error(response, self.settings.max_retry_after)
             except TLSError as exc:
                 raise _Fail(str(exc)) from exc
+            except ProxyRefused as exc:
+                if exc.final:
+                    raise _Fail(str(exc)) from exc
+                raise _Retry(str(exc)) from exc
             except ResolveError as exc:
                 # A name that does not exist is the URL's fault, not the server's: asking
                 # again only delays the answer.

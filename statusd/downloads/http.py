@@ -22,6 +22,7 @@ of files, retries or redirects (a 3xx answer is returned like any other).
 from __future__ import annotations
 
 import contextlib
+import http
 import os
 import select
 import socket
@@ -36,6 +37,7 @@ import idna
 import trio
 
 from statusd import __version__
+from statusd.proxy import Proxy, ProxyRules
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 30.0
@@ -66,6 +68,9 @@ SMALL_SEND = 16 * 1024  # at most a fresh socket's send buffer
 DIRECT_MIN_BYTES = 4 << 20
 
 _R = TypeVar("_R")
+# Connections are pooled per origin and proxy: one to a proxy for one origin is never
+# used for another (the proxy may route, and log in, per origin).
+_Route = tuple["Origin", Proxy | None]
 USER_AGENT = f"statusd/{__version__}"
 
 
@@ -96,6 +101,20 @@ class ConnectTimeout(ConnectError):
 
 class ReadTimeout(HTTPError):
     """The server sent nothing for longer than the read timeout."""
+
+
+class ProxyRefused(ConnectError):
+    """The proxy answered CONNECT with something other than 2xx (``status``)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def final(self) -> bool:
+        """A 4xx (407: credentials, 403: a forbidden host) will not change on a retry; a
+        5xx (the proxy could not reach the origin) may."""
+        return 400 <= self.status < 500
 
 
 class ProtocolError(HTTPError):
@@ -222,12 +241,15 @@ class _Connection:
         origin: Origin,
         stream: trio.abc.Stream,
         *,
+        proxy: Proxy | None = None,
         tcp: trio.SocketStream,
         read_timeout: float,
         receive_buffer: memoryview,
         max_header_bytes: int,
     ) -> None:
         self.origin = origin
+        self.proxy = proxy  # the connection goes through it (http) or tunnels through it (https)
+        self.route = (origin, proxy)  # what the pool keys it by
         self.stream = stream
         self._tcp = tcp  # under TLS, the transport of ``stream``
         self.reused = False
@@ -459,7 +481,7 @@ class _IdlePool:
         self.idle_timeout = idle_timeout
         self.max_per_origin = max_per_origin
         self.max_total = max_total
-        self._by_origin: dict[Origin, list[_Connection]] = {}  # oldest first
+        self._by_origin: dict[_Route, list[_Connection]] = {}  # oldest first
         self._lru: dict[_Connection, None] = {}  # insertion order: least recently used first
         self.expired = 0
         self.over_limit = 0
@@ -472,9 +494,9 @@ class _IdlePool:
     def origins(self) -> int:
         return len(self._by_origin)
 
-    def checkout(self, origin: Origin, now: float) -> _Connection | None:
-        """The newest idle connection to ``origin`` still fit for a request, or None."""
-        idle = self._by_origin.get(origin)
+    def checkout(self, route: _Route, now: float) -> _Connection | None:
+        """The newest idle connection on ``route`` still fit for a request, or None."""
+        idle = self._by_origin.get(route)
         while idle:
             connection = idle[-1]
             self._remove(connection)
@@ -496,9 +518,9 @@ class _IdlePool:
     def checkin(self, connection: _Connection, now: float) -> None:
         """Keep ``connection`` for reuse, closing the least recently used beyond the caps."""
         connection.idle_since = now
-        self._by_origin.setdefault(connection.origin, []).append(connection)
+        self._by_origin.setdefault(connection.route, []).append(connection)
         self._lru[connection] = None
-        idle = self._by_origin[connection.origin]
+        idle = self._by_origin[connection.route]
         if len(idle) > self.max_per_origin:
             self._drop_over_limit(idle[0])
         if len(self._lru) > self.max_total:
@@ -541,13 +563,13 @@ class _IdlePool:
 
     def _remove(self, connection: _Connection) -> None:
         del self._lru[connection]
-        idle = self._by_origin[connection.origin]
+        idle = self._by_origin[connection.route]
         if idle[-1] is connection:  # a checkout: the common case, and no scan
             idle.pop()
         else:
             idle.remove(connection)  # at most max_idle_per_origin long
         if not idle:
-            del self._by_origin[connection.origin]
+            del self._by_origin[connection.route]
 
 
 def _peer_closed(connections: Sequence[_Connection]) -> list[_Connection]:
@@ -599,6 +621,7 @@ class HTTPClient:
         max_idle_total: int = DEFAULT_MAX_IDLE_TOTAL,
         ssl_context: ssl.SSLContext | None = None,
         user_agent: str = USER_AGENT,
+        proxies: ProxyRules | None = None,
     ) -> None:
         for name, value in (
             ("connect_timeout", connect_timeout),
@@ -624,6 +647,9 @@ class HTTPClient:
         self.receive_size = receive_size
         self.max_header_bytes = max_header_bytes
         self.user_agent = user_agent
+        # Which proxy each request goes through; may be replaced at any time (SIGHUP):
+        # the pool keys connections by their proxy, so none is reused across a change.
+        self.proxies = proxies or ProxyRules()
         self._ssl_context = ssl_context
         self._pool = _IdlePool(
             idle_timeout=idle_timeout,
@@ -699,8 +725,14 @@ class HTTPClient:
             raise RuntimeError("the http client is closed")
         origin, target = split_url(url)
         request_headers = self._request_headers(origin, headers)
+        proxy = self.proxies.for_url(origin.scheme, origin.host, origin.port)
+        if proxy is not None and origin.scheme == "http":
+            # A plain-http request goes to the proxy whole: absolute-form target, and the
+            # proxy's credentials beside the origin's headers.
+            target = f"http://{_authority(origin)}{target}"
+            request_headers += proxy.headers()
         connection, head = await self._send(
-            origin,
+            (origin, proxy),
             method,
             target,
             request_headers,
@@ -727,13 +759,9 @@ class HTTPClient:
     def _request_headers(
         self, origin: Origin, extra: Iterable[tuple[str, str]]
     ) -> list[tuple[str, str]]:
-        default_port = 443 if origin.scheme == "https" else 80
-        host = f"[{origin.host}]" if ":" in origin.host else origin.host
-        if origin.port != default_port:
-            host = f"{host}:{origin.port}"
         # identity: the bytes on the wire are the file; nothing here decodes gzip.
         headers = [
-            ("Host", host),
+            ("Host", _authority(origin)),
             ("User-Agent", self.user_agent),
             ("Accept", "*/*"),
             ("Accept-Encoding", "identity"),
@@ -747,23 +775,25 @@ class HTTPClient:
 
     async def _send(
         self,
-        origin: Origin,
+        route: _Route,
         method: str,
         target: str,
         headers: list[tuple[str, str]],
         connect_timeout: float,
         read_timeout: float,
     ) -> tuple[_Connection, h11.Response]:
+        origin, proxy = route
         while True:
-            connection = self._pool.checkout(origin, trio.current_time())
+            connection = self._pool.checkout(route, trio.current_time())
             fresh = connection is None
             if connection is None:
                 try:
                     with trio.fail_after(connect_timeout):
-                        connection = await self._connect(origin)
+                        connection = await self._connect(origin, proxy)
                 except trio.TooSlowError:
+                    via = "" if proxy is None else f" through {proxy}"
                     raise ConnectTimeout(
-                        f"timed out after {connect_timeout:g} s connecting to {origin}"
+                        f"timed out after {connect_timeout:g} s connecting to {origin}{via}"
                     ) from None
                 self._opened += 1
             else:
@@ -814,12 +844,23 @@ class HTTPClient:
                 # The run is ending (or the pool is empty): nobody can use these sockets.
                 self._pool.close_all()
 
-    async def _connect(self, origin: Origin) -> _Connection:
-        """A new connection to ``origin``; the caller bounds the time it may take."""
+    async def _connect(self, origin: Origin, proxy: Proxy | None = None) -> _Connection:
+        """A new connection to ``origin``, through ``proxy`` if given (https: a CONNECT
+        tunnel, and TLS with the origin inside it); the caller bounds the time it takes."""
         stream: trio.abc.Stream
+        peer = origin if proxy is None else proxy
         try:
-            tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            if proxy is None:
+                tcp = await trio.open_tcp_stream(origin.host, origin.port)
+            else:
+                tcp = await trio.open_tcp_stream(proxy.host, proxy.port)
             stream = tcp
+            if proxy is not None and origin.scheme == "https":
+                try:
+                    await self._tunnel(tcp, origin, proxy)
+                except BaseException:
+                    await trio.aclose_forcefully(tcp)
+                    raise
             if origin.scheme == "https":
                 stream = trio.SSLStream(
                     tcp, self._ssl(), server_hostname=origin.host, https_compatible=True
@@ -830,9 +871,11 @@ class HTTPClient:
                     await trio.aclose_forcefully(stream)
                     raise
         except socket.gaierror as exc:
-            raise ResolveError(
-                _unresolved(origin.host, exc), temporary=exc.errno == socket.EAI_AGAIN
-            ) from exc
+            if proxy is None:
+                message = _unresolved(origin.host, exc)
+            else:  # the origin's name is the proxy's to resolve
+                message = _unresolved(proxy.host, exc).replace("host", "proxy host", 1)
+            raise ResolveError(message, temporary=exc.errno == socket.EAI_AGAIN) from exc
         except ssl.SSLCertVerificationError as exc:
             raise TLSError(
                 f"tls certificate of {origin} not accepted: {exc.verify_message}"
@@ -845,15 +888,53 @@ class HTTPClient:
                 ) from exc
             raise TLSError(f"tls handshake with {origin} failed: {_reason(cause)}") from exc
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {origin}: {_reason(exc)}") from exc
+            raise ConnectError(f"cannot connect to {peer}: {_reason(exc)}") from exc
         return _Connection(
             origin,
             stream,
+            proxy=proxy,
             tcp=tcp,
             read_timeout=self.read_timeout,
             receive_buffer=memoryview(bytearray(min(self.receive_size, CONNECTION_BUFFER))),
             max_header_bytes=self.max_header_bytes,
         )
+
+    async def _tunnel(self, tcp: trio.SocketStream, origin: Origin, proxy: Proxy) -> None:
+        """Ask ``proxy`` on ``tcp`` for a tunnel to ``origin`` (CONNECT); on a 2xx the
+        stream carries the origin's bytes from here on."""
+        authority = _authority(origin, always_port=True)
+        h11_connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_header_bytes)
+        request = h11.Request(
+            method="CONNECT",
+            target=authority,
+            headers=[("Host", authority), ("User-Agent", self.user_agent), *proxy.headers()],
+        )
+        data = h11_connection.send(request)
+        end = h11_connection.send(h11.EndOfMessage())
+        assert data is not None
+        assert end is not None
+        try:
+            await tcp.send_all(data + end)
+            while True:
+                try:
+                    event = h11_connection.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise ProtocolError(f"bad answer to CONNECT from {proxy}: {exc}") from None
+                if event is h11.NEED_DATA:
+                    h11_connection.receive_data(await tcp.receive_some(TLS_READ_SIZE))
+                elif isinstance(event, h11.Response):
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise ConnectError(f"{proxy} closed the connection in answer to CONNECT")
+        except (trio.BrokenResourceError, OSError) as exc:
+            raise ConnectError(f"connection to {proxy} broke: {_reason(exc)}") from exc
+        status = event.status_code
+        if not 200 <= status < 300:
+            phrase = _phrase(status, event.reason.decode("latin-1"))
+            raise ProxyRefused(f"{proxy} refused CONNECT to {origin}: {status} {phrase}", status)
+        if h11_connection.trailing_data[0]:
+            # TLS speaks first, so a proxy that sends more before it is not a tunnel.
+            raise ProtocolError(f"{proxy} sent data before the tunnel to {origin} was used")
 
     def _ssl(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -919,6 +1000,21 @@ def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
+def _authority(origin: Origin, *, always_port: bool = False) -> str:
+    """``host[:port]`` as a Host header or a CONNECT target writes it."""
+    host = f"[{origin.host}]" if ":" in origin.host else origin.host
+    if always_port or origin.port != (443 if origin.scheme == "https" else 80):
+        return f"{host}:{origin.port}"
+    return host
+
+
+def _phrase(status: int, reason: str) -> str:
+    try:
+        return http.HTTPStatus(status).phrase.lower()
+    except ValueError:
+        return reason.lower() or "unknown status"
+
+
 def _reason(exc: BaseException) -> str:
     """A short, lowercase-first description of a network error."""
     if isinstance(exc, ssl.SSLError):
@@ -945,6 +1041,7 @@ __all__: Sequence[str] = (
     "Headers",
     "Origin",
     "ProtocolError",
+    "ProxyRefused",
     "ReadTimeout",
     "ResolveError",
     "Response",

@@ -53,6 +53,7 @@ from statusd.downloads.names import safe_filename
 from statusd.errors import Busy, Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
+from statusd.proxy import ProxyEnvironment, ProxyRules, proxy_rules
 from statusd.state.status import Level
 from statusd.tasks import JobFailed, Reporter
 
@@ -67,16 +68,25 @@ class Downloads:
         self._config = config
         self.settings = _settings(config.downloads)
         self._settings_elsewhere = _elsewhere(self.settings)
+        self.proxies = _proxies(config)
         self._client: HTTPClient | None = None
         self._daemon_uid = os.getuid()
 
-    def configure(self, downloads: DownloadsConfig) -> None:
-        """New ``[downloads]`` settings (SIGHUP): items that start from now on use them;
-        ``parallel_items`` applies to tasks that start from now on, ``batch_size`` to
-        tasks created from now on."""
-        self._config = attrs.evolve(self._config, downloads=downloads)
+    def configure(
+        self, downloads: DownloadsConfig, proxy_environment: ProxyEnvironment | None = None
+    ) -> None:
+        """New ``[downloads]`` settings and proxy variables (SIGHUP): items that start from
+        now on use them; ``parallel_items`` applies to tasks that start from now on,
+        ``batch_size`` to tasks created from now on."""
+        environment = proxy_environment or self._config.proxy_environment
+        self._config = attrs.evolve(
+            self._config, downloads=downloads, proxy_environment=environment
+        )
         self.settings = _settings(downloads)
         self._settings_elsewhere = _elsewhere(self.settings)
+        self.proxies = _proxies(self._config)
+        if self._client is not None:
+            self._client.proxies = self.proxies
 
     def item_settings(self, beside_journals: bool) -> DownloadSettings:
         """The settings for an item whose dest is (``beside_journals``) or is not on the
@@ -95,6 +105,7 @@ class Downloads:
     def client(self) -> HTTPClient:
         if self._client is None:
             self._client = make_client(self.settings)
+            self._client.proxies = self.proxies
         return self._client
 
     async def aclose(self) -> None:
@@ -212,6 +223,11 @@ def _settings(downloads: DownloadsConfig) -> DownloadSettings:
         # One for all tasks: they write to the same file system.
         reserve=Reserve(downloads.min_free_bytes) if downloads.min_free_bytes else None,
     )
+
+
+def _proxies(config: Config) -> ProxyRules:
+    downloads = config.downloads
+    return proxy_rules(downloads.proxy, downloads.no_proxy, config.proxy_environment)
 
 
 def _elsewhere(settings: DownloadSettings) -> DownloadSettings:
