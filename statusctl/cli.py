@@ -367,31 +367,95 @@ def _task_line(task: Mapping[str, Any]) -> str:
 
 
 def download_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("urls", metavar="URL", nargs="+")
-    parser.add_argument("--dest", metavar="DIR", help="inside the download directory")
+    parser.add_argument("urls", metavar="URL", nargs="*", help="what to download")
+    parser.add_argument(
+        "-i",
+        "--input-file",
+        metavar="FILE",
+        help="also the URLs in FILE, one a line (blank lines and # comments skipped); "
+        "- reads them from stdin",
+    )
+    parser.add_argument(
+        "--dest",
+        metavar="DIR",
+        help="where the files go. A relative DIR (. too) is taken from your current "
+        "directory when the daemon runs as you (your own daemon), and from your download "
+        "directory on a shared daemon; on a shared daemon it must lie inside that",
+    )
     parser.add_argument("--name", metavar="NAME", help="file name (one URL only)")
     parser.add_argument("--topic", metavar="TOPIC")
     parser.add_argument("--sha256", metavar="HEX", help="expected digest (one URL only)")
     parser.add_argument("--wait", action="store_true", help="follow the task until it ends")
 
 
+class UsageError(Exception):
+    """A command's arguments make no sense together; exit status 2, like argparse's."""
+
+
+def url_list(lines: Iterable[str], source: str) -> list[str]:
+    """The URLs of an ``-i`` file (aria2c's format less its per-URL option lines): one a
+    line, blank lines and ``#`` comments skipped."""
+    urls = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if any(char.isspace() for char in text):
+            # aria2c reads tab-separated mirrors of one file here; sending the line as one
+            # URL would fail in the daemon with an index that is not this line's number.
+            raise UsageError(f"{source}, line {number}: one URL a line, not {text!r}")
+        urls.append(text)
+    return urls
+
+
+def _read_url_list(name: str) -> list[str]:
+    if name == "-":
+        return url_list(sys.stdin, "stdin")
+    try:
+        with open(name, encoding="utf-8") as file:
+            return url_list(file, name)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise UsageError(f"cannot read the URL list {name}: {reason}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read the URL list {name}: it is not UTF-8 text") from None
+
+
+def _download_dest(context: Context, dest: str) -> str:
+    """``dest`` as sent: a relative one made absolute from the current directory when the
+    daemon runs as the caller (it could write anywhere the caller can, and nothing else
+    would be meant); else as given, for the daemon to take from the caller's download
+    directory."""
+    if os.path.isabs(dest):
+        return dest
+    # Not the socket's peer credentials: under socket activation they are systemd's.
+    if context.call("daemon.info").get("daemon_uid") == os.getuid():
+        return os.path.abspath(dest)
+    return dest
+
+
 def run_download(context: Context, args: argparse.Namespace) -> int:
+    urls = list(args.urls)
+    if args.input_file is not None:
+        urls += _read_url_list(args.input_file)
+    if not urls:
+        raise UsageError("no URL: give one or more, or a file of them with -i FILE")
     params: dict[str, Any] = {}
     if args.name is not None or args.sha256 is not None:
-        if len(args.urls) != 1:
-            context.complain("--name and --sha256 take exactly one URL")
-            return EXIT_USAGE
-        item: dict[str, Any] = {"url": args.urls[0]}
+        if len(urls) != 1:
+            raise UsageError("--name and --sha256 take exactly one URL")
+        item: dict[str, Any] = {"url": urls[0]}
         if args.name is not None:
             item["filename"] = args.name
         if args.sha256 is not None:
             item["sha256"] = args.sha256
         params["items"] = [item]
     else:
-        params["urls"] = list(args.urls)
-    for key in ("dest", "topic"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
+        params["urls"] = urls
+    if args.dest is not None:
+        params["dest"] = _download_dest(context, args.dest)
+    if args.topic is not None:
+        params["topic"] = args.topic
     if not args.wait:
         result = context.call("tasks.download", params)
         context.emit(result, [result["task_id"]])
@@ -786,6 +850,9 @@ def main(
     command: Command = args.command
     try:
         return command.run(context, args)
+    except UsageError as exc:
+        context.complain(str(exc))
+        return EXIT_USAGE
     except RemoteError as error:
         if context.json:
             context.line(render.to_json(error.to_wire()))

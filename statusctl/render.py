@@ -40,7 +40,7 @@ _INFO_ORDER = (
     "status_seq",
     "tasks",
 )
-_INFO_LABELS = {"uptime_s": "uptime"}
+_INFO_LABELS = {"uptime_s": "uptime", "daemon_uid": "runs as"}
 _SUMMARY_ORDER = ("total", "pending", "running", "completed", "failed", "cancelled")
 
 # What one lost item of a stream is called, singular and plural.
@@ -195,6 +195,8 @@ def _info_value(key: str, value: Any) -> str:
         return format_duration(float(value))
     if key == "websocket" and value is None:
         return "off"
+    if key == "daemon_uid":
+        return f"uid {one_line(str(value))}"
     if key == "tasks" and isinstance(value, Mapping):
         known = [name for name in _SUMMARY_ORDER if name in value]
         known += sorted(name for name in value if name not in _SUMMARY_ORDER)

@@ -359,6 +359,9 @@ class Api:
             "user": caller.username,
             "uid": caller.uid,
             "admin": caller.admin,
+            # statusctl takes a relative --dest from the caller's directory when this is
+            # theirs; a socket's peer credentials would say systemd's under activation.
+            "daemon_uid": os.getuid(),
             "socket": str(self.config.socket),
             "websocket": self.websocket_address,
             "tasks": self._summary(caller),
