@@ -47,6 +47,8 @@ from statusctl.client import (
     Push,
     RemoteError,
 )
+from statusctl.completion import SHELLS, completion_script
+from statusd.cli import build_parser as build_daemon_parser
 from statusd.errors import CONFLICT, NOT_FOUND
 from statusd.identity import username_for
 from statusd.tokens import split_token
@@ -742,6 +744,33 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def completion_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("shell", metavar="SHELL", choices=SHELLS, help="bash, zsh or fish")
+    parser.add_argument(
+        "--program",
+        choices=("statusctl", "statusd"),
+        default="statusctl",
+        help="whose completion (default: statusctl)",
+    )
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "Where each shell looks for it (a recent pipx links them there on install):\n"
+        "  statusctl completion bash > ~/.local/share/bash-completion/completions/statusctl\n"
+        "  statusctl completion zsh > ~/.local/share/zsh/site-functions/_statusctl\n"
+        "      (with fpath+=(~/.local/share/zsh/site-functions) before compinit in ~/.zshrc)\n"
+        "  statusctl completion fish > ~/.config/fish/completions/statusctl.fish\n"
+        "The same with --program statusd for the daemon's flags."
+    )
+
+
+def run_completion(context: Context, args: argparse.Namespace) -> int:
+    parser = build_daemon_parser() if args.program == "statusd" else build_parser()
+    # Written as it is: a script is many lines, tabs and quotes, none from the daemon.
+    context.stdout.write(completion_script(parser, args.shell))
+    context.stdout.flush()
+    return EXIT_OK
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("info", "show the daemon's version, uptime, socket and who you are to it", run_info),
     Command("publish", "publish a status message; prints its seq", run_publish, publish_arguments),
@@ -794,6 +823,12 @@ COMMANDS: tuple[Command, ...] = (
         notify_arguments,
     ),
     Command("token", "create, list or revoke WebSocket tokens", run_token, token_arguments),
+    Command(
+        "completion",
+        "print the shell completion script for bash, zsh or fish",
+        run_completion,
+        completion_arguments,
+    ),
 )
 
 
@@ -813,7 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="machine output: one JSON document (lines for watch)"
     )
     parser.add_argument("--version", action="version", version=f"statusctl {__version__}")
-    commands = parser.add_subparsers(metavar="COMMAND", dest="command_name", required=True)
+    commands = parser.add_subparsers(
+        title="commands", metavar="COMMAND", dest="command_name", required=True
+    )
     for command in COMMANDS:
         subparser = commands.add_parser(command.name, help=command.help, description=command.help)
         command.arguments(subparser)
