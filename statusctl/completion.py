@@ -8,6 +8,7 @@ into ``share/`` for the wheel, where pipx links it for the shells to find.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 SHELLS = ("bash", "zsh", "fish")
@@ -31,7 +32,15 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     # What a flag's value is, by the metavar it shows: the shell offers files or directories.
     _mark_paths(parser, {"PATH": shtab.FILE, "FILE": shtab.FILE, "DIR": shtab.DIRECTORY})
     script: str = shtab.complete(parser, shell=shell)
-    return script if script.endswith("\n") else script + "\n"
+    # Last, not first: zsh reads its first line (#compdef) to know what the file completes.
+    return script.rstrip("\n") + "\n" + made_by("shtab", shtab.__version__, parser.prog, "#")
+
+
+def made_by(tool: str, version: str, program: str, comment: str) -> str:
+    """The comment line ending a generated file: what made it, from which parser. Another
+    tool version or Python (argparse) may word the same parser differently."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"{comment} made by {tool} {version} on Python {python} from {program}'s parser\n"
 
 
 def _mark_paths(parser: argparse.ArgumentParser, kinds: dict[str, Any]) -> None:

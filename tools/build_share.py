@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 from argparse_manpage.manpage import Manpage
 
 from statusctl import __version__
 from statusctl.cli import build_parser as build_statusctl_parser
-from statusctl.completion import INSTALL_PATHS, SHELLS, completion_script
+from statusctl.completion import INSTALL_PATHS, SHELLS, completion_script, made_by
 from statusd.cli import build_parser as build_statusd_parser
 
 SHARE = Path(__file__).resolve().parent.parent / "share"
@@ -55,7 +56,8 @@ def man_page(program: str) -> str:
     # No date: the page changes with the parser, not with the day it was built on.
     page.date = ""
     page.add_section("see also", ">", see_also)
-    return str(page)
+    tool_version = metadata.version("argparse-manpage")
+    return str(page) + made_by("argparse-manpage", tool_version, program, '.\\"')
 
 
 def generated() -> dict[str, str]:

@@ -136,3 +136,4 @@ complete -c statusctl -n '_shtab_statusctl_using; and test $_shtab_statusctl_npo
 complete -c statusctl -n '_shtab_statusctl_using completion' -s h -l help -d 'show this help message and exit'
 complete -c statusctl -n '_shtab_statusctl_using completion' -l program -xka "statusctl statusd" -d 'whose completion (default: statusctl)'
 complete -c statusctl -n '_shtab_statusctl_using completion; and test $_shtab_statusctl_npos -eq 0' -ka "bash zsh fish" -d 'bash, zsh or fish'
+# made by shtab 1.13.0 on Python 3.11 from statusctl's parser

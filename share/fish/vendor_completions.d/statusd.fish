@@ -65,3 +65,4 @@ complete -c statusd -n _shtab_statusd_using -l websocket -x -d 'also serve WebSo
 complete -c statusd -n _shtab_statusd_using -l log-level -x -d 'debug, info, warning or error'
 complete -c statusd -n _shtab_statusd_using -l check-config -d 'check the configuration, print the effective values and exit'
 complete -c statusd -n _shtab_statusd_using -l version -d 'show program'"'"'s version number and exit'
+# made by shtab 1.13.0 on Python 3.11 from statusd's parser
