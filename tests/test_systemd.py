@@ -671,7 +671,7 @@ def _analyze(*argv: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 
 def test_system_units_verify(short_tmp: Path) -> None:
-    units = _units_with_our_statusd(CONTRIB, short_tmp / "units", "/usr/bin/statusd")
+    units = _units_with_our_statusd(CONTRIB, short_tmp / "units", "/usr/local/bin/statusd")
     result = _analyze("verify", "--man=no", *map(str, units))
     assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
 
