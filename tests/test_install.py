@@ -190,7 +190,6 @@ def test_install_as_the_readme_says_then_statusctl_info_works(place: Path) -> No
     assert (share / "bash-completion" / "completions" / "statusctl").is_file()
     assert (share / "fish" / "vendor_completions.d" / "statusctl.fish").is_file()
 
-    (place / "statusd.log").touch()
     with (place / "statusd.log").open("w") as log:
         daemon = subprocess.Popen(
             ["bash", "-c", f"exec {start}"],
