@@ -49,7 +49,7 @@ from statusctl.client import (
 )
 from statusctl.completion import SHELLS, completion_script
 from statusd.cli import build_parser as build_daemon_parser
-from statusd.errors import CONFLICT, NOT_FOUND
+from statusd.errors import BUSY, CONFLICT, NOT_FOUND
 from statusd.identity import username_for
 from statusd.tokens import split_token
 
@@ -211,7 +211,7 @@ def run_watch(context: Context, args: argparse.Namespace) -> int:
         elif args.topic is not None:
             follow.topic_tasks.update(
                 task["id"]
-                for task in client.call("tasks.list")["tasks"]
+                for task in all_tasks(client.call)["tasks"]
                 if task.get("topic") == args.topic
             )
         while True:
@@ -487,9 +487,67 @@ def tasks_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_tasks(context: Context, args: argparse.Namespace) -> int:
-    result = context.call("tasks.list", {} if args.status is None else {"status": args.status})
+    result = all_tasks(context.call, args.status)
     context.emit(result, [_task_line(task) for task in result["tasks"]])
     return EXIT_OK
+
+
+# How much statusctl asks for at once. A page the daemon finds over its reply limit
+# (limits.max_reply_bytes) is asked for again at half the size, down to one.
+TASKS_PAGE = 100
+ITEMS_PAGE = 1000
+
+Call = Callable[[str, Mapping[str, Any] | None], Any]
+
+
+def _over_reply_limit(error: RemoteError) -> bool:
+    return error.code == BUSY and "limits.max_reply_bytes" in error.message
+
+
+def all_tasks(call: Call, status: str | None = None) -> dict[str, Any]:
+    """``{tasks, summary}`` of every task (newest first), in pages of the summary form:
+    a task's per-item list is what made one answer too large for many tasks."""
+    params: dict[str, Any] = {"items": False}
+    if status is not None:
+        params["status"] = status
+    tasks: list[Any] = []
+    size = TASKS_PAGE
+    while True:
+        try:
+            page = call("tasks.list", {**params, "limit": size})
+        except RemoteError as error:
+            if size == 1 or not _over_reply_limit(error):
+                raise
+            size //= 2
+            continue
+        tasks += page["tasks"]
+        if page.get("next_cursor") is None:
+            return {"tasks": tasks, "summary": page["summary"]}
+        params["cursor"] = page["next_cursor"]
+
+
+def task_with_items(call: Call, task_id: str) -> dict[str, Any]:
+    """``tasks.get`` with every item of its result, fetched a page at a time."""
+    task: dict[str, Any] | None = None
+    items: list[Any] = []
+    size = ITEMS_PAGE
+    while True:
+        params = {"task_id": task_id, "items_offset": len(items), "items_limit": size}
+        try:
+            page: dict[str, Any] = call("tasks.get", params)
+        except RemoteError as error:
+            if size == 1 or not _over_reply_limit(error):
+                raise
+            size //= 2
+            continue
+        got = (page.get("result") or {}).get("items")
+        if not isinstance(got, list):
+            return page  # no items (yet): nothing to page
+        task = task or page
+        items += got
+        if len(got) < size:
+            task["result"] = {**task["result"], "items": items}
+            return task
 
 
 def task_id_argument(parser: argparse.ArgumentParser) -> None:
@@ -497,7 +555,7 @@ def task_id_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_task(context: Context, args: argparse.Namespace) -> int:
-    task = context.call("tasks.get", {"task_id": args.task_id})
+    task = task_with_items(context.call, args.task_id)
     one_line = render.one_line
     lines = [f"{key}: {one_line(str(value))}" for key, value in task.items() if key != "result"]
     for item in (task.get("result") or {}).get("items", []):
@@ -534,7 +592,7 @@ def _control(context: Context, args: argparse.Namespace, control: _Control) -> i
         result = context.call(control.method, {"task_id": args.task_id})
         context.emit(result, [f"{control.done} {args.task_id}"])
         return EXIT_OK
-    listed = context.call("tasks.list")
+    listed = all_tasks(context.call)
     changed = []
     for task in listed["tasks"]:
         if task["status"] not in control.states:

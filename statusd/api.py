@@ -39,6 +39,7 @@ from statusd.notifications import NotificationService
 from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
 from statusd.session import Session
+from statusd.state import task_pages
 from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.rate import RateLimiter, retry_after
 from statusd.state.status import Audience, Level
@@ -59,6 +60,19 @@ log = logging.getLogger(__name__)
 def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None and value < 0:
         raise InvalidParams(attribute.name, f"must be >= 0, not {value}")
+
+
+def _at_least_one(_instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and value < 1:
+        raise InvalidParams(attribute.name, f"must be >= 1, not {value}")
+
+
+def _cursor(_instance: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        try:
+            task_pages.parse_cursor(value)
+        except ValueError as exc:
+            raise InvalidParams(attribute.name, str(exc)) from None
 
 
 @attrs.frozen
@@ -136,8 +150,20 @@ class TaskIdParams:
 
 
 @attrs.frozen
+class GetTaskParams:
+    task_id: str
+    # A page of the result's items (docs/protocol.md, "Paging"); none: all of them.
+    items_limit: int | None = attrs.field(default=None, validator=_non_negative)
+    items_offset: int = attrs.field(default=0, validator=_non_negative)
+
+
+@attrs.frozen
 class ListTasksParams:
     status: TaskStatus | None = None
+    limit: int | None = attrs.field(default=None, validator=_at_least_one)
+    cursor: str | None = attrs.field(default=None, validator=_cursor)
+    # False: each task's result without its per-item list (the summary form).
+    items: bool = True
 
 
 @attrs.frozen
@@ -168,6 +194,8 @@ class ListNotificationsParams:
     unread_only: bool = False
     limit: int = attrs.field(default=DEFAULT_LIMIT, validator=_limit)
     username: str | None = attrs.field(default=None, validator=_notification_field)
+    # The next page: those older than this id (the last one of the previous page).
+    before_id: int | None = attrs.field(default=None, validator=_at_least_one)
 
 
 @attrs.frozen
@@ -260,7 +288,7 @@ class Api:
             "subscribe": Method(SubscribeParams, self.subscribe),
             "unsubscribe": Method(UnsubscribeParams, self.unsubscribe),
             "tasks.download": Method(DownloadParams, self.tasks_download),
-            "tasks.get": Method(TaskIdParams, self.tasks_get),
+            "tasks.get": Method(GetTaskParams, self.tasks_get),
             "tasks.list": Method(ListTasksParams, self.tasks_list),
             "tasks.cancel": Method(TaskIdParams, self.tasks_cancel),
             "tasks.pause": Method(TaskIdParams, self.tasks_pause),
@@ -490,13 +518,22 @@ class Api:
         # Admins are exempt, as from the publish rate: their tasks are the system's own.
         return None if caller.admin else self.config.limits.max_tasks_per_user
 
-    async def tasks_get(self, session: Session, params: TaskIdParams) -> Any:
-        return unstructure(self._visible_task(session.caller, params.task_id))
+    async def tasks_get(self, session: Session, params: GetTaskParams) -> Any:
+        task = self._visible_task(session.caller, params.task_id)
+        if params.items_limit is not None or params.items_offset:
+            task = task_pages.items_page(task, params.items_offset, params.items_limit)
+        return unstructure(task)
 
     async def tasks_list(self, session: Session, params: ListTasksParams) -> dict[str, Any]:
+        tasks, next_cursor = task_pages.page(
+            self._visible_tasks(session.caller, params.status), params.limit, params.cursor
+        )
+        if not params.items:
+            tasks = [task_pages.without_items(task) for task in tasks]
         return {
-            "tasks": unstructure(self._visible_tasks(session.caller, params.status)),
+            "tasks": unstructure(tasks),
             "summary": self._summary(session.caller),
+            "next_cursor": next_cursor,
         }
 
     async def tasks_cancel(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
@@ -562,7 +599,9 @@ class Api:
     ) -> dict[str, Any]:
         service = self._notifications()
         user = self._inbox(session.caller, params.username)
-        notifications = service.get_user_notifications(user, params.unread_only, params.limit)
+        notifications = service.get_user_notifications(
+            user, params.unread_only, params.limit, params.before_id
+        )
         return {
             "notifications": notifications,
             "count": len(notifications),

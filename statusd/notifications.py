@@ -154,10 +154,17 @@ class NotificationService:
         return record["id"]
 
     def get_user_notifications(
-        self, username: str, unread_only: bool = False, limit: int = DEFAULT_LIMIT
+        self,
+        username: str,
+        unread_only: bool = False,
+        limit: int = DEFAULT_LIMIT,
+        before_id: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The user's inbox (own and system-wide), newest first, as wire dicts."""
-        return self._index.newest_first(username, unread_only=unread_only, limit=limit)
+        """The user's inbox (own and system-wide), newest first, as wire dicts; with
+        ``before_id``, the page after that id."""
+        return self._index.newest_first(
+            username, unread_only=unread_only, limit=limit, before_id=before_id
+        )
 
     def get_unread_count(self, username: str) -> int:
         return self._index.unread_count(username)

@@ -32,7 +32,7 @@ with ``read``, is built only for the few notifications a list returns.
 from __future__ import annotations
 
 import re
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypedDict
 
@@ -286,9 +286,15 @@ class NotificationIndex:
         return inbox.own_read + inbox.system_gone - inbox.system_hidden
 
     def newest_first(
-        self, username: str, *, unread_only: bool = False, limit: int = DEFAULT_LIMIT
+        self,
+        username: str,
+        *,
+        unread_only: bool = False,
+        limit: int = DEFAULT_LIMIT,
+        before_id: int | None = None,
     ) -> list[dict[str, Any]]:
-        """The inbox newest first, as wire ``Notification`` dicts (with ``read``).
+        """The inbox newest first, as wire ``Notification`` dicts (with ``read``); with
+        ``before_id``, only those older than it (the next page after that id).
 
         Walks the user's own ids and the system-wide ids from the newest down, merging; it
         stops at ``limit``, and for ``unread_only`` at the read watermark, below which
@@ -300,6 +306,8 @@ class NotificationIndex:
         items = self._items
         out: list[dict[str, Any]] = []
         i, j = len(own) - 1, len(system) - 1
+        if before_id is not None:
+            i, j = bisect_left(own, before_id) - 1, bisect_left(system, before_id) - 1
         while len(out) < limit and (i >= 0 or j >= 0):
             if j < 0 or (i >= 0 and own[i] > system[j]):
                 notification_id = own[i]
