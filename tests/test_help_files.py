@@ -23,6 +23,8 @@ from statusd.cli import build_parser as build_statusd_parser
 from tools.build_share import SHARE, generated
 
 PARSERS = {"statusctl": build_statusctl_parser, "statusd": build_statusd_parser}
+# A changed command, flag or help text needs the files made again.
+REMAKE = "share/ is out of date: pip install -e '.[test]' && python tools/build_share.py"
 
 
 def _commands_and_flags(parser: argparse.ArgumentParser) -> tuple[set[str], set[str]]:
@@ -66,7 +68,7 @@ def test_the_man_page_names_every_command_and_flag(program: str) -> None:
     page = _man_text((SHARE / "man" / "man1" / f"{program}.1").read_text())
     commands, flags = _commands_and_flags(PARSERS[program]())
     # --help is what the page is instead of.
-    assert _unnamed(commands | flags - {"-h", "--help"}, page) == []
+    assert _unnamed(commands | flags - {"-h", "--help"}, page) == [], REMAKE
     assert page.startswith(f'.TH {program.upper()} "1"')
 
 
@@ -77,7 +79,7 @@ def test_each_completion_names_every_command_and_flag(program: str, shell: str) 
     commands, flags = _commands_and_flags(PARSERS[program]())
     # fish names a long flag without its dashes (-l input-file), a short one as -s i.
     spelled = {flag.lstrip("-") for flag in flags} if shell == "fish" else flags
-    assert _unnamed(commands | spelled, script) == []
+    assert _unnamed(commands | spelled, script) == [], REMAKE
 
 
 def _last_line(text: str) -> str:
@@ -99,7 +101,7 @@ def test_share_holds_exactly_what_build_share_makes_now() -> None:
     for name, text in expected.items():
         _same_tools((SHARE / name).read_text(), text)
     stale = [name for name, text in expected.items() if (SHARE / name).read_text() != text]
-    assert stale == [], "run: python tools/build_share.py"
+    assert stale == [], REMAKE
     present = {str(path.relative_to(SHARE)) for path in SHARE.rglob("*") if path.is_file()}
     assert present == set(expected)
 
@@ -125,7 +127,7 @@ def test_statusctl_completion_prints_the_shipped_script(program: str, shell: str
     assert main(["completion", shell, "--program", program], stdout=out) == 0
     shipped = (SHARE / INSTALL_PATHS[shell].format(program=program)).read_text()
     _same_tools(shipped, out.getvalue())
-    assert out.getvalue() == shipped
+    assert out.getvalue() == shipped, REMAKE
 
 
 def test_completion_offers_files_and_directories_for_path_flags() -> None:
