@@ -10,7 +10,6 @@ count every request.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 import trio
 
 from statusd.downloads import DestError, open_dest
-from tests.conftest import DaemonProcess
 from tests.http_servers import (
     HTTPTestServer,
     chunked_cut_before_last_chunk,
@@ -37,21 +35,7 @@ __all__ = ["http_server"]
 A_DATA = random.Random(10).randbytes(3 << 20)
 B_DATA = random.Random(11).randbytes(3 << 20)
 B_SENT = 1_300_000  # more than one receive buffer (1 MiB): B's part is on disk
-A_SENT = 100_000  # less than one buffer: A has a name journalled, no part file yet
-
-
-def journalled_states(process: DaemonProcess, task_id: str) -> list[dict[str, Any]]:
-    """The item states task ``task_id`` has checkpointed so far."""
-    path = process.directory / "state" / "tasks.jsonl"
-    # Each line is [checksum, record].
-    records = [json.loads(line)[1] for line in path.read_text().splitlines() if line.strip()]
-    return [
-        record["data"]["state"]
-        for record in records
-        if record.get("op") == "checkpoint"
-        and record.get("id") == task_id
-        and "state" in record.get("data", {})
-    ]
+A_SENT = 100_000  # less than one buffer: A has a name (in memory only), no part file yet
 
 
 def parts_with_data(dest: Path) -> list[str]:
@@ -62,12 +46,17 @@ def parts_with_data(dest: Path) -> list[str]:
     ]
 
 
-async def a_named_and_b_on_disk(process: DaemonProcess, a_id: str, dest: Path) -> None:
-    """Wait until A has journalled its file name and B's part holds data."""
+async def a_held_and_b_on_disk(
+    client: Any, server: HTTPTestServer, a_id: str, a_held: int, dest: Path
+) -> None:
+    """Wait until A's request is answered and A holds ``a_held`` bytes (in memory: less
+    than a buffer, so no part file and no journal record), and B's part holds data."""
 
     async def ready() -> bool:
-        named = any(state.get("name") for state in journalled_states(process, a_id))
-        return named and dest.exists() and bool(parts_with_data(dest))
+        if not server.requests_for("/a/big.iso"):
+            return False
+        held = (await task_of(client, a_id))["bytes_done"] == a_held
+        return held and dest.exists() and bool(parts_with_data(dest))
 
     await until(ready)
 
@@ -93,7 +82,7 @@ def check_results(tasks: list[dict[str, Any]], data: list[bytes], dest: Path) ->
 async def test_a_task_never_resumes_into_another_tasks_part_after_sigkill(
     daemon_process: Any, http_server: HTTPTestServer
 ) -> None:
-    """B streams to its part; A has journalled the same name but has no part yet. After
+    """B streams to its part; A has the same name (in memory) but no part yet. After
     kill -9 and a restart, A must not take B's part for its own."""
     a_url = http_server.route(
         "/a/big.iso", sequence(hang_after_head(A_DATA, A_SENT), serve_data(A_DATA))
@@ -107,7 +96,7 @@ async def test_a_task_never_resumes_into_another_tasks_part_after_sigkill(
     b_id = (await client.call("tasks.download", {"urls": [b_url]}))["task_id"]
     a_id = (await client.call("tasks.download", {"urls": [a_url]}))["task_id"]
 
-    await a_named_and_b_on_disk(process, a_id, dest)
+    await a_held_and_b_on_disk(client, http_server, a_id, A_SENT, dest)
     await kill(process, client)
 
     client = await start(process)
@@ -139,7 +128,7 @@ async def test_cancelling_a_task_leaves_another_tasks_part_alone(
     b_id = (await client.call("tasks.download", {"urls": [b_url]}))["task_id"]
     a_id = (await client.call("tasks.download", {"urls": [a_url]}))["task_id"]
 
-    await a_named_and_b_on_disk(process, a_id, dest)
+    await a_held_and_b_on_disk(client, http_server, a_id, 0, dest)
     assert await client.call("tasks.cancel", {"task_id": a_id}) == {"cancelled": True}
     assert (await finished(client, a_id))["status"] == "cancelled"
     release.set()

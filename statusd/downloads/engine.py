@@ -11,16 +11,20 @@ guarantees:
   ``Content-Disposition``, the final URL's path, the original URL's path, or ``download``,
   in that order, reduced to one safe component by ``statusd.downloads.names``.
 - **whose**: data goes to the item's own part file, ``.NAME.<owner>.part`` (``owner``: the
-  task id and the item's index; random when not given), created with ``O_EXCL``. Its name
-  is reported to ``on_state`` before it is created. The finished part is linked to a free
+  task id and the item's index; random when not given), created with ``O_EXCL``, so a
+  caller finds the parts of its items by their owner after a crash (``files.own_parts``),
+  whether or not it heard of them. The finished part is linked to a free
   final name with ``os.link``, which never replaces a file: a taken NAME becomes
   ``NAME.1.ext``, ``NAME.2.ext``, ... No call opens, truncates, resumes into or removes a
   file that is not its own part.
 - **durability**: the data is fdatasynced before the link, and the directory after it,
   before the item is reported done.
-- **resume**: ``ItemState`` (name, part and validator) is handed to ``on_state`` whenever
-  it changes, and ``on_state`` is awaited before any data is written under it, so a caller
-  that journals it there durably never loses a part file to a crash. ``done`` is reported
+- **resume**: ``ItemState`` (name, part and validator) is handed to ``on_state`` before
+  data that a resume could use is written under it: a large file's (one that does not fit
+  its first buffer) before its first write, a new validator at once. A file that fits
+  is created, written, synced and linked in one thread hop and reported only as ``done``:
+  its state without a validator could not resume anything, and one journal record per
+  small file fewer was worth 1.2x the files/s (docs/bench-daemon.md). ``done`` is reported
   while the part is still linked to the final name (when there is an ``on_state``): a crash
   before the caller has it finds the part linked to a visible name and finishes, rather
   than fetch the file again. With a part of N bytes and a validator, a retry (or a call
@@ -375,6 +379,8 @@ class _Download:
         self.hashing = settings.sha256_always or item.sha256 is not None
         self.part: Part | None = None
         self.has_part = False  # whether the part is on disk, to remove on failure
+        # A fresh item's name, part and validator, not yet given to on_state.
+        self.unreported = False
         # A caller that journals the state hears of ``done`` while the part is still
         # linked to the final name: a crash before the journal has it then finds the pair
         # on the next run (``_finished_earlier``) instead of fetching the file again as
@@ -541,13 +547,15 @@ class _Download:
         self.part = None
         try:
             if self.state.part is None:
-                # A fresh item: claim a name and its own part and report them before
-                # anything is written; the part is created (O_EXCL) with the first write,
-                # in the same thread hop as the whole of a small file.
+                # A fresh item: claim a name and its own part. The part is created
+                # (O_EXCL) with the first write, in the same thread hop as the whole of a
+                # small file, which needs no report before it: a crash in that hop leaves
+                # a part that is found by its owner (``files.own_parts``). A large file's
+                # state is reported before its first write (``_ensure_part``).
                 self.state.name = self._first_candidate(response)
                 self.state.part = files.part_name(self.state.name, self.owner)
                 self.state.validator = validator
-                await self.on_state(self.state)
+                self.unreported = True
             else:
                 # Resuming, or starting again: a new part inode *before* a new validator
                 # is reported, so the part only ever holds that entity's prefix.
@@ -558,6 +566,7 @@ class _Download:
                 if validator != self.state.validator:
                     self.state.validator = validator
                     await self.on_state(self.state)
+                    self.unreported = False
             self._report(start)
             return await self._stream(response, start)
         finally:
@@ -661,7 +670,12 @@ class _Download:
             await writer.close()
 
     async def _ensure_part(self) -> Part:
-        """The open part file, created (O_EXCL) if there is none yet."""
+        """The open part file, created (O_EXCL) if there is none yet. Data that outlives
+        this attempt in it is resumed only under its validator, so a validator not yet
+        reported is reported first."""
+        if self.unreported and self.state.validator is not None:
+            await self.on_state(self.state)
+        self.unreported = False
         if self.part is None:
             assert self.state.part is not None
             self.part = await self._file_work(

@@ -231,6 +231,38 @@ def part_name(name: str, owner: str) -> str:
     return f".{fitted}.{owner}{PART_SUFFIX}"
 
 
+def own_parts(directory: Directory, prefix: str) -> dict[int, str]:
+    """The part files in ``directory`` whose owner is ``<prefix>-<index>`` (a task's
+    items: ``part_name``), by index. A crash can leave one that its caller never
+    journalled: a small file's part is created and linked in one hop, unreported."""
+    found: dict[int, str] = {}
+    start = f"{prefix}-"
+    # A descriptor of its own, as in ``_linked_name``.
+    fd = os.open(".", _DIRECTORY, dir_fd=directory.fd)
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                index = _owner_index(entry.name, start)
+                if index is not None:
+                    found[index] = entry.name
+    finally:
+        os.close(fd)
+    return found
+
+
+def _owner_index(name: str, start: str) -> int | None:
+    if not (name.startswith(".") and name.endswith(PART_SUFFIX)):
+        return None
+    owner = name[: -len(PART_SUFFIX)].rpartition(".")[2]
+    if not owner.startswith(start):
+        return None
+    index = owner[len(start) :]
+    # As part_name wrote it: ASCII digits, no leading zeros.
+    if not (index.isascii() and index.isdigit()) or str(int(index)) != index:
+        return None
+    return int(index)
+
+
 def numbered(base: str, n: int) -> str:
     return base if n == 0 else names.numbered(base, n, max_bytes=names.MAX_NAME_BYTES)
 

@@ -27,6 +27,7 @@ directory with the same ACL.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -333,6 +334,7 @@ class DownloadJob:
         parallel = self.service.parallel_items
         for index in sorted(self.unsettled):
             await remove_partial(directory, self.states[index])
+        await self._claim_strays(directory)
         # After a restart, count the finished items again; unfinished ones report what
         # they hold on disk as they resume.
         reporter.set_bytes_done(sum(result.bytes for result in self.results if result))
@@ -358,6 +360,26 @@ class DownloadJob:
             raise JobFailed(f"{result['failed']} of {count} items failed", result)
         reporter.status(Level.SUCCESS, "All downloads completed successfully")
         return result
+
+    async def _claim_strays(self, directory: Directory) -> None:
+        """Parts of items the journal knows nothing of (a crash while a small file was
+        finished, before its "done" was journalled): one linked to a finished file makes
+        its item a resume that finishes without fetching it again; the others hold
+        nothing a resume could use and go."""
+        unknown = {
+            index
+            for index, (state, result) in enumerate(zip(self.states, self.results, strict=True))
+            if result is None and state.part is None
+        }
+        if unknown:
+            linked = await in_thread(
+                functools.partial(_sweep_strays, keep_linked=True),
+                directory,
+                self.task_id,
+                unknown,
+            )
+            for index, (part, final) in linked.items():
+                self.states[index] = ItemState(name=final, part=part)
 
     def _set_result(self, index: int, result: ItemResult | None) -> None:
         self._processed += (result is not None) - (self.results[index] is not None)
@@ -449,9 +471,9 @@ class DownloadJob:
         the task's own parts go; a dest that can no longer be opened safely is left as it
         is."""
         unfinished = [
-            state
-            for state, result in zip(self.states, self.results, strict=True)
-            if result is None and state.part is not None
+            (index, state)
+            for index, (state, result) in enumerate(zip(self.states, self.results, strict=True))
+            if result is None
         ]
         if not unfinished:
             return
@@ -460,8 +482,17 @@ class DownloadJob:
         except (DestError, OSError):
             return
         try:
-            for state in unfinished:
-                await remove_partial(directory, state)
+            for _, state in unfinished:
+                if state.part is not None:
+                    await remove_partial(directory, state)
+            # And those the journal never heard of (see ``_claim_strays``).
+            unknown = {index for index, state in unfinished if state.part is None}
+            await in_thread(
+                functools.partial(_sweep_strays, keep_linked=False),
+                directory,
+                self.task_id,
+                unknown,
+            )
         finally:
             directory.close()
 
@@ -491,3 +522,21 @@ class DownloadJob:
             self._record_size(index, size)
             name = None if path is None else os.path.basename(path)
             self.states[index] = ItemState(name=name, done=True)
+
+
+def _sweep_strays(
+    directory: Directory, task_id: str, unknown: set[int], *, keep_linked: bool
+) -> dict[int, tuple[str, str]]:
+    """Of the task's parts for items in ``unknown``: those linked to a finished file, as
+    (part, final name) by index, kept if ``keep_linked``; the other regular files of
+    ours are removed, anything else is left alone (blocking)."""
+    linked: dict[int, tuple[str, str]] = {}
+    for index, part in files.own_parts(directory, task_id).items():
+        if index not in unknown:
+            continue
+        found = files.inspect_part(directory, part)
+        if found.final is not None and keep_linked:
+            linked[index] = (part, found.final)
+        elif found.size is not None:
+            files.unlink_quietly(directory, part)
+    return linked
