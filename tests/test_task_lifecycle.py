@@ -228,7 +228,7 @@ async def test_a_cancel_that_cannot_be_journalled_is_refused_and_nothing_moves(
     async def stalled() -> bool:
         # Its 1,000 bytes fit one buffer: held in memory, the item writes no record until
         # the rest comes (never).
-        return (await task_of(client, task_id))["bytes_done"] == 1000
+        return bool((await task_of(client, task_id))["bytes_done"] == 1000)
 
     await until(stalled)
     await align_journal(client, state / "tasks.jsonl", http_server.route("/pad", status(404)))
