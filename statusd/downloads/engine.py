@@ -21,10 +21,12 @@ guarantees:
   before the item is reported done.
 - **resume**: ``ItemState`` (name, part and validator) is handed to ``on_state`` before
   data that a resume could use is written under it: a large file's (one that does not fit
-  its first buffer) before its first write, a new validator at once. A file that fits
+  its first buffer) before its first write if it has a validator (without one a resume
+  starts from zero anyway), a new validator at once. A file that fits
   is created, written, synced and linked in one thread hop and reported only as ``done``:
-  its state without a validator could not resume anything, and one journal record per
-  small file fewer was worth 1.2x the files/s (docs/bench-daemon.md). ``done`` is reported
+  a crash in that hop leaves a part that is whole and linked, or holds nothing a resume
+  could use, and the journal record per small file it saves was 12-16% of the daemon's
+  CPU per file (docs/bench-daemon.md). ``done`` is reported
   while the part is still linked to the final name (when there is an ``on_state``): a crash
   before the caller has it finds the part linked to a visible name and finishes, rather
   than fetch the file again. With a part of N bytes and a validator, a retry (or a call

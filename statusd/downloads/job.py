@@ -8,9 +8,11 @@ be a symlink, so a directory swapped for a symlink in between fails the task and
 is written outside), keeps that directory fd for its life, and fetches its items in
 batches of ``batch_size`` ("Processing batch i of n"), a few items at a time, with the
 engine (``engine.py``). Each item's part file is owned by the task and the item
-(``<task_id>-<index>``). Every item's state (its name, part and validator) and result is
-checkpointed in the task journal, so after a restart finished items are not fetched again
-and partial files resume.
+(``<task_id>-<index>``). Every item's result, and a large item's state (its name, part
+and validator) before its first write, is checkpointed in the task journal, so after a
+restart finished items are not fetched again and partial files resume; the parts that no
+checkpoint names (a small file's, when a crash came while it was finished) are found by
+that owner in their names (``_claim_strays``).
 
 The spec journals ``dest`` relative to the download directory (``"."`` for the directory
 itself); an admin's dest outside it is journalled as an absolute path and opened from
