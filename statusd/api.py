@@ -132,6 +132,7 @@ class DownloadItemParams:
     url: str
     filename: str | None = None
     sha256: str | None = None
+    headers: dict[str, str] | None = None  # sent to the url's own origin only
 
 
 @attrs.frozen
@@ -142,6 +143,7 @@ class DownloadParams:
     name: str | None = None
     topic: str | None = None
     batch_size: int | None = None  # 1 to 1000, checked with the other download params
+    headers: dict[str, str] | None = None  # for every item; an item's own win
 
 
 @attrs.frozen
@@ -252,10 +254,16 @@ class DownloadPlanner(Protocol):
     (``statusd.downloads.Downloads``); the task manager builds the job when the task starts."""
 
     def prepare(
-        self, params: DownloadParams, caller: Caller, *, max_items: int
+        self,
+        params: DownloadParams,
+        caller: Caller,
+        *,
+        max_items: int,
+        max_headers: int = ...,
+        max_header_bytes: int = ...,
     ) -> tuple[str, int, dict[str, Any]]:
         """(task name, item count, spec); raises InvalidParams/Forbidden, Busy past
-        ``max_items``."""
+        ``max_items``, or past ``max_headers``/``max_header_bytes`` for an item."""
         ...
 
 
@@ -497,14 +505,23 @@ class Api:
         caller = session.caller
         name, count, spec = await trio.to_thread.run_sync(
             functools.partial(
-                self.downloads.prepare, params, caller, max_items=limits.max_items_per_task
+                self.downloads.prepare,
+                params,
+                caller,
+                max_items=limits.max_items_per_task,
+                max_headers=limits.max_item_headers,
+                max_header_bytes=limits.max_item_header_bytes,
             ),
             limiter=self._planners,
         )
+        metadata: dict[str, Any] = {"dest": spec["dest"], "batch_size": spec["batch_size"]}
+        if params.headers:
+            # The names, for the owner to see what was asked; the values may be secrets.
+            metadata["headers"] = dict.fromkeys(params.headers, "***")
         task_id = await self.tasks.create_task(
             name,
             count,
-            {"dest": spec["dest"], "batch_size": spec["batch_size"]},
+            metadata,
             kind="download",
             owner=session.caller.username,
             topic=params.topic,

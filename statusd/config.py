@@ -118,6 +118,10 @@ class LimitsConfig:
     # tasks of 10,000 URLs took one user's daemon from 37 MB to 1.05 GB and 18 s restarts.
     max_tasks_per_user: int = 100
     max_items_per_task: int = 10_000
+    # Request headers of one download item, its own and its task's together: how many,
+    # and their bytes as sent ("Name: value" and CRLF). Servers refuse heads past 8-16 KiB.
+    max_item_headers: int = 32
+    max_item_header_bytes: int = 16 * 1024
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # The status history is shared: one user's flood at the publish rate still wiped the
     # others' messages. Once it is full, a user's messages hold at most this percent of it.
@@ -495,6 +499,8 @@ _KEYS = (
     _Key("limits.max_pending_handshakes", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_tasks_per_user", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_items_per_task", _integer(1, 1_000_000), _integer_text),
+    _Key("limits.max_item_headers", _integer(0, 1000), _integer_text),
+    _Key("limits.max_item_header_bytes", _integer(0, 1 << 20), _integer_text),
     _Key("limits.status_user_share", _integer(1, 100), _integer_text),
     _Key(
         "limits.max_request_bytes",

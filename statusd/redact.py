@@ -46,6 +46,18 @@ def redact_url(url: str) -> str:
     return redacted
 
 
+def hide_credentials(url: str) -> str:
+    """``url`` with its userinfo, if any, as ``***`` (``http://***@host/path?q``): how a
+    download's URL is shown to its owner (``tasks.get``, ``tasks.list``); the query stays,
+    as it does there. Without userinfo, ``url`` itself."""
+    scheme, separator, rest = url.partition("://")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    _userinfo, at, host = rest[:end].rpartition("@")
+    if not (separator and at):
+        return url
+    return f"{scheme}://***@{host}{rest[end:]}"
+
+
 def redact_urls_in(text: str, *, limit: int) -> str:
     """``text`` with every URL in it redacted (``redact_url``), cut to ``limit`` characters
     as ``truncate_message`` cuts (the first ``limit - 3`` and ``"..."``).

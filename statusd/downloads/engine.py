@@ -81,7 +81,7 @@ import re
 import secrets
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,7 +89,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd.downloads import files, names, rules
+from statusd.downloads import auth, files, names, rules
 from statusd.downloads.files import (
     BUFFERS,
     FILES,
@@ -124,13 +124,26 @@ def _check_url(_instance: Any, _attribute: Any, value: str) -> None:
     names.validate_url(value)
 
 
+def _header_pairs(
+    value: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+) -> tuple[auth.Header, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        return auth.check_headers(value)
+    return auth.check_headers(dict(value))
+
+
 @attrs.frozen
 class DownloadItem:
-    """One thing to download: ``url``, and optionally the file name and expected sha256."""
+    """One thing to download: ``url`` (``user:password@`` in it is sent as Basic
+    credentials), and optionally the file name, the expected sha256 and request headers.
+    The headers and the credentials go to the URL's own origin only (``auth.py``)."""
 
     url: str = attrs.field(validator=_check_url)
     filename: str | None = None
     sha256: str | None = attrs.field(default=None, validator=_check_sha256)
+    headers: tuple[auth.Header, ...] = attrs.field(default=(), converter=_header_pairs, repr=False)
 
 
 def _at_least(minimum: float) -> Callable[[Any, Any, float], None]:
@@ -462,7 +475,7 @@ class _Download:
                 async with self.client.stream(
                     "GET",
                     url,
-                    headers,
+                    [*headers, *self._credentials(url)],
                     connect_timeout=self.settings.connect_timeout,
                     read_timeout=self.settings.read_timeout,
                 ) as response:
@@ -494,6 +507,15 @@ class _Download:
         raise _Fail(
             f"too many redirects: more than {self.settings.max_redirects} (downloads.max_redirects)"
         )
+
+    def _credentials(self, url: str) -> list[auth.Header]:
+        """The item's headers and its URL's Basic credentials, for its own origin only:
+        after a redirect to another scheme, host or port none of them goes along."""
+        if not self.item.headers and "@" not in self.item.url:
+            return []  # the common case, without a parse per request
+        if url != self.item.url and not auth.same_origin(url, self.item.url):
+            return []
+        return auth.request_headers(self.item.url, self.item.headers)
 
     async def _finished_earlier(self, final: str) -> ItemResult:
         """A crash came between linking the part to ``final`` and journalling it: finish."""

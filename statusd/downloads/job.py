@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+import netrc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from statusd.config import Config, DownloadsConfig
-from statusd.downloads import files
+from statusd.config import Config, DownloadsConfig, LimitsConfig
+from statusd.downloads import auth, files
 from statusd.downloads.engine import (
     DownloadItem,
     DownloadSettings,
@@ -57,11 +58,14 @@ from statusd.errors import Busy, Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
 from statusd.proxy import ProxyEnvironment, ProxyRules, proxy_rules
+from statusd.redact import hide_credentials
 from statusd.state.status import Level
 from statusd.tasks import JobFailed, Reporter
 
 if TYPE_CHECKING:
     from statusd.api import DownloadParams
+
+DEFAULT_LIMITS = LimitsConfig()
 
 
 class Downloads:
@@ -119,10 +123,18 @@ class Downloads:
                 await client.aclose()
 
     def prepare(
-        self, params: DownloadParams, caller: Caller, *, max_items: int
+        self,
+        params: DownloadParams,
+        caller: Caller,
+        *,
+        max_items: int,
+        max_headers: int = DEFAULT_LIMITS.max_item_headers,
+        max_header_bytes: int = DEFAULT_LIMITS.max_item_header_bytes,
     ) -> tuple[str, int, dict[str, Any]]:
         """(task name, item count, spec) of a download task; raises ``InvalidParams``,
-        ``Forbidden``, or ``Busy`` for more than ``max_items`` items. Builds no job."""
+        ``Forbidden``, or ``Busy`` for more than ``max_items`` items or an item with more
+        than ``max_headers`` headers or ``max_header_bytes`` of them (its own and the
+        task's together). Builds no job."""
         if (params.urls is None) == (params.items is None):
             raise InvalidParams("urls", "give either urls or items, not both or neither")
         raw: list[dict[str, Any]]
@@ -142,13 +154,25 @@ class Downloads:
                 f"(limits.max_items_per_task = {max_items}); split it into several tasks",
                 {"limit": max_items, "key": "limits.max_items_per_task", "field": field},
             )
+        try:
+            task_headers = auth.check_headers(params.headers or {})
+        except ValueError as exc:
+            raise InvalidParams("headers", str(exc)) from None
         for index, entry in enumerate(raw):
             where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
             try:
-                DownloadItem(**entry)  # checks the url (names.validate_url) and sha256
+                # Checks the url (names.validate_url), the sha256 and the headers.
+                item = DownloadItem(**entry)
             except ValueError as exc:
-                path = where if "url" in str(exc) else f"items[{index}].sha256"
+                if str(exc).startswith("header"):
+                    path = f"items[{index}].headers"
+                else:
+                    path = where if "url" in str(exc) else f"items[{index}].sha256"
                 raise InvalidParams(path, str(exc)) from None
+            if task_headers or item.headers:
+                headers = auth.merged(task_headers, item.headers)
+                at = "headers" if field == "urls" else f"items[{index}].headers"
+                _check_header_limits(headers, at, max_headers, max_header_bytes)
         # 0 is a value to refuse, not "not given".
         batch_size = (
             self._config.downloads.batch_size if params.batch_size is None else params.batch_size
@@ -158,10 +182,16 @@ class Downloads:
         reader = self._reader(caller)
         home = "." if reader is None else home_name(caller)
         dest = self._dest(params.dest, caller, home)
-        name = params.name or (raw[0]["url"] if len(raw) == 1 else f"Download {len(raw)} files")
+        one = hide_credentials(raw[0]["url"])
+        name = params.name or (one if len(raw) == 1 else f"Download {len(raw)} files")
         spec: dict[str, Any] = {"items": raw, "dest": dest, "batch_size": batch_size}
         if reader is not None:
             spec |= {"reader_uid": reader, "home": home}
+        if params.headers:
+            spec["headers"] = dict(params.headers)
+        if caller.uid == self._daemon_uid:
+            # The daemon's own netrc logs in for its own user's tasks, nobody else's.
+            spec["netrc"] = True
         return name, len(raw), spec
 
     def _reader(self, caller: Caller) -> int | None:
@@ -203,6 +233,24 @@ class Downloads:
         self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]
     ) -> DownloadJob:
         return DownloadJob(self, task_id, spec, checkpoints)
+
+
+def _check_header_limits(
+    headers: tuple[auth.Header, ...], field: str, most: int, most_bytes: int
+) -> None:
+    if len(headers) > most:
+        raise Busy(
+            f"{field}: an item may have at most {most} request headers, its own and the "
+            f"task's together (limits.max_item_headers), not {len(headers)}",
+            {"limit": most, "key": "limits.max_item_headers", "field": field},
+        )
+    size = auth.header_bytes(headers)
+    if size > most_bytes:
+        raise Busy(
+            f"{field}: an item's request headers may take at most {most_bytes} bytes, its "
+            f"own and the task's together (limits.max_item_header_bytes), not {size}",
+            {"limit": most_bytes, "key": "limits.max_item_header_bytes", "field": field},
+        )
 
 
 def home_name(caller: Caller) -> str:
@@ -264,9 +312,17 @@ class DownloadJob:
     _processed: int = attrs.field(init=False, default=0)
     _unknown_sizes: int = attrs.field(init=False, default=0)
     _known_bytes: int = attrs.field(init=False, default=0)
+    # The daemon user's netrc, read when the task starts, for that user's own tasks only.
+    _netrc: netrc.netrc | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
+        task_headers = auth.check_headers(self.spec.get("headers") or {})
         self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
+        if task_headers:
+            self.items = [
+                attrs.evolve(item, headers=auth.merged(task_headers, item.headers))
+                for item in self.items
+            ]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
         self.sizes = [None] * len(self.items)
@@ -324,6 +380,8 @@ class DownloadJob:
             raise JobFailed(message) from None
         try:
             self._beside_journals = await in_thread(self.service.beside_journals, directory)
+            if self.spec.get("netrc"):
+                await self._read_netrc(reporter)
             return await self._run(reporter, directory)
         finally:
             directory.close()
@@ -383,6 +441,34 @@ class DownloadJob:
             for index, (part, final) in linked.items():
                 self.states[index] = ItemState(name=final, part=part)
 
+    async def _read_netrc(self, reporter: Reporter) -> None:
+        try:
+            self._netrc = await in_thread(auth.read_netrc)
+        except (netrc.NetrcParseError, OSError) as exc:
+            # Not the parser's message: it may quote a token of the file, a password too.
+            line = getattr(exc, "lineno", None)
+            where = f" (line {line})" if line else ""
+            reporter.status(
+                Level.WARNING,
+                f"Not using ~/.netrc{where}: it does not parse, cannot be read, or others "
+                "may read it",
+            )
+
+    def _with_netrc(self, item: DownloadItem) -> DownloadItem:
+        """``item`` with the netrc's credentials for its host, unless it logs in itself."""
+        if self._netrc is None or auth.has_userinfo(item.url):
+            return item
+        if any(name.lower() == "authorization" for name, _ in item.headers):
+            return item
+        authorization = auth.netrc_authorization(self._netrc, item.url)
+        if authorization is None:
+            return item
+        return attrs.evolve(item, headers=(*item.headers, ("Authorization", authorization)))
+
+    def shown_url(self, index: int) -> str:
+        """The item's URL as its owner sees it (``tasks.get``): credentials as ``***``."""
+        return hide_credentials(self.items[index].url)
+
     def _set_result(self, index: int, result: ItemResult | None) -> None:
         self._processed += (result is not None) - (self.results[index] is not None)
         self.results[index] = result
@@ -400,8 +486,9 @@ class DownloadJob:
             await self._fetch(index, directory, reporter)
 
     async def _fetch(self, index: int, directory: Directory, reporter: Reporter) -> None:
-        item = self.items[index]
-        reporter.update_progress(self._processed, item.url)
+        item = self._with_netrc(self.items[index])
+        shown = self.shown_url(index)
+        reporter.update_progress(self._processed, shown)
 
         async def on_state(state: ItemState) -> None:
             # The engine writes nothing under a name, part or validator before this
@@ -423,6 +510,8 @@ class DownloadJob:
             on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
             on_state=on_state,
         )
+        if result.url != shown:
+            result = attrs.evolve(result, url=shown)
         self._set_result(index, result)
         self._set_size(reporter, index, result.bytes)
         if self._journalled.pop(index, None) == result:
@@ -433,7 +522,7 @@ class DownloadJob:
                 reporter, {"item": index, "state": state, "result": unstructure(result)}
             )
         if result.error:
-            reporter.status(Level.ERROR, f"Failed to download file: {item.url}: {result.error}")
+            reporter.status(Level.ERROR, f"Failed to download file: {shown}: {result.error}")
         reporter.update_progress(self._processed)
 
     def _done_result(self, index: int, directory: Directory, state: ItemState) -> ItemResult:
@@ -441,7 +530,7 @@ class DownloadJob:
         has checked the item's sha256, if any, before it does)."""
         item = self.items[index]
         path = directory.join(state.name or "")
-        return ItemResult(item.url, path, self.held[index], item.sha256, None)
+        return ItemResult(self.shown_url(index), path, self.held[index], item.sha256, None)
 
     async def _checkpoint(self, reporter: Reporter, record: dict[str, Any]) -> None:
         if self._settled:
@@ -462,8 +551,10 @@ class DownloadJob:
 
     def _result(self) -> dict[str, Any]:
         items = [
-            unstructure(result) if result is not None else {"url": item.url, "error": "not run"}
-            for item, result in zip(self.items, self.results, strict=True)
+            unstructure(result)
+            if result is not None
+            else {"url": self.shown_url(index), "error": "not run"}
+            for index, result in enumerate(self.results)
         ]
         failed = sum(1 for entry in items if entry.get("error"))
         return {"items": items, "completed": len(items) - failed, "failed": failed}
@@ -519,7 +610,7 @@ class DownloadJob:
 
     def _restore_completed(self, rows: list[list[Any]]) -> None:
         for index, path, size, sha256 in rows:
-            result = ItemResult(self.items[index].url, path, size, sha256, None)
+            result = ItemResult(self.shown_url(index), path, size, sha256, None)
             self._set_result(index, result)
             self._record_size(index, size)
             name = None if path is None else os.path.basename(path)

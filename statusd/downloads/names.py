@@ -154,8 +154,6 @@ def validate_url(url: str) -> str:
         raise ValueError(f"url scheme must be http or https, not {shown}")
     if not parts.hostname:
         raise ValueError("url must have a host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("url must not contain credentials (user:password@)")
     if port == 0:
         raise ValueError("url port must be between 1 and 65535, not 0")
     try:
