@@ -157,7 +157,7 @@ async def test_url_credentials_and_headers_reach_their_origin(
     assert request.headers["authorization"] == basic("u", SECRETS[0])
     assert request.headers["x-token"] == SECRETS[1]
     assert request.headers["host"] == f"127.0.0.1:{http_server.port}"  # no userinfo in Host
-    assert repr(item).count(SECRETS[1]) == 0  # headers are kept out of the item's repr
+    shows_no_secret(repr(item))  # a repr may end up in a log
 
 
 async def test_a_redirect_to_another_port_drops_credentials_and_headers(

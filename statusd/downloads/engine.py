@@ -106,6 +106,7 @@ from statusd.downloads.http import (
     Response,
     TLSError,
 )
+from statusd.redact import hide_credentials
 
 NAME_BYTES = names.MAX_NAME_BYTES
 FALLBACK_NAME = "download"
@@ -140,7 +141,8 @@ class DownloadItem:
     credentials), and optionally the file name, the expected sha256 and request headers.
     The headers and the credentials go to the URL's own origin only (``auth.py``)."""
 
-    url: str = attrs.field(validator=_check_url)
+    # Its repr hides the credentials and the header values: a repr may end up in a log.
+    url: str = attrs.field(validator=_check_url, repr=hide_credentials)
     filename: str | None = None
     sha256: str | None = attrs.field(default=None, validator=_check_sha256)
     headers: tuple[auth.Header, ...] = attrs.field(default=(), converter=_header_pairs, repr=False)
