@@ -248,6 +248,47 @@ async def test_a_retry_sends_the_credentials_again(
     assert [r.headers["x-token"] for r in http_server.requests_for("/later.bin")] == ["t"] * 2
 
 
+async def test_they_survive_a_restart_in_the_journal(
+    nursery: trio.Nursery, short_tmp: Path, http_server: HTTPTestServer
+) -> None:
+    """A task cut off by a daemon stop sends them again when the next daemon resumes it."""
+    from statusd.daemon import run
+    from tests.conftest import RawClient, make_config
+
+    first_request = trio.Event()
+    serve = serve_data(b"s" * 100)
+
+    async def hang_first(request: Request, responder: Responder) -> None:
+        if request.number == 1:
+            first_request.set()
+            await responder.hang()
+        await serve(request, responder)
+
+    url = http_server.route("/resumed.bin", hang_first)
+    config = make_config(short_tmp)
+    params = {"urls": [url.replace("http://", "http://u:pw@")], "headers": {"X-Token": "t"}}
+    first: Daemon = await nursery.start(run, config)
+    client = await RawClient.connect(config.socket)
+    task_id = (await client.call("tasks.download", params))["task_id"]
+    with trio.fail_after(20):
+        await first_request.wait()
+    await trio.aclose_forcefully(client.stream)
+    first.request_stop()
+    await first.wait_stopped()
+    second: Daemon = await nursery.start(run, config)
+    client = await RawClient.connect(config.socket)
+    await client.call("subscribe", {"tasks": "all"})
+    task = await client.call("tasks.get", {"task_id": task_id})
+    if task["status"] not in ("completed", "failed"):
+        task = await wait_for_end(client, task_id)
+    assert task["status"] == "completed"
+    assert authorization(http_server, "/resumed.bin") == [basic("u", "pw")] * 2
+    assert [r.headers["x-token"] for r in http_server.requests_for("/resumed.bin")] == ["t"] * 2
+    await trio.aclose_forcefully(client.stream)
+    second.request_stop()
+    await second.wait_stopped()
+
+
 @pytest.mark.parametrize(
     ("params", "path", "message"),
     [
