@@ -25,7 +25,7 @@ guarantees:
   starts from zero anyway), a new validator at once. A file that fits
   is created, written, synced and linked in one thread hop and reported only as ``done``:
   a crash in that hop leaves a part that is whole and linked, or holds nothing a resume
-  could use, and the journal record per small file it saves was 12-16% of the daemon's
+  could use, and the journal record per small file it saves was 10-16% of the daemon's
   CPU per file (docs/bench-daemon.md). ``done`` is reported
   while the part is still linked to the final name (when there is an ``on_state``): a crash
   before the caller has it finds the part linked to a visible name and finishes, rather
