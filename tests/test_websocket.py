@@ -630,21 +630,34 @@ async def test_bulk_process_endpoint_follows_a_real_download(
     trio_token = trio.lowlevel.current_trio_token()
 
     def session() -> Any:
+        updates: list[Any] = []
+
+        def answer(kind: str) -> Any:
+            # The task may start (and say so) while the replies are asked for: its
+            # job_updates can come before or between them.
+            while True:
+                message = json.loads(ws.recv(TIMEOUT))
+                if message["type"] == kind:
+                    return message
+                updates.append(message)
+
         with open_ws(ws_daemon, token, f"/ws/bulk-process/{task_id}") as ws:
-            connected = json.loads(ws.recv(TIMEOUT))
+            connected = answer("connected")
             ws.send('{"type":"ping"}')
-            pong = json.loads(ws.recv(TIMEOUT))
+            pong = answer("pong")
             ws.send('{"type":"get_status"}')
-            status_request = json.loads(ws.recv(TIMEOUT))
+            status_request = answer("status_request")
             ws.send('{"type":"dance"}')
-            unknown = json.loads(ws.recv(TIMEOUT))
+            unknown = answer("error")
             trio.from_thread.run_sync(gate.set, trio_token=trio_token)
-            updates: list[Any] = []
             while not updates or updates[-1]["status"] not in ("completed", "error"):
                 updates.append(json.loads(ws.recv(TIMEOUT)))
             return connected, pong, status_request, unknown, updates
 
-    connected, pong, status_request, unknown, updates = await in_thread(session)
+    try:
+        connected, pong, status_request, unknown, updates = await in_thread(session)
+    finally:
+        await client.aclose()
     assert connected["type"] == "connected"
     assert connected["job_id"] == task_id
     assert connected["status"] == "connected"
@@ -663,7 +676,6 @@ async def test_bulk_process_endpoint_follows_a_real_download(
     assert kinds[-1] == "completed"
     assert updates[-1]["progress"] == 100.0
     assert updates[-1]["processed"] == 2
-    await client.aclose()
 
 
 async def test_progress_endpoint_follows_a_topic_and_subscribed_jobs(
