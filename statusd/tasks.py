@@ -82,7 +82,8 @@ class Job(Protocol):
     async def run(self, reporter: Reporter) -> dict[str, Any] | None: ...
 
     async def discard(self) -> None:
-        """Remove what an unfinished run left behind (called after a user's cancel)."""
+        """Remove what an unfinished run left behind (called after a user's cancel), and
+        what a failed one kept for a retry (called before the task is cleaned up)."""
 
     def checkpoints_to_keep(self) -> list[dict[str, Any]]:
         """Called when the task has failed or was cancelled: the checkpoints a retry needs
@@ -459,6 +460,8 @@ class TaskManager:
                 held.callback(entry.lock.release)
                 old.append(task_id)
             if old:
+                for task_id in old:
+                    await self._discard_kept(self._entries[task_id])
                 async with self._gate.change():
                     await self._append_or_refuse([{"op": "remove", "id": i} for i in old])
                     for task_id in old:
@@ -468,6 +471,20 @@ class TaskManager:
                 )
         await self._maybe_compact()
         return len(old)
+
+    async def _discard_kept(self, entry: _Entry) -> None:
+        """Remove what a failed task kept for a retry (a download's parts) before the task
+        is forgotten; a crash in between leaves the task, with nothing left to resume."""
+        if entry.task.status is not TaskStatus.FAILED or not entry.checkpoints:
+            return
+        try:
+            job = self._job_or_none(entry)
+        except Exception:
+            log.exception("task %s: cannot build its job to remove its files", entry.task.id)
+            return
+        if job is not None:
+            with trio.CancelScope(shield=True):
+                await job.discard()
 
     def get_task_summary(self, tasks: list[TaskInfo] | None = None) -> dict[str, int]:
         tasks = [e.task for e in self._entries.values()] if tasks is None else tasks

@@ -123,7 +123,9 @@ class HTTPTestServer:
         return len({request.connection for request in self.requests})
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        """Serve until cancelled, on an ephemeral port the first time and on the same one
+        after: cancelled and started again, it is a server that went away and came back."""
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
         task_status.started()

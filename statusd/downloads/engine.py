@@ -206,6 +206,14 @@ class ItemState:
     validator: str | None = None  # ETag (strong) or Last-Modified of the part's data
     done: bool = False
     part: str | None = None  # the item's own part file (files.part_name); None: none yet
+    # Without a validator: the entity's length as its server gave it (rules.resume_length),
+    # which a resume's Content-Range must repeat; None: the part cannot be resumed.
+    length: int | None = None
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a part under this state may be continued with a range request."""
+        return self.validator is not None or self.length is not None
 
 
 @attrs.frozen
@@ -355,7 +363,12 @@ async def download_items(
 
 
 class _Fail(Exception):
-    """The item fails now, with this message."""
+    """The item fails now, with this message; ``discard``: its part goes too (it is what
+    failed, or can never complete), else a journalled item keeps it for ``tasks.retry``."""
+
+    def __init__(self, message: str, *, discard: bool = False) -> None:
+        super().__init__(message)
+        self.discard = discard
 
 
 class _Retry(Exception):
@@ -407,7 +420,20 @@ class _Download:
         self.buffer = bytearray()
         self.filled = 0
         self.position = 0
-        self.stall: rules.StallWatch | None = None  # the body's, while one is received
+        # The stall rule, across the attempts of this call: begun at the first body byte,
+        # it only sees the time bodies are received and the pauses after attempts that
+        # made progress (``_resume_watch``), so a server cutting every connection is held
+        # to lowest_speed as one that trickles on one connection is.
+        self.stall: rules.StallWatch | None = None
+        self.body_ended: float | None = None  # when the last body broke off
+        self.counted_pause = 0.0  # of the time since then, what the stall rule sees
+        # A failed attempt counts against max_attempts unless the part now holds more than
+        # it ever did at the end of an attempt (``best``): resumable bytes are progress.
+        self.kept = 0  # the bytes a next attempt may resume from
+        self.best = 0
+        # A journalled item keeps the part of a failure for ``tasks.retry``; without a
+        # journal nobody could resume it.
+        self.keep_failed_part = on_state is not _ignore_state
 
     async def run(self) -> ItemResult:
         if self.state.done and self.state.name is not None:
@@ -435,18 +461,32 @@ class _Download:
             except _Restart:
                 self.allow_range = False
             except _Retry as exc:
-                failures += 1
-                if failures >= self.settings.max_attempts:
-                    return await self._failed(f"{exc} (gave up after {failures} attempts)")
-                delay = self.settings.backoff(failures) if exc.delay is None else exc.delay
+                if self.kept > self.best:
+                    # Progress: not counted, and retried after the shortest pause, which
+                    # the stall rule counts (a server giving a byte per connection fails
+                    # it as a trickle does).
+                    self.best = self.kept
+                    delay = self.settings.backoff_initial if exc.delay is None else exc.delay
+                    self.counted_pause = delay
+                else:
+                    failures += 1
+                    if failures >= self.settings.max_attempts:
+                        return await self._failed(f"{exc} (gave up after {failures} attempts)")
+                    delay = self.settings.backoff(failures) if exc.delay is None else exc.delay
+                    self.counted_pause = 0.0
                 await trio.sleep(delay)
             except _Fail as exc:
-                return await self._failed(str(exc))
+                return await self._failed(str(exc), discard=exc.discard)
 
-    async def _failed(self, message: str) -> ItemResult:
-        if self.state.part is not None and self.has_part:
+    async def _failed(self, message: str, *, discard: bool = False) -> ItemResult:
+        keep = self.keep_failed_part and self.has_part and not discard and self.state.resumable
+        if self.state.part is not None and self.has_part and not keep:
             await in_thread(files.unlink_quietly, self.directory, self.state.part)
             self.has_part = False
+        if not keep:
+            # What the caller journals says there is nothing left to resume.
+            self.state.name = self.state.validator = self.state.part = None
+            self.state.length = None
         self._report(0)
         return ItemResult(self.item.url, None, 0, None, message)
 
@@ -464,13 +504,16 @@ class _Download:
                 return await self._finished_earlier(found.final)
             if found.size is not None:
                 self.has_part = True
-                # Without a validator nothing can check a resumed answer: start again.
-                offset = found.size if self.state.validator is not None else 0
+                # Neither a validator nor a length to check a resumed answer by: start again.
+                offset = found.size if self.state.resumable else 0
         self.allow_range = True
+        self.kept = offset
+        self.best = max(self.best, offset)
         headers = []
         if offset > 0:
-            assert self.state.validator is not None
-            headers = [("Range", f"bytes={offset}-"), ("If-Range", self.state.validator)]
+            headers = [("Range", f"bytes={offset}-")]
+            if self.state.validator is not None:
+                headers.append(("If-Range", self.state.validator))
         url = self.item.url
         for _ in range(self.settings.max_redirects + 1):
             try:
@@ -534,7 +577,11 @@ class _Download:
     async def _unsatisfiable(self, response: Response, offset: int) -> ItemResult:
         """A 416 to our range: the part may hold the whole entity already."""
         decision = rules.range_not_satisfiable(
-            response.headers, offset, self.state.validator, self.item.sha256 is not None
+            response.headers,
+            offset,
+            self.state.validator,
+            self.item.sha256 is not None,
+            self.state.length,
         )
         await _drain(response)
         if isinstance(decision, rules.Restart):
@@ -558,7 +605,7 @@ class _Download:
 
     async def _receive(self, response: Response, offset: int) -> ItemResult:
         decision = rules.body_decision(
-            response.status, response.headers, offset, self.state.validator
+            response.status, response.headers, offset, self.state.validator, self.state.length
         )
         if isinstance(decision, rules.Restart):
             raise _Restart()
@@ -568,7 +615,10 @@ class _Download:
         self.total = decision.total
         cap = self.settings.max_file_bytes
         if cap is not None and self.total is not None and self.total > cap:
-            raise _Fail(_cap_message(cap))
+            raise _Fail(_cap_message(cap), discard=True)
+        length = self.state.length
+        if start == 0:
+            length = rules.resume_length(response.headers, self.total) if not validator else None
 
         self.part = None
         try:
@@ -580,7 +630,7 @@ class _Download:
                 # state is reported before its first write (``_ensure_part``).
                 self.state.name = self._first_candidate(response)
                 self.state.part = files.part_name(self.state.name, self.owner)
-                self.state.validator = validator
+                self.state.validator, self.state.length = validator, length
                 self.unreported = True
             else:
                 # Resuming, or starting again: a new part inode *before* a new validator
@@ -589,8 +639,8 @@ class _Download:
                     files.open_part, self.directory, self.state.part, start, self.hashing
                 )
                 self.has_part = True
-                if validator != self.state.validator:
-                    self.state.validator = validator
+                if (validator, length) != (self.state.validator, self.state.length):
+                    self.state.validator, self.state.length = validator, length
                     await self.on_state(self.state)
                     self.unreported = False
             self._report(start)
@@ -631,18 +681,17 @@ class _Download:
         self.position = start
         self.buffer = BUFFERS.take(self.settings.chunk_size)
         self.filled = 0
-        self.stall = None
         if self.settings.lowest_speed:
-            self.stall = rules.StallWatch.begin(
-                self.settings.lowest_speed, self.settings.stall_timeout, trio.current_time(), start
-            )
+            self._resume_watch(start)
         try:
             try:
                 await self._fill(response)
                 if self.filled == len(self.buffer):
                     await self._stream_large(response)
             except HTTPError:
+                self.body_ended = trio.current_time()
                 await self._keep()
+                self.kept = self.position if self.state.resumable else 0
                 raise
             except trio.Cancelled:
                 # Shutting down: keep what is in memory for the resume (milliseconds).
@@ -652,6 +701,18 @@ class _Download:
             return await self._complete(on_mismatch=_Fail)
         finally:
             BUFFERS.give(self.buffer)
+
+    def _resume_watch(self, start: int) -> None:
+        """Carry the stall rule over to this body, if it continues the last one's bytes;
+        of the time in between, only a pause after progress counts."""
+        now = trio.current_time()
+        stall = self.stall
+        if stall is None or self.body_ended is None or stall.held != start:
+            self.stall = rules.StallWatch.begin(
+                self.settings.lowest_speed, self.settings.stall_timeout, now, start
+            )
+            return
+        stall.postpone(now - self.body_ended - self.counted_pause)
 
     async def _fill(self, response: Response) -> None:
         """Read into the buffer until it is full or the body ends. The wait for data ends
@@ -667,7 +728,7 @@ class _Download:
                     return
                 self.position += count
                 if cap is not None and self.position > cap:
-                    raise _Fail(_cap_message(cap))
+                    raise _Fail(_cap_message(cap), discard=True)
                 self.filled += count
                 self._report(self.position)
                 if stall is not None:
@@ -697,9 +758,10 @@ class _Download:
 
     async def _ensure_part(self) -> Part:
         """The open part file, created (O_EXCL) if there is none yet. Data that outlives
-        this attempt in it is resumed only under its validator, so a validator not yet
-        reported is reported first."""
-        if self.unreported and self.state.validator is not None:
+        this attempt in it is resumed only under its validator (or, without one, its
+        length), so a state that could resume it and is not yet reported is reported
+        first."""
+        if self.unreported and self.state.resumable:
             await self.on_state(self.state)
         self.unreported = False
         if self.part is None:
@@ -712,14 +774,14 @@ class _Download:
 
     async def _keep(self) -> None:
         """Write what arrived before a connection broke, for the retry to resume after."""
-        if self.filled and self.state.validator is not None:
+        if self.filled and self.state.resumable:
             part = await self._ensure_part()
             data = memoryview(self.buffer)[: self.filled]
             await self._file_work(files.write_data, part, data, self.settings.reserve)
 
     def _part_failure(self, exc: OSError) -> _Fail:
         part = self.directory.join(self.state.part or FALLBACK_NAME)
-        return _Fail(files.file_error(exc, part))
+        return _Fail(files.file_error(exc, part), discard=True)
 
     async def _complete(self, on_mismatch: type[Exception]) -> ItemResult:
         assert self.state.name is not None

@@ -338,6 +338,10 @@ class DownloadJob:
             if "completed" in checkpoint:
                 self._restore_completed(checkpoint["completed"])
                 continue
+            if "kept" in checkpoint:
+                for index, state in checkpoint["kept"]:
+                    self.states[index] = converter.structure(state, ItemState)
+                continue
             self.unsettled.difference_update(checkpoint.get("settled", ()))
             index = checkpoint["item"]
             if checkpoint.get("settle"):
@@ -560,13 +564,13 @@ class DownloadJob:
         return {"items": items, "completed": len(items) - failed, "failed": failed}
 
     async def discard(self) -> None:
-        """Remove the part files of the items that did not finish (a user's cancel). Only
-        the task's own parts go; a dest that can no longer be opened safely is left as it
-        is."""
+        """Remove the part files of the items that did not finish, failed ones' kept parts
+        included (a user's cancel; a failed task cleaned up). Only the task's own parts
+        go; a dest that can no longer be opened safely is left as it is."""
         unfinished = [
             (index, state)
             for index, (state, result) in enumerate(zip(self.states, self.results, strict=True))
-            if result is None
+            if (result is None or result.error) and not state.done
         ]
         if not unfinished:
             return
@@ -575,9 +579,10 @@ class DownloadJob:
         except (DestError, OSError):
             return
         try:
-            for _, state in unfinished:
+            for index, state in unfinished:
                 if state.part is not None:
                     await remove_partial(directory, state)
+                    self.states[index] = ItemState()  # nothing left for a retry to resume
             # And those the journal never heard of (see ``_claim_strays``).
             unknown = {index for index, state in unfinished if state.part is None}
             await in_thread(
@@ -599,14 +604,26 @@ class DownloadJob:
     def checkpoints_to_keep(self) -> list[dict[str, Any]]:
         """What a retry needs once the task has failed or was cancelled: which items
         completed, where and how big, as one checkpoint of ``[index, path, bytes, sha256]``
-        rows (a 10,000-item task's per-item states and results took about 5 MB); failed
-        and unrun items start afresh."""
+        rows (a 10,000-item task's per-item states and results took about 5 MB), and the
+        state of each unfinished item that keeps a part to resume (a failed one's, or one
+        whose part a cancel could not remove), as ``[index, state]`` rows; the others
+        start afresh."""
         rows = [
             [index, result.path, result.bytes, result.sha256]
             for index, result in enumerate(self.results)
             if result is not None and not result.error
         ]
-        return [{"completed": rows}] if rows else []
+        kept = [
+            [index, unstructure(state)]
+            for index, (state, result) in enumerate(zip(self.states, self.results, strict=True))
+            if (result is None or result.error) and state.part is not None and not state.done
+        ]
+        keep: list[dict[str, Any]] = []
+        if rows:
+            keep.append({"completed": rows})
+        if kept:
+            keep.append({"kept": kept})
+        return keep
 
     def _restore_completed(self, rows: list[list[Any]]) -> None:
         for index, path, size, sha256 in rows:

@@ -80,13 +80,16 @@ def body_decision(
     headers: HeaderSource,
     offset: int,
     stored_validator: str | None,
+    stored_length: int | None = None,
 ) -> Append | Restart | Reject:
     """What to do with a 2xx answer to a request that asked for bytes from ``offset`` on
-    (0: no range) with ``stored_validator`` in If-Range.
+    (0: no range) with ``stored_validator`` in If-Range, or, without a validator, for the
+    rest of an entity of ``stored_length`` bytes (``resume_length``).
 
-    A 206 from ``offset`` with the same validator (or none) is appended; a 200 is the
-    whole entity from zero; a 206 from elsewhere or with another validator is asked for
-    again without a range; a 206 to a request without range is refused.
+    A 206 from ``offset`` with the same validator (or none) is appended; without a
+    validator only when its Content-Range total is ``stored_length``. A 200 is the whole
+    entity from zero; a 206 from elsewhere, with another validator or another total is
+    asked for again without a range; a 206 to a request without range is refused.
     """
     tag = validator(headers)
     length = content_length(headers.get("content-length"))
@@ -95,6 +98,8 @@ def body_decision(
     span = content_range(headers.get("content-range"))
     if offset > 0:
         if span is None or span[0] != offset or (tag is not None and tag != stored_validator):
+            return Restart()
+        if stored_validator is None and (span[2] is None or span[2] != stored_length):
             return Restart()
         total = span[2] if span[2] is not None else _add(offset, length)
         return Append(offset, total, stored_validator)
@@ -108,11 +113,14 @@ def range_not_satisfiable(
     offset: int,
     stored_validator: str | None,
     has_sha256: bool,
+    stored_length: int | None = None,
 ) -> Complete | Restart:
     """A 416 to ``Range: bytes=OFFSET-``. ``Content-Range: bytes */N`` with N == offset
     says the part already holds all N bytes (a body that arrived whole on a connection
     that broke before its end): complete it, as curl and aria2 do, once the item's sha256
-    agrees, or else when the answer's validator is the one the part was fetched under.
+    agrees, or else when the answer's validator is the one the part was fetched under,
+    or, for a part fetched without one, when N is the length its server gave then and
+    the answer carries no validator either (``resume_length``'s trade-off).
     Any other 416 restarts without a range."""
     if offset <= 0 or unsatisfied_range_total(headers.get("content-range")) != offset:
         return Restart()
@@ -121,7 +129,21 @@ def range_not_satisfiable(
     tag = validator(headers)
     if stored_validator is not None and tag == stored_validator:
         return Complete(verify=False)
+    if stored_validator is None and tag is None and stored_length == offset:
+        return Complete(verify=False)
     return Restart()
+
+
+def resume_length(headers: HeaderSource, total: int | None) -> int | None:
+    """For an answer from zero that carries no validator: the entity's length, which a
+    resume's ``Content-Range`` total must repeat (wget's and aria2c's rule), or None when
+    the part cannot be resumed (length unknown, or ``Accept-Ranges: none``). A file that
+    changed and kept its length would be spliced: the item's sha256, when given, is what
+    catches that (docs/http.md, "Resume")."""
+    ranges = (headers.get("accept-ranges") or "").strip().lower()
+    if not total or ranges == "none":
+        return None
+    return total
 
 
 def status_failure(
@@ -239,6 +261,16 @@ class StallWatch:
             self._window_start += self.stall_timeout
             self._window_held = held
         return False
+
+    @property
+    def held(self) -> int:
+        """What the item held at the last sample."""
+        return self._held
+
+    def postpone(self, seconds: float) -> None:
+        """Leave out ``seconds`` the rule must not see (an item's wait between two
+        attempts): the current window ends that much later."""
+        self._window_start += max(0.0, seconds)
 
     @property
     def message(self) -> str:
