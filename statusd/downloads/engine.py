@@ -30,26 +30,41 @@ guarantees:
   while the part is still linked to the final name (when there is an ``on_state``): a crash
   before the caller has it finds the part linked to a visible name and finishes, rather
   than fetch the file again. With a part of N bytes and a validator, a retry (or a call
-  after a restart) asks for ``Range: bytes=N-`` with ``If-Range``; ``rules.body_decision``
-  says whether the answer is appended, started from zero (in a new part inode) or asked
-  for again without a range. A 416 saying the entity is N bytes means the part holds it
-  all: it is completed once the item's sha256 agrees or, without one, when the answer
-  carries the validator the part was fetched under (``rules.range_not_satisfiable``).
-  Invariant: the part always holds a prefix of the entity that ``state.validator`` names
-  (it is replaced *before* a new validator is reported). A state journalled before parts
-  were owned (a name, no part) is not resumed: the item starts again under a new part.
-- **retries**: connection errors, timeouts, a body cut short, 5xx and 429 are retried up
-  to ``max_attempts`` attempts in all, waiting ``backoff_initial * 2**(k-1)`` seconds after
-  the k-th failure (at most ``backoff_max``), or what ``Retry-After`` asks (at most
-  ``max_retry_after``). Other 4xx, TLS errors, a host name that does not resolve (a
+  after a restart) asks for ``Range: bytes=N-`` with ``If-Range``; without a validator
+  but with the entity's length (``state.length``, ``rules.resume_length``) it asks for
+  ``Range: bytes=N-`` alone, and a 206 is appended only if its ``Content-Range`` total is
+  that length. ``rules.body_decision`` says whether the answer is appended, started from
+  zero (in a new part inode) or asked for again without a range. A 416 saying the entity
+  is N bytes means the part holds it all: it is completed once the item's sha256 agrees
+  or, without one, when the answer carries the validator the part was fetched under (or,
+  fetched without one, none and the same length: ``rules.range_not_satisfiable``).
+  Invariant: the part always holds a prefix of the entity that ``state.validator`` (or,
+  without one, ``state.length``) names (it is replaced *before* a new one is reported).
+  A state journalled before parts were owned (a name, no part) is not resumed: the item
+  starts again under a new part.
+- **retries**: connection errors, timeouts, a body cut short, 5xx and 429 are retried.
+  An attempt after which the part holds more than after any earlier one (bytes a next
+  attempt can resume from) made progress: it does not count, and the next one follows
+  after ``backoff_initial``. The others count, up to
+  ``max_attempts``, waiting ``backoff_initial * 2**(k-1)`` seconds after the k-th (at most
+  ``backoff_max``), or what ``Retry-After`` asks (at most ``max_retry_after``). What
+  bounds a server that sends a little per connection forever is the stall rule, which
+  spans the attempts (below). Other 4xx, TLS errors, a host name that does not resolve (a
   resolver that cannot answer now is retried), a proxy refusing CONNECT with a 4xx, a
   size over the cap, a sha256 mismatch, a full disk, a write that would eat into the
   ``reserve``, a transfer slower than ``lowest_speed`` for ``stall_timeout``
   (``rules.StallWatch``: retrying a server that trickles would hold the slot as long
-  again) and too many redirects fail the item at once.
-- **failures** are returned as ``ItemResult(error=...)`` and the item's part is removed;
-  only ``trio.Cancelled`` (and bugs) propagate. On cancellation the part stays, for a
-  resume after a daemon restart; a user's cancel removes it with ``remove_partial``.
+  again) and too many redirects fail the item at once. The stall rule's windows run from
+  the first body byte on, over the attempts that continue those bytes (an answer from
+  zero begins them again), counting the time bodies are received and the pauses after
+  progress, not the waits after counted failures: a byte per connection is a trickle.
+- **failures** are returned as ``ItemResult(error=...)``; only ``trio.Cancelled`` (and
+  bugs) propagate. A caller that journals (an ``on_state``) keeps a failed item's part,
+  and its state, for a later call to resume (``tasks.retry``), unless the part cannot be
+  resumed (no validator nor length) or is what failed (a size over the cap, a sha256
+  mismatch, a file system error): then the part is removed and the state cleared. Without
+  ``on_state`` the part is always removed. On cancellation the part stays, for a resume
+  after a daemon restart; a user's cancel removes it with ``remove_partial``.
 - **progress**: ``on_bytes(delta, total)`` after every piece received; the sum of all
   deltas is always the amount of data the item holds (when ``on_state`` hears ``done``:
   the file's size), so a restart from zero reports a
@@ -466,8 +481,7 @@ class _Download:
                     # the stall rule counts (a server giving a byte per connection fails
                     # it as a trickle does).
                     self.best = self.kept
-                    delay = self.settings.backoff_initial if exc.delay is None else exc.delay
-                    self.counted_pause = delay
+                    delay = self.counted_pause = self.settings.backoff_initial
                 else:
                     failures += 1
                     if failures >= self.settings.max_attempts:
