@@ -19,11 +19,12 @@ guarantees:
   file that is not its own part.
 - **durability**: the data is fdatasynced before the link, and the directory after it,
   before the item is reported done.
-- **resume**: ``ItemState`` (name, part and validator) is handed to ``on_state`` before
-  data that a resume could use is written under it: a large file's (one that does not fit
-  its first buffer) before its first write if it has a validator (without one a resume
-  starts from zero anyway), a new validator at once. A file that fits
-  is created, written, synced and linked in one thread hop and reported only as ``done``:
+- **resume**: ``ItemState`` (name, part, validator and length) is handed to ``on_state``
+  before data that a resume could use is written under it: a large file's (one that does
+  not fit its first buffer) before its first write if it has a validator or, without one,
+  a length (with neither a resume starts from zero anyway), a new validator at once. A
+  file that fits is created, written, synced and linked in one thread hop and reported
+  only as ``done``:
   a crash in that hop leaves a part that is whole and linked, or holds nothing a resume
   could use, and the journal record per small file it saves was 10-16% of the daemon's
   CPU per file (docs/bench-daemon.md). ``done`` is reported
