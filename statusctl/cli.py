@@ -60,6 +60,8 @@ EXIT_UNREACHABLE = 3
 EXIT_REMOTE_ERROR = 4
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
+COLOR_CHOICES = ("auto", "always", "never")
+
 
 @attrs.define
 class Context:
@@ -70,6 +72,7 @@ class Context:
     json: bool
     stdout: TextIO
     stderr: TextIO
+    look: render.Presentation = render.PLAIN
     _client: Client | None = None
 
     @functools.cached_property
@@ -95,7 +98,8 @@ class Context:
 
     def line(self, text: str) -> None:
         # Flushed per line: ``watch`` output is read live through pipes.
-        self.stdout.write(render.one_line(text) + "\n")
+        safe = render.paint(text) if self.look.colour else render.one_line(text)
+        self.stdout.write(safe + "\n")
         self.stdout.flush()
 
     def complain(self, text: str) -> None:
@@ -129,7 +133,7 @@ class Command:
 
 def run_info(context: Context, _args: argparse.Namespace) -> int:
     info = context.call("daemon.info")
-    context.emit(info, render.format_info(info))
+    context.emit(info, render.format_info(info, context.look))
     return EXIT_OK
 
 
@@ -169,7 +173,8 @@ def run_status(context: Context, args: argparse.Namespace) -> int:
     if isinstance(dropped, int) and dropped > 0:
         lines.append(render.format_history_gap(dropped))
     lines.extend(
-        render.format_status(message, context.username) for message in result.get("messages", [])
+        render.format_status(message, context.username, context.look)
+        for message in result.get("messages", [])
     )
     context.emit(result, lines)
     return EXIT_OK
@@ -205,7 +210,7 @@ def run_watch(context: Context, args: argparse.Namespace) -> int:
             # Subscribed first, so nothing between this answer and the next push is lost.
             task = client.call("tasks.get", {"task_id": args.task})
             if task["status"] in FINAL_STATUSES:
-                context.emit(task, [_task_line(task)])
+                context.emit(task, [render.format_task_line(task, context.look)])
                 return EXIT_OK if task["status"] == "completed" else EXIT_FAILED
             display.show(task)
         elif args.topic is not None:
@@ -257,7 +262,7 @@ class _Follow:
                 return EXIT_OK if params.get("status") == "completed" else EXIT_FAILED
         elif push.method == "status":
             if self._wanted_status(params):
-                line = render.format_status(params, self.context.username)
+                line: str = render.format_status(params, self.context.username, self.context.look)
                 self._print(push, lambda: self.display.message(line))
         else:
             line = render.format_push(push.method, push.params)
@@ -357,15 +362,6 @@ def _is_terminal(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-def _task_line(task: Mapping[str, Any]) -> str:
-    progress = f"{task.get('progress', 0):5.1f}%"
-    items = f"{task.get('processed_items', 0)}/{task.get('total_items', 0)}"
-    # Escaped field by field (not only as a whole line) so the columns still line up.
-    task_id, status = render.one_line(str(task["id"])), render.one_line(str(task["status"]))
-    name = render.one_line(str(task.get("name", "")))
-    return f"{task_id}  {status:<9} {progress} {items:>9}  {name}"
 
 
 def download_arguments(parser: argparse.ArgumentParser) -> None:
@@ -488,7 +484,7 @@ def tasks_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_tasks(context: Context, args: argparse.Namespace) -> int:
     result = all_tasks(context.call, args.status)
-    context.emit(result, [_task_line(task) for task in result["tasks"]])
+    context.emit(result, render.format_tasks(result["tasks"], args.status, context.look))
     return EXIT_OK
 
 
@@ -556,12 +552,7 @@ def task_id_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_task(context: Context, args: argparse.Namespace) -> int:
     task = task_with_items(context.call, args.task_id)
-    one_line = render.one_line
-    lines = [f"{key}: {one_line(str(value))}" for key, value in task.items() if key != "result"]
-    for item in (task.get("result") or {}).get("items", []):
-        url, path = one_line(str(item.get("url"))), one_line(str(item.get("path")))
-        lines.append(f"item: {url} -> {path} {one_line(str(item.get('error') or 'ok'))}")
-    context.emit(task, lines)
+    context.emit(task, render.format_task(task, context.look))
     return EXIT_OK
 
 
@@ -684,7 +675,7 @@ def run_notifications(context: Context, args: argparse.Namespace) -> int:
         if args.limit is not None:
             params["limit"] = args.limit
         result = context.call("notifications.list", params)
-        lines = [render.format_notification(n) for n in result["notifications"]]
+        lines = render.format_notifications(result["notifications"], args.unread, context.look)
         context.emit(result, lines)
         return EXIT_OK
     if args.unread or args.limit is not None:
@@ -785,14 +776,7 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.token_action == "list":
         result = context.call("tokens.list")
-        one_line = render.one_line
-        lines = [
-            f"{one_line(str(token['token_id']))}  {one_line(str(token['username'])):<16} "
-            f"{one_line(str(token['scope'])):<8} {one_line(str(token['created_at']))}  "
-            f"{one_line(str(token.get('expires_at') or 'never'))}"
-            for token in result["tokens"]
-        ]
-        context.emit(result, lines)
+        context.emit(result, render.format_tokens(result["tokens"], context.look))
         return EXIT_OK
     # The token itself names its id; only the id goes to the daemon, never the secret.
     parts = split_token(args.token_id)
@@ -905,6 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="machine output: one JSON document (lines for watch)"
     )
+    parser.add_argument(
+        "--color",
+        choices=COLOR_CHOICES,
+        default="auto",
+        help="colour task states and levels: auto (the default) on a terminal unless "
+        "NO_COLOR is set, always, or never",
+    )
     parser.add_argument("--version", action="version", version=f"statusctl {__version__}")
     commands = parser.add_subparsers(
         title="commands", metavar="COMMAND", dest="command_name", required=True
@@ -913,21 +904,37 @@ def build_parser() -> argparse.ArgumentParser:
         subparser = commands.add_parser(command.name, help=command.help, description=command.help)
         command.arguments(subparser)
         subparser.set_defaults(command=command)
-        _json_after_the_command(subparser)
+        _options_after_the_command(subparser)
     return parser
 
 
-def _json_after_the_command(parser: argparse.ArgumentParser) -> None:
+def _options_after_the_command(parser: argparse.ArgumentParser) -> None:
     """``statusctl summary --json`` as well as ``statusctl --json summary`` (and after a
-    nested action: ``token list --json``). SUPPRESS keeps a parser that did not see it
-    from resetting what an outer one did."""
+    nested action: ``token list --json``); ``--color`` too. SUPPRESS keeps a parser that
+    did not see one from resetting what an outer one did."""
     parser.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--color", choices=COLOR_CHOICES, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for nested in action.choices.values():
-                _json_after_the_command(nested)
+                _options_after_the_command(nested)
+
+
+def presentation(
+    color: str, json: bool, stdout: TextIO, environ: Mapping[str, str]
+) -> render.Presentation:
+    """Colours and local times for a person at a terminal; ``NO_COLOR`` (any value but
+    empty, https://no-color.org) turns colours off unless ``--color always`` asks."""
+    person = not json and _is_terminal(stdout)
+    if color == "auto":
+        colour = person and not environ.get("NO_COLOR")
+    else:
+        colour = color == "always" and not json
+    return render.Presentation(colour=colour, local_time=person)
 
 
 def main(
@@ -941,7 +948,8 @@ def main(
         # argparse exits 2 on a usage error and 0 for --help/--version; callers of main()
         # get the status back instead of an exception.
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
-    context = Context(Path(args.socket) if args.socket else None, args.json, out, err)
+    look = presentation(args.color, args.json, out, os.environ)
+    context = Context(Path(args.socket) if args.socket else None, args.json, out, err, look)
     command: Command = args.command
     try:
         return command.run(context, args)
@@ -951,7 +959,7 @@ def main(
     except RemoteError as error:
         if context.json:
             context.line(render.to_json(error.to_wire()))
-        context.complain(render.format_error(error.code, error.message))
+        context.complain(render.format_error(error.message))
         return EXIT_REMOTE_ERROR
     except DaemonUnreachable as exc:
         context.complain(str(exc))

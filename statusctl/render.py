@@ -1,6 +1,9 @@
 """statusctl's text output: results in, lines out. Pure: no I/O, no trio, no client.
 
 Human output is one line per item (supervisorctl style), so it greps and pipes well.
+Lists have a header line and say so when they are empty. For a person at a terminal
+(``Presentation``) times are local and states and levels are coloured; piped output keeps
+the daemon's UTC timestamps and no colour, and ``--json`` is the daemon's values as they are.
 Every piece of text that came from the daemon (task names, messages, URLs, topics,
 errors: much of it written by other users) goes through ``one_line``, which shows
 control and invisible format characters as escapes: a task name must not be able to
@@ -14,8 +17,11 @@ import json
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
+
+import attrs
 
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Controls (C0, DEL, C1: Cc), invisible format characters (bidi overrides such as U+202E,
@@ -103,21 +109,154 @@ def to_json(value: Any) -> str:
     return _MAYBE_UNSAFE.sub(_json_escape, text)
 
 
-def format_status(message: Mapping[str, Any], reader: str | None = None) -> str:
+# -- for people: times, colours, tables ----------------------------------------------------
+
+
+@attrs.frozen
+class Presentation:
+    """How human output looks: colours and local times are for a person at a terminal."""
+
+    colour: bool = False
+    local_time: bool = False
+
+
+PLAIN = Presentation()
+
+# SGR parameters of each colour role: levels, task states, and the parts of a table.
+_COLOURS = {
+    "info": "36",
+    "warning": "33",
+    "error": "31",
+    "success": "32",
+    "pending": "2",
+    "running": "36",
+    "paused": "33",
+    "completed": "32",
+    "failed": "31",
+    "cancelled": "33",
+    "header": "1",
+    "unread": "1",
+}
+
+Part = str | tuple[str, str]  # text, or (text, colour role)
+
+
+class Styled(str):
+    """A line of human output that knows which of its spans to colour.
+
+    Its value is the plain text, so it compares, pads and prints as before; ``paint`` adds
+    the colours. Built by ``styled``, which escapes every part: colour codes can only come
+    from here, never from the daemon's text."""
+
+    spans: tuple[tuple[int, int, str], ...]
+
+    def __new__(cls, text: str, spans: Iterable[tuple[int, int, str]] = ()) -> Styled:
+        line = super().__new__(cls, text)
+        line.spans = tuple(spans)
+        return line
+
+
+def styled(*parts: Part) -> Styled:
+    """``styled("#1 ", ("error", "error"), " disk full")``: a ``Styled`` line of the parts,
+    each one escaped with ``one_line``, the tuples' text coloured as their role."""
+    text: list[str] = []
+    spans: list[tuple[int, int, str]] = []
+    at = 0
+    for part in parts:
+        piece, role = (part, None) if isinstance(part, str) else part
+        piece = one_line(piece)
+        if role in _COLOURS and piece:
+            spans.append((at, at + len(piece), role))
+        text.append(piece)
+        at += len(piece)
+    return Styled("".join(text), spans)
+
+
+def paint(line: str) -> str:
+    """``line`` escaped as ``one_line`` does, in colour if it is a ``Styled`` line."""
+    safe = one_line(line)
+    if not isinstance(line, Styled) or safe != line:
+        return safe  # escaping moved the text: its spans would colour the wrong columns
+    out: list[str] = []
+    at = 0
+    for start, end, role in line.spans:
+        out += [line[at:start], f"\x1b[{_COLOURS[role]}m", line[start:end], "\x1b[0m"]
+        at = end
+    out.append(line[at:])
+    return "".join(out)
+
+
+def format_time(value: Any, look: Presentation = PLAIN) -> str:
+    """A timestamp from the daemon (``2026-11-23T10:30:00.123Z``) as given, or in local
+    time to the second (``2026-11-23 11:30:00``) for a terminal; ``-`` for none."""
+    if value is None:
+        return "-"
+    text = one_line(str(value))
+    if not look.local_time:
+        return text
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    if moment.tzinfo is None:
+        return text  # no zone given: converting it would be a guess
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(
+    header: Sequence[str], rows: Iterable[Sequence[Part]], right: Iterable[int] = ()
+) -> list[Styled]:
+    """``rows`` under a ``header`` line (none if it is empty), two spaces between columns,
+    each as wide as its widest cell, those in ``right`` aligned right. The last column is
+    not padded, so a long name does not push the others."""
+    cells = [[_cell(part) for part in row] for row in rows]
+    if header:
+        cells.insert(0, [(title, "header") for title in header])
+    widths = [max(len(text) for text, _ in column) for column in zip(*cells, strict=True)]
+    flush_right = frozenset(right)
+    lines = []
+    for row in cells:
+        parts: list[Part] = []
+        for index, (text, role) in enumerate(row):
+            pad = " " * (widths[index] - len(text))
+            cell: Part = (text, role) if role else text
+            if index:
+                parts.append("  ")
+            if index in flush_right:
+                parts += [pad, cell]
+            elif index < len(row) - 1:
+                parts += [cell, pad]
+            else:
+                parts.append(cell)
+        lines.append(styled(*parts))
+    return lines
+
+
+def _cell(part: Part) -> tuple[str, str]:
+    text, role = (part, "") if isinstance(part, str) else part
+    return one_line(text), role
+
+
+def format_status(
+    message: Mapping[str, Any], reader: str | None = None, look: Presentation = PLAIN
+) -> Styled:
     """``2026-11-23T10:30:00.123Z  #42 info     Disk full  (from alice)  [op-id]``: who
     published it when that is a user other than ``reader`` (an admin reads everyone's)."""
     level = one_line(str(message.get("level", "?")))
-    text = one_line(str(message.get("message", "")))
-    stamp = one_line(str(message.get("timestamp", "-")))
-    seq = one_line(str(message.get("seq", "?")))
-    line = f"{stamp}  #{seq} {level:<{_LEVEL_WIDTH}} {text}"
+    parts: list[Part] = [
+        format_time(message.get("timestamp"), look),
+        f"  #{one_line(str(message.get('seq', '?')))} ",
+        (level, level),
+        " " * max(1, _LEVEL_WIDTH + 1 - len(level)),
+        str(message.get("message", "")),
+    ]
     user = message.get("user")
     if user is not None and user != reader:
-        line += f"  (from {one_line(str(user))})"
+        parts.append(f"  (from {one_line(str(user))})")
     operation_id = message.get("operation_id")
     if operation_id:
-        line += f"  [{one_line(str(operation_id))}]"
-    return line
+        parts.append(f"  [{one_line(str(operation_id))}]")
+    return styled(*parts)
 
 
 def _count_of(count: int, stream: str) -> str:
@@ -143,25 +282,48 @@ def format_history_gap(count: int) -> str:
     return f"({_count_of(count, 'status')} before these {verb} no longer held)"
 
 
-def format_notification(notification: Mapping[str, Any]) -> str:
+def format_notification(notification: Mapping[str, Any], look: Presentation = PLAIN) -> str:
     """``   12 * 2026-11-25T12:00:00.123Z  task_completed  Title: message  <link>``
 
     ``*`` marks an unread one; a system-wide one ends with ``(everyone)``.
     """
     mark = " " if notification.get("read") else "*"
-    stamp = one_line(str(notification.get("created_at", "-")))
+    stamp = format_time(notification.get("created_at", "-"), look)
     kind = one_line(str(notification.get("type", "?")))
     line = f"{one_line(str(notification.get('id', '?'))):>5} {mark} {stamp}  {kind}  "
-    line += one_line(str(notification.get("title", "")))
+    return line + _notification_text(notification)
+
+
+def _notification_text(notification: Mapping[str, Any]) -> str:
+    text = one_line(str(notification.get("title", "")))
     message = notification.get("message")
     if message:
-        line += f": {one_line(str(message))}"
+        text += f": {one_line(str(message))}"
     link = notification.get("link")
     if link:
-        line += f"  <{one_line(str(link))}>"
+        text += f"  <{one_line(str(link))}>"
     if notification.get("username", "") is None:
-        line += "  (everyone)"
-    return line
+        text += "  (everyone)"
+    return text
+
+
+def format_notifications(
+    notifications: Sequence[Mapping[str, Any]], unread_only: bool, look: Presentation = PLAIN
+) -> list[Styled]:
+    """The ``notifications`` list: a header, a line each (``*`` unread), or ``no ...``."""
+    if not notifications:
+        return [styled("no unread notifications" if unread_only else "no notifications")]
+    rows: list[list[Part]] = [
+        [
+            str(notification.get("id", "?")),
+            ("", "") if notification.get("read") else ("*", "unread"),
+            format_time(notification.get("created_at"), look),
+            str(notification.get("type", "?")),
+            _notification_text(notification),
+        ]
+        for notification in notifications
+    ]
+    return table(("ID", "", "TIME", "TYPE", "NOTIFICATION"), rows, right=(0,))
 
 
 def format_push(method: str, params: Any) -> str:
@@ -190,7 +352,9 @@ def format_duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-def _info_value(key: str, value: Any) -> str:
+def _info_value(key: str, value: Any, look: Presentation) -> str:
+    if key == "started_at" and value is not None:
+        return format_time(value, look)
     if key == "uptime_s" and isinstance(value, int | float) and not isinstance(value, bool):
         return format_duration(float(value))
     if key == "websocket" and value is None:
@@ -210,18 +374,19 @@ def _info_value(key: str, value: Any) -> str:
     return one_line(str(value))
 
 
-def format_info(info: Mapping[str, Any]) -> list[str]:
+def format_info(info: Mapping[str, Any], look: Presentation = PLAIN) -> list[str]:
     """``daemon.info`` as aligned ``key: value`` lines."""
     keys = [key for key in _INFO_ORDER if key in info]
     keys += sorted(key for key in info if key not in _INFO_ORDER)
     labels = {key: _INFO_LABELS.get(key, key) for key in keys}
     width = max((len(label) for label in labels.values()), default=0) + 1
-    return [f"{labels[key] + ':':<{width}} {_info_value(key, info[key])}" for key in keys]
+    return [f"{labels[key] + ':':<{width}} {_info_value(key, info[key], look)}" for key in keys]
 
 
-def format_error(code: int, message: str) -> str:
-    """``error -32602: level: must be one of ...``"""
-    return f"error {code}: {one_line(message)}"
+def format_error(message: str) -> str:
+    """A daemon's error as statusctl says it: the message alone (``task t... is already
+    cancelled``); its JSON-RPC code is for ``--json`` output."""
+    return one_line(message)
 
 
 # -- tasks and progress bars ----------------------------------------------------------------
@@ -367,3 +532,192 @@ class RateMeter:
 def format_changed(done: str, count: int) -> str:
     """What ``cancel --all`` and the like did: ``paused 3 tasks``."""
     return f"{done} {count} {'task' if count == 1 else 'tasks'}"
+
+
+# -- tasks and tokens, for people --------------------------------------------------------------
+
+_TASK_HEADER = ("ID", "STATUS", "PROGRESS", "ITEMS", "CREATED", "NAME")
+
+
+def _task_row(task: Mapping[str, Any], look: Presentation) -> list[Part]:
+    status = str(task.get("status", "?"))
+    return [
+        str(task.get("id", "?")),
+        (status, status),
+        f"{_number(task.get('progress')):.1f}%",
+        f"{task.get('processed_items', 0)}/{task.get('total_items', 0)}",
+        format_time(task.get("created_at"), look),
+        str(task.get("name", "")),
+    ]
+
+
+def format_tasks(
+    tasks: Sequence[Mapping[str, Any]], status: str | None = None, look: Presentation = PLAIN
+) -> list[Styled]:
+    """The ``tasks`` list: a header and a line each, or ``no tasks`` (``no paused tasks``)."""
+    if not tasks:
+        return [styled(f"no {status} tasks" if status else "no tasks")]
+    return table(_TASK_HEADER, [_task_row(task, look) for task in tasks], right=(2, 3))
+
+
+def format_task_line(task: Mapping[str, Any], look: Presentation = PLAIN) -> Styled:
+    """One task as a line of the ``tasks`` list, without the header."""
+    return table((), [_task_row(task, look)])[0]
+
+
+# TaskInfo fields shown by ``format_task`` in their own way, or folded into another line.
+_TASK_SHOWN = frozenset(
+    {
+        "id",
+        "name",
+        "kind",
+        "owner",
+        "status",
+        "topic",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "progress",
+        "total_items",
+        "processed_items",
+        "current_item",
+        "bytes_done",
+        "bytes_total",
+        "bytes_per_second",
+        "eta_s",
+        "error",
+        "result",
+        "metadata",
+    }
+)
+
+
+def format_task(task: Mapping[str, Any], look: Presentation = PLAIN) -> list[Styled]:
+    """``task ID``: a ``field: value`` line each, for people (sizes, local times, no empty
+    fields), then one line per item of its result: ``ok``/``failed``, URL, file or reason."""
+    status = str(task.get("status", "?"))
+    fields: list[tuple[str, Part]] = [
+        ("id", str(task.get("id", "?"))),
+        ("name", str(task.get("name", ""))),
+        ("status", (status, status)),
+        ("kind", str(task.get("kind", "?"))),
+        ("owner", str(task.get("owner", "?"))),
+        ("topic", _text_or_none(task.get("topic"))),
+        ("created", format_time(task.get("created_at"), look)),
+        ("started", _time_or_none(task.get("started_at"), look)),
+        ("ended", _ended(task, look)),
+        ("progress", _task_progress(task)),
+        ("rate", _rate(task)),
+        ("eta", _eta(task)),
+        ("current", _text_or_none(task.get("current_item"))),
+        ("error", _text_or_none(task.get("error"))),
+    ]
+    metadata = task.get("metadata")
+    if isinstance(metadata, Mapping):
+        fields += [(str(key), _value(value)) for key, value in metadata.items()]
+    # Fields of a newer daemon still show, as plainly as they can.
+    fields += [(str(key), _value(value)) for key, value in task.items() if key not in _TASK_SHOWN]
+    shown = [(label, value) for label, value in fields if value]
+    width = max(len(one_line(label)) for label, _ in shown) + 1
+    lines = [styled(f"{one_line(label) + ':':<{width}} ", value) for label, value in shown]
+    return lines + _task_items(task.get("result"))
+
+
+def _text_or_none(value: Any) -> str:
+    return "" if value is None or value == "" else str(value)
+
+
+def _time_or_none(value: Any, look: Presentation) -> str:
+    return "" if value is None else format_time(value, look)
+
+
+def _ended(task: Mapping[str, Any], look: Presentation) -> str:
+    ended = task.get("completed_at")
+    if ended is None:
+        return ""
+    text = format_time(ended, look)
+    try:
+        took = datetime.fromisoformat(str(ended)) - datetime.fromisoformat(
+            str(task.get("started_at"))
+        )
+    except (TypeError, ValueError):
+        return text
+    return f"{text} (took {format_duration(max(0.0, took.total_seconds()))})"
+
+
+def _task_progress(task: Mapping[str, Any]) -> str:
+    text = f"{_number(task.get('progress')):.1f}%"
+    total = task.get("total_items")
+    if isinstance(total, int):
+        noun = "item" if total == 1 else "items"
+        text += f", {task.get('processed_items', 0)} of {total} {noun}"
+    done, size = _number(task.get("bytes_done")), _number(task.get("bytes_total"))
+    if size > 0:
+        text += f", {format_bytes(done)} of {format_bytes(size)}"
+    elif done > 0:
+        text += f", {format_bytes(done)}"
+    return text
+
+
+def _rate(task: Mapping[str, Any]) -> str:
+    rate = task.get("bytes_per_second")
+    if task.get("status") != "running" or not isinstance(rate, int | float):
+        return ""
+    return format_rate(float(rate))
+
+
+def _eta(task: Mapping[str, Any]) -> str:
+    eta = task.get("eta_s")
+    if task.get("status") != "running" or not isinstance(eta, int | float):
+        return ""
+    return format_duration(float(eta))
+
+
+def _value(value: Any) -> str:
+    """Any other value, for people: no Python reprs, nothing for none."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping | list):
+        return to_json(value)
+    return str(value)
+
+
+def _task_items(result: Any) -> list[Styled]:
+    items = result.get("items") if isinstance(result, Mapping) else None
+    if not isinstance(items, list) or not items:
+        return []
+    failed = sum(1 for item in items if isinstance(item, Mapping) and item.get("error"))
+    lines = [styled(f"items: {len(items) - failed} ok, {failed} failed")]
+    for item in items:
+        if not isinstance(item, Mapping):
+            continue
+        parts: list[Part] = ["  "]
+        if item.get("error"):
+            parts += [("failed", "failed"), f"  {item.get('url')}: {item.get('error')}"]
+        else:
+            parts += [("ok", "completed"), f"      {item.get('url')}"]
+            if item.get("path") is not None:
+                parts.append(f" -> {item.get('path')}")
+            if isinstance(item.get("bytes"), int):
+                parts.append(f" ({format_bytes(item['bytes'])})")
+        lines.append(styled(*parts))
+    return lines
+
+
+def format_tokens(tokens: Sequence[Mapping[str, Any]], look: Presentation = PLAIN) -> list[Styled]:
+    """``token list``: a header and a line each (never a secret), or ``no tokens``."""
+    if not tokens:
+        return [styled("no tokens")]
+    rows = [
+        [
+            str(token.get("token_id", "?")),
+            str(token.get("username", "?")),
+            str(token.get("scope", "?")),
+            format_time(token.get("created_at"), look),
+            "never" if token.get("expires_at") is None else format_time(token["expires_at"], look),
+        ]
+        for token in tokens
+    ]
+    return table(("ID", "USER", "SCOPE", "CREATED", "EXPIRES"), rows)

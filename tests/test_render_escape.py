@@ -157,7 +157,7 @@ def test_statusctl_daemon_errors_are_escaped_on_stderr(hostile_daemon: tuple[Pat
     # The daemon's error names the id it was given: text the caller chose.
     done = statusctl(socket, "task", HOSTILE)
     assert done.returncode == 4
-    assert done.stderr.startswith(b"statusctl: error ")
+    assert done.stderr.startswith(b"statusctl: task '\\x1b]0;owned")
     assert raw_bytes(done.stderr) == []
     done = statusctl(socket, "publish", HOSTILE, "x")
     assert done.returncode == 4

@@ -185,14 +185,14 @@ async def test_daemon_error_is_exit_4(daemon: Daemon) -> None:
     human = await statusctl("--socket", socket, "publish", "loud", "hello")
     assert human.returncode == 4
     assert human.stdout == ""
-    assert human.stderr.startswith("statusctl: error -32602: level: must be one of info, ")
+    assert human.stderr.startswith("statusctl: level: must be one of info, ")
 
     machine = await statusctl("--socket", socket, "--json", "status", "--since", "-1")
     assert machine.returncode == 4
     error = json.loads(machine.stdout)
     assert error["code"] == -32602
     assert error["data"]["field"] == "since"
-    assert machine.stderr == "statusctl: error -32602: since: must be >= 0, not -1\n"
+    assert machine.stderr == "statusctl: since: must be >= 0, not -1\n"
 
 
 @pytest.mark.parametrize(

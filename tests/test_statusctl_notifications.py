@@ -54,13 +54,14 @@ def test_notify_list_read_delete(socket_path: Path) -> None:
     assert (code, out) == (0, "2\n")
     code, out, _ = statusctl(socket_path, "notifications")
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == ["ID", "TIME", "TYPE", "NOTIFICATION"]
     assert len(lines) == 2
-    assert lines[0].startswith("    2 * 20")
+    assert lines[0].startswith(" 2  *  20")
     assert lines[0].endswith(
         "maintenance  Maintenance: at noon\\nsharp  <https://example.org/m>  (everyone)"
     )
-    assert lines[1].endswith("system  Backup done: all fine")
+    assert lines[1].endswith("system       Backup done: all fine")
 
     assert statusctl(socket_path, "notifications", "read", "1")[:2] == (0, "marked 1 read\n")
     code, out, _ = statusctl(socket_path, "--json", "notifications", "--unread")
@@ -74,14 +75,14 @@ def test_notify_list_read_delete(socket_path: Path) -> None:
     assert (code, json.loads(out)) == (0, {"success": True})
     code, out, _ = statusctl(socket_path, "notifications", "delete", "--read")
     assert (code, out) == (0, "deleted 1 read notifications\n")
-    assert statusctl(socket_path, "notifications")[:2] == (0, "")
+    assert statusctl(socket_path, "notifications")[:2] == (0, "no notifications\n")
 
 
 def test_exit_codes(socket_path: Path, short_tmp: Path) -> None:
     # 4: the daemon said no.
     code, out, err = statusctl(socket_path, "notifications", "read", "99")
     assert (code, out) == (4, "")
-    assert err == "statusctl: error -32001: notification 99 not found\n"
+    assert err == "statusctl: notification 99 not found\n"
     code, out, err = statusctl(socket_path, "--json", "notifications", "delete", "99")
     assert code == 4
     assert json.loads(out)["code"] == -32001
@@ -112,7 +113,7 @@ def test_notify_is_for_admins(socket_path: Path) -> None:
 
     code, out, err = run_as_nobody(as_nobody)
     assert (code, out) == (4, "")
-    assert err == "statusctl: error -32002: notifications.create is for admins only\n"
+    assert err == "statusctl: notifications.create is for admins only\n"
     assert statusctl(socket_path, "--json", "notifications", "--unread")[1].startswith(
         '{"notifications":[]'
     )
@@ -128,7 +129,7 @@ def test_as_a_command(socket_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         timeout=60,
         check=False,
     )
-    assert (done.returncode, done.stdout) == (0, "")
+    assert (done.returncode, done.stdout) == (0, "no notifications\n")
 
 
 def test_the_client_subscribes_to_notifications(socket_path: Path) -> None:

@@ -57,7 +57,8 @@ def test_token_commands_end_to_end(daemon_process: Any) -> None:
 
     listed = statusctl(process, "token", "list")
     assert listed.returncode == 0
-    lines = listed.stdout.splitlines()
+    header, *lines = listed.stdout.splitlines()
+    assert header.split() == ["ID", "USER", "SCOPE", "CREATED", "EXPIRES"]
     assert len(lines) == 2
     assert token not in listed.stdout
     assert "read" in lines[0]

@@ -158,7 +158,7 @@ async def test_watch_task_of_a_finished_task_answers_at_once(
     assert json.loads(as_json.stdout)["error"] == "1 of 1 items failed"
     missing = await statusctl("--socket", socket, "watch", "--task", "t-nope")
     assert missing.returncode == 4
-    assert "-32001" in missing.stderr
+    assert missing.stderr == "statusctl: task 't-nope' not found\n"
 
 
 async def test_watch_topic_shows_only_that_topic(
