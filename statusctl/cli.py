@@ -29,10 +29,12 @@ import argparse
 import functools
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -42,10 +44,13 @@ from statusctl import __version__, render
 from statusctl.client import (
     SOCKET_ENV,
     SYSTEM_SOCKET,
+    Backoff,
     Client,
+    ConnectionLost,
     DaemonUnreachable,
     Push,
     RemoteError,
+    StatusCursor,
 )
 from statusctl.completion import SHELLS, completion_script
 from statusd.cli import build_parser as build_daemon_parser
@@ -106,6 +111,12 @@ class Context:
         """``statusctl: text`` on stderr; daemon errors are other users' text too."""
         self.stderr.write(f"statusctl: {render.one_line(text)}\n")
         self.stderr.flush()
+
+    def reconnect(self) -> None:
+        """A new connection in place of a lost one (``DaemonUnreachable`` if none answers)."""
+        self.close()
+        self._client = None
+        self._client = Client(self.socket_path)
 
     def close(self) -> None:
         if self._client is not None:
@@ -194,7 +205,6 @@ def watch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_watch(context: Context, args: argparse.Namespace) -> int:
-    client = context.client()
     params: dict[str, Any] = {"status": True}
     if args.task is not None:
         params["tasks"] = [args.task]
@@ -204,34 +214,97 @@ def run_watch(context: Context, args: argparse.Namespace) -> int:
         params["tasks"] = "all"
     display = TaskDisplay(context)
     follow = _Follow(context, display, args.task, args.topic, args.status_only)
+    cursor = StatusCursor()
     try:
-        client.call("subscribe", params)
-        if args.task is not None:
-            # Subscribed first, so nothing between this answer and the next push is lost.
-            task = client.call("tasks.get", {"task_id": args.task})
-            if task["status"] in FINAL_STATUSES:
-                context.emit(task, [render.format_task_line(task, context.look)])
-                return EXIT_OK if task["status"] == "completed" else EXIT_FAILED
-            display.show(task)
-        elif args.topic is not None:
-            follow.topic_tasks.update(
-                task["id"]
-                for task in all_tasks(client.call)["tasks"]
-                if task.get("topic") == args.topic
-            )
-        while True:
-            ended = follow.push(client.next_push())
-            if ended is not None:
-                return ended
+        _subscribe(context, params, cursor)
+        ended = follow.begin()
+        return ended if ended is not None else _keep_following(context, follow, params, cursor)
     except KeyboardInterrupt:
-        # Ctrl-C is how a watch is meant to end.
-        return EXIT_OK
+        if args.task is None:
+            return EXIT_OK  # Ctrl-C is how a watch of everything (or of a topic) ends
+        _say_it_goes_on(context, args.task)
+        return EXIT_INTERRUPTED
     finally:
         display.close()
 
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 _FINAL_UPDATES = ("completed", "error", "cancelled")
+# How long ``watch`` and ``download --wait`` try to reconnect after the daemon went away
+# (a restart takes a second or two; a daemon that is being upgraded, a little more).
+RECONNECT_FOR = 60.0
+RECONNECT_BACKOFF = (0.1, 5.0)  # the first wait between attempts, and the longest
+
+
+def _exit_status(task_status: Any) -> int:
+    return EXIT_OK if task_status == "completed" else EXIT_FAILED
+
+
+def _subscribe(context: Context, params: Mapping[str, Any], cursor: StatusCursor) -> None:
+    subscription = dict(params)
+    if params.get("status"):
+        subscription["since"] = cursor.since(context.call("daemon.info"))
+    context.call("subscribe", subscription)
+
+
+def _keep_following(
+    context: Context, follow: _Follow, params: Mapping[str, Any], cursor: StatusCursor
+) -> int:
+    """Hand every push to ``follow`` until the followed task ends (or forever).
+
+    When the daemon goes away (a restart), reconnect and subscribe again: status messages
+    resume with ``since``; the tasks being followed are looked at afresh, since their
+    updates meanwhile are lost. A task the restart interrupted goes on as the daemon's
+    rules say (queued again), and the wait still ends with its final state."""
+    while True:
+        try:
+            while True:
+                push = context.client().next_push()
+                if push.method == "status":
+                    cursor.seen(push.params)
+                if (ended := follow.push(push)) is not None:
+                    return ended
+        except ConnectionLost:
+            if (ended := _resume(context, follow, params, cursor)) is not None:
+                return ended
+
+
+def _resume(
+    context: Context, follow: _Follow, params: Mapping[str, Any], cursor: StatusCursor
+) -> int | None:
+    """Connect and subscribe again, with back-off, for up to ``RECONNECT_FOR`` seconds
+    (then the last ``DaemonUnreachable`` goes up: exit 3); the followed task's exit
+    status if it ended meanwhile."""
+    follow.notice("daemon went away; reconnecting...")
+    backoff = Backoff(*RECONNECT_BACKOFF)
+    deadline = time.monotonic() + RECONNECT_FOR
+    while True:
+        try:
+            context.reconnect()
+            _subscribe(context, params, cursor)
+            return follow.catch_up()
+        except DaemonUnreachable:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                follow.notice(f"no daemon for {RECONNECT_FOR:g} s; giving up")
+                raise
+            time.sleep(min(backoff.next(), left))
+
+
+def _say_it_goes_on(context: Context, task_id: str) -> None:
+    """After Ctrl-C: the daemon carries on with the task; how to find it again."""
+    command = "statusctl"
+    if context.socket_path is not None:
+        command += f" --socket {shlex.quote(str(context.socket_path))}"
+    if _is_terminal(context.stderr):
+        context.stderr.write("\n")  # past the ^C the terminal echoed
+    context.complain(f"stopped following {task_id}; the task goes on")
+    for line in (
+        f"follow it: {command} watch --task {task_id}",
+        f"cancel it: {command} cancel {task_id}",
+    ):
+        context.stderr.write(f"  {render.one_line(line)}\n")
+    context.stderr.flush()
 
 
 @attrs.define
@@ -246,6 +319,49 @@ class _Follow:
     status_only: bool
     pushes_as_json: bool = True
     topic_tasks: set[str] = attrs.Factory(set)  # ids of the topic's tasks seen so far
+    unfinished: set[str] = attrs.Factory(set)  # ids of followed tasks last seen unfinished
+
+    def begin(self) -> int | None:
+        """Just subscribed: the followed tasks as they are; the exit status if the task
+        followed has ended already."""
+        if self.task_id is not None:
+            # Subscribed first, so nothing between this answer and the next push is lost.
+            task = self.context.call("tasks.get", {"task_id": self.task_id})
+            if task["status"] in FINAL_STATUSES:
+                self.context.emit(task, [render.format_task_line(task, self.context.look)])
+                return _exit_status(task["status"])
+            self.display.show(task)
+            self.unfinished.add(self.task_id)
+        elif self.topic is not None:
+            self.topic_tasks.update(
+                task["id"]
+                for task in all_tasks(self.context.call)["tasks"]
+                if task.get("topic") == self.topic
+            )
+        return None
+
+    def catch_up(self) -> int | None:
+        """Subscribed again after the daemon went away: each followed task as it is now,
+        shown as an update; the exit status if the task followed ended meanwhile."""
+        for task_id in sorted(self.unfinished):
+            try:
+                task = self.context.call("tasks.get", {"task_id": task_id})
+            except RemoteError as error:
+                if error.code != NOT_FOUND:
+                    raise
+                self.unfinished.discard(task_id)  # cleaned up meanwhile
+                continue
+            if (ended := self.push(Push("task_update", _as_update(task)))) is not None:
+                return ended
+        return None
+
+    def notice(self, text: str) -> None:
+        """Something about statusctl itself: on stderr, unless bars are being drawn
+        (writing to the terminal behind their back would break the redraw)."""
+        if self.display.live:
+            self.display.message(f"statusctl: {text}")
+        else:
+            self.context.complain(text)
 
     def push(self, push: Push) -> int | None:
         """Handle one push; the exit status once the followed task has ended."""
@@ -256,6 +372,10 @@ class _Follow:
                 self.topic_tasks.add(str(job_id))
             if self.task_id is not None and job_id != self.task_id:
                 return None
+            if params.get("status") in _FINAL_UPDATES:
+                self.unfinished.discard(str(job_id))
+            else:
+                self.unfinished.add(str(job_id))
             if not self.status_only:
                 self._print(push, lambda: self.display.update(params))
             if self.task_id is not None and params.get("status") in _FINAL_UPDATES:
@@ -282,6 +402,42 @@ class _Follow:
                 self.context.line(render.to_json(push.to_wire()))
         else:
             show()
+
+
+# What a task's status is called in a job_update.
+_UPDATE_STATUS = {"completed": "completed", "failed": "error", "cancelled": "cancelled"}
+
+
+def _as_update(task: Mapping[str, Any]) -> dict[str, Any]:
+    """A TaskInfo in the shape of the ``task_update`` it would have been pushed as: what
+    ``watch`` shows after a reconnection, for the updates it missed."""
+    status = str(task.get("status"))
+    update = {
+        "type": "job_update",
+        "job_id": task.get("id"),
+        "timestamp": task.get("completed_at") or _utc_now(),
+        "status": _UPDATE_STATUS.get(status, "progress"),
+        "task_status": status,
+        "progress": task.get("progress", 0.0),
+        "processed": task.get("processed_items", 0),
+        "total": task.get("total_items", 0),
+        "message": task.get("error") or f"Task {status}",
+        "topic": task.get("topic"),
+    }
+    # The byte counters and whatever else a newer daemon shows in both, under one name.
+    update.update((key, task[key]) for key in task.keys() - _TASK_INFO_ONLY - update.keys())
+    return update
+
+
+def _utc_now() -> str:
+    """Now, written as the daemon writes its timestamps."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_TASK_INFO_ONLY = frozenset(
+    {"id", "name", "kind", "owner", "status", "created_at", "started_at", "completed_at"}
+    | {"processed_items", "total_items", "result", "error", "metadata"}
+)
 
 
 class TaskDisplay:
@@ -458,21 +614,26 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
         result = context.call("tasks.download", params)
         context.emit(result, [result["task_id"]])
         return EXIT_OK
-    client = context.client()
-    client.call("subscribe", {"tasks": "all", "status": False})
-    task_id = client.call("tasks.download", params)["task_id"]
+    subscription = {"tasks": "all", "status": False}
+    cursor = StatusCursor()
+    _subscribe(context, subscription, cursor)
+    task_id = context.call("tasks.download", params)["task_id"]
     if not context.json:
         context.line(task_id)
     display = TaskDisplay(context)
     follow = _Follow(context, display, task_id, None, False, pushes_as_json=False)
     try:
-        display.show(client.call("tasks.get", {"task_id": task_id}))
-        while (ended := follow.push(client.next_push())) is None:
-            pass
+        # Subscribed before it was created: every update of the task comes as a push.
+        display.show(context.call("tasks.get", {"task_id": task_id}))
+        follow.unfinished.add(task_id)
+        ended = _keep_following(context, follow, subscription, cursor)
+    except KeyboardInterrupt:
+        _say_it_goes_on(context, task_id)
+        return EXIT_INTERRUPTED
     finally:
         display.close()
     if context.json:
-        context.line(render.to_json(client.call("tasks.get", {"task_id": task_id})))
+        context.line(render.to_json(context.call("tasks.get", {"task_id": task_id})))
     return ended
 
 

@@ -52,11 +52,13 @@ __all__ = [
     "SOCKET_ENV",
     "SYSTEM_SOCKET",
     "AsyncClient",
+    "Backoff",
     "Client",
     "ConnectionLost",
     "DaemonUnreachable",
     "Push",
     "RemoteError",
+    "StatusCursor",
     "StatusMonitor",
     "Subscription",
     "open_client",
@@ -810,6 +812,64 @@ class Client:
         return self._items.popleft()
 
 
+# -- following across daemon restarts -------------------------------------------------------
+
+
+@attrs.define
+class Backoff:
+    """How long to wait before each attempt to reconnect: ``minimum`` seconds, doubling
+    up to ``maximum``; ``reset`` once connected again."""
+
+    minimum: float
+    maximum: float
+    _next: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.minimum <= 0:
+            raise ValueError(f"min_backoff must be > 0, not {self.minimum}")
+        if self.maximum < self.minimum:
+            raise ValueError(f"max_backoff must be >= min_backoff, not {self.maximum}")
+        self._next = self.minimum
+
+    def next(self) -> float:
+        wait = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return wait
+
+    def reset(self) -> None:
+        self._next = self.minimum
+
+
+@attrs.define
+class StatusCursor:
+    """Where a reader is in a daemon's status stream, so that subscribing again after a
+    lost connection resumes with ``since`` and neither repeats nor skips a message.
+
+    A restarted daemon numbers from 1 again; the cursor tells it apart by its pid and
+    start time (``daemon.info``) and then asks for everything the new daemon holds.
+    ``last_seq`` None: start with what comes next."""
+
+    last_seq: int | None = None
+    _daemon: tuple[Any, Any] | None = None
+
+    def since(self, info: Mapping[str, Any]) -> int:
+        """The ``since`` to subscribe with, given the ``daemon.info`` of the daemon now
+        connected to."""
+        identity = (info.get("pid"), info.get("started_at"))
+        if self._daemon is not None and identity != self._daemon:
+            self.last_seq = 0
+        elif self.last_seq is None:
+            self.last_seq = int(info.get("status_seq", 0))
+        self._daemon = identity
+        return self.last_seq
+
+    def seen(self, message: Any) -> None:
+        """A status message was delivered."""
+        seq = message.get("seq") if isinstance(message, Mapping) else None
+        if isinstance(seq, int):
+            self.last_seq = seq
+
+
 # -- the GUI side of the seed contract -------------------------------------------------------
 
 StatusCallback = Callable[[dict[str, Any]], None]
@@ -851,19 +911,12 @@ class StatusMonitor:
         max_backoff: float = 5.0,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        if min_backoff <= 0:
-            raise ValueError(f"min_backoff must be > 0, not {min_backoff}")
-        if max_backoff < min_backoff:
-            raise ValueError(f"max_backoff must be >= min_backoff, not {max_backoff}")
+        self._backoff = Backoff(min_backoff, max_backoff)
         self.socket_path = socket_path
         self.status_callback = status_callback
         self.dropped_callback = dropped_callback
-        self._min_backoff = min_backoff
-        self._max_backoff = max_backoff
         self._timeout = timeout
-        self._last_seq = since
-        # (pid, started_at) of the daemon last subscribed to: tells a restart apart.
-        self._daemon_identity: tuple[Any, Any] | None = None
+        self._cursor = StatusCursor(since)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._client: Client | None = None
@@ -873,7 +926,7 @@ class StatusMonitor:
     @property
     def last_seq(self) -> int | None:
         """The seq of the last status message delivered (or the ``since`` given)."""
-        return self._last_seq
+        return self._cursor.last_seq
 
     @property
     def monitoring(self) -> bool:
@@ -911,7 +964,6 @@ class StatusMonitor:
             thread.join(timeout)
 
     def _monitor_loop(self) -> None:
-        backoff = self._min_backoff
         while not self._stopping.is_set():
             try:
                 client = Client(self.socket_path, timeout=self._timeout)
@@ -936,30 +988,19 @@ class StatusMonitor:
                     client.close()
                     if self._connected.is_set():
                         self._connected.clear()
-                        backoff = self._min_backoff
-            if self._stopping.wait(backoff):
+                        self._backoff.reset()
+            if self._stopping.wait(self._backoff.next()):
                 return
-            backoff = min(backoff * 2, self._max_backoff)
 
     def _follow(self, client: Client) -> None:
-        info = client.call("daemon.info")
-        identity = (info.get("pid"), info.get("started_at"))
-        if self._daemon_identity is not None and identity != self._daemon_identity:
-            # A new daemon counts from 1 again: all it holds is new to us.
-            self._last_seq = 0
-        elif self._last_seq is None:
-            self._last_seq = int(info.get("status_seq", 0))
-        self._daemon_identity = identity
-        client.subscribe(status=True, since=self._last_seq)
+        client.subscribe(status=True, since=self._cursor.since(client.call("daemon.info")))
         self._connected.set()
         while not self._stopping.is_set():
             push = client.next_push()
             if self._stopping.is_set():
                 return
             if push.method == "status" and isinstance(push.params, dict):
-                seq = push.params.get("seq")
-                if isinstance(seq, int):
-                    self._last_seq = seq
+                self._cursor.seen(push.params)
                 self._run_callback(self.status_callback, push.params)
             elif push.method == "dropped" and self.dropped_callback is not None:
                 count = push.params.get("count", 0) if isinstance(push.params, dict) else 0
