@@ -6,7 +6,9 @@ methods, as a table). Running a command is a few calls and a ``render`` function
 are turned into exit statuses in one place, ``main``:
 
   0 success; 1 the thing waited on failed, or stdout went away; 2 usage (argparse);
-  3 the daemon is not reachable, or went away; 4 the daemon answered with an error.
+  3 the daemon is not reachable, or went away (and, for ``watch`` and ``download --wait``,
+  did not come back within ``RECONNECT_FOR``); 4 the daemon answered with an error;
+  130 Ctrl-C (after saying how to find the task again, when one was being waited for).
 
 ``--json`` prints exactly one JSON document on stdout (the method's result, or the error
 object when the daemon answered with one); ``watch --json`` prints one per line.
@@ -14,6 +16,8 @@ object when the daemon answered with one); ``watch --json`` prints one per line.
 Whatever is printed, on stdout or stderr, goes through ``render.one_line`` on its way out
 (``Context.line``, ``Context.complain``, ``TaskDisplay``): text from the daemon, much of it
 written by other users, never reaches the terminal with a raw control or format character.
+Colours (``Context.look``: on a terminal, unless ``NO_COLOR``) come only from
+``render.paint``, which escapes the same way.
 
 ``watch`` and ``download --wait`` show task progress as bars redrawn in place when stdout
 is a terminal (``TaskDisplay``; the bar lines themselves are ``render.progress_line``), and

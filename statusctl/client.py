@@ -9,6 +9,8 @@ Three ways in, one wire protocol (CONTRACT.md, "Wire protocol"):
 - ``Client`` does the same over a plain blocking socket, for scripts and the statusctl
   command. ``StatusMonitor`` runs one in a thread and calls back for every status message,
   reconnecting when the daemon restarts: the UI side of the seed contract (STATUS-UI-001).
+  ``Backoff`` and ``StatusCursor`` are how it reconnects and resumes; ``statusctl watch``
+  uses them too.
 - ``socket_candidates`` says where to look: the caller's own daemon's socket (found the
   way that daemon finds it), then the system daemon's; a connection takes the first that
   answers.
