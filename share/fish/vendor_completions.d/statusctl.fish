@@ -51,7 +51,7 @@ function _shtab_statusctl_using
 end
 
 set -g _shtab_statusctl_commands info publish status watch download tasks task cancel pause resume retry summary cleanup notifications 'notifications read' 'notifications delete' notify token 'token create' 'token list' 'token revoke' completion
-set -g _shtab_statusctl_opts_with_value --dest --expires-in --input-file --limit --link --max-age-hours --message --name --operation-id --program --scope --sha256 --since --socket --status --task --title --topic --type --user -i
+set -g _shtab_statusctl_opts_with_value --color --dest --expires-in --input-file --limit --link --max-age-hours --message --name --operation-id --program --scope --sha256 --since --socket --status --task --title --topic --type --user -i
 
 complete -c statusctl -e
 complete -c statusctl -f
@@ -59,6 +59,7 @@ complete -c statusctl -f
 complete -c statusctl -n _shtab_statusctl_using -s h -l help -d 'show this help message and exit'
 complete -c statusctl -n _shtab_statusctl_using -l socket -xka "(__fish_complete_path (commandline -ct))" -d 'the daemon'"'"'s Unix socket'
 complete -c statusctl -n _shtab_statusctl_using -l json -d 'machine output: one JSON document (lines for watch)'
+complete -c statusctl -n _shtab_statusctl_using -l color -xka "auto always never" -d 'colour task states and levels: auto (the default) on a terminal unless NO_COLOR is set, always, or never'
 complete -c statusctl -n _shtab_statusctl_using -l version -d 'show program'"'"'s version number and exit'
 complete -c statusctl -n '_shtab_statusctl_using; and test $_shtab_statusctl_npos -eq 0' -a info -d 'show the daemon'"'"'s version, uptime, socket and who you are to it'
 complete -c statusctl -n '_shtab_statusctl_using info' -s h -l help -d 'show this help message and exit'
