@@ -141,7 +141,7 @@ async def test_a_list_over_max_items_per_task_gets_the_daemons_error(
         assert done.returncode == 4
         assert done.stdout == ""
         assert done.stderr == (
-            "statusctl: error -32004: urls has 3 entries, more than a task may have "
+            "statusctl: urls has 3 entries, more than a task may have "
             "(limits.max_items_per_task = 2); split it into several tasks\n"
         )
         client = await RawClient.connect(small.config.socket)
