@@ -222,7 +222,12 @@ def run_watch(context: Context, args: argparse.Namespace) -> int:
     try:
         _subscribe(context, params, cursor)
         ended = follow.begin()
-        return ended if ended is not None else _keep_following(context, follow, params, cursor)
+        if ended is not None:
+            return ended
+        ended = _keep_following(context, follow, params, cursor)
+        if args.task is not None and not context.json:
+            display.summary(context.call("tasks.get", {"task_id": args.task}))
+        return ended
     except KeyboardInterrupt:
         if args.task is None:
             return EXIT_OK  # Ctrl-C is how a watch of everything (or of a topic) ends
@@ -332,7 +337,8 @@ class _Follow:
             # Subscribed first, so nothing between this answer and the next push is lost.
             task = self.context.call("tasks.get", {"task_id": self.task_id})
             if task["status"] in FINAL_STATUSES:
-                self.context.emit(task, [render.format_task_line(task, self.context.look)])
+                lines = [render.format_task_line(task, self.context.look)]
+                self.context.emit(task, [*lines, *render.format_task_end(task)])
                 return _exit_status(task["status"])
             self.display.show(task)
             self.unfinished.add(self.task_id)
@@ -454,6 +460,8 @@ class TaskDisplay:
         self._tasks: dict[str, dict[str, Any]] = {}  # active ones, in order of arrival
         self._rates: dict[str, render.RateMeter] = {}
         self._drawn = 0  # bar lines now on the screen below the cursor's line
+        # Per task, the items whose failure was printed as it happened (not again at the end).
+        self._failures_shown: dict[str, set[int]] = {}
 
     @property
     def live(self) -> bool:
@@ -466,15 +474,20 @@ class TaskDisplay:
             self._redraw([])
 
     def update(self, update: Mapping[str, Any]) -> None:
+        job_id = str(update.get("job_id"))
+        failed = update.get("item_failed")
+        if isinstance(failed, Mapping) and isinstance(failed.get("index"), int):
+            self._failures_shown.setdefault(job_id, set()).add(failed["index"])
         if not self._live:
             self._context.line(render.format_task_update(update))
             return
-        job_id = str(update.get("job_id"))
         state = self._tasks.get(job_id)
         if state is None:
             state = self._tasks[job_id] = self._task_info(job_id)
         state.update(update)
-        permanent: list[str] = []
+        # A retry or a failure stays on the screen, above the bars, as it happens.
+        event = render.format_item_event(update)
+        permanent: list[str] = [] if event is None else [event]
         if update.get("status") in _FINAL_UPDATES:
             # The last bar stays on the screen as an ordinary line.
             del self._tasks[job_id]
@@ -487,6 +500,12 @@ class TaskDisplay:
             self._redraw([line])
         else:
             self._context.line(line)
+
+    def summary(self, task: Mapping[str, Any]) -> None:
+        """The ended task's last word: failures not shown yet, where each file went."""
+        shown = self._failures_shown.get(str(task.get("id")), set())
+        for line in render.format_task_end(task, shown):
+            self.message(line)
 
     def close(self) -> None:
         self._drawn = 0  # bars left on the screen stay, as the last word
@@ -509,6 +528,7 @@ class TaskDisplay:
         out = [f"\x1b[{self._drawn}A" if self._drawn else "", "\r\x1b[J"]
         out += [render.one_line(line) + "\n" for line in permanent]
         for job_id, state in self._tasks.items():
+            # Only for a daemon that sends no bytes_per_second of its own.
             meter = self._rates.setdefault(job_id, render.RateMeter())
             rate = meter.sample(now, float(state.get("bytes_done") or 0))
             out.append(render.one_line(render.progress_line(state, width, rate)) + "\n")
@@ -631,13 +651,16 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
         display.show(context.call("tasks.get", {"task_id": task_id}))
         follow.unfinished.add(task_id)
         ended = _keep_following(context, follow, subscription, cursor)
+        task = context.call("tasks.get", {"task_id": task_id})
+        if not context.json:
+            display.summary(task)
     except KeyboardInterrupt:
         _say_it_goes_on(context, task_id)
         return EXIT_INTERRUPTED
     finally:
         display.close()
     if context.json:
-        context.line(render.to_json(context.call("tasks.get", {"task_id": task_id})))
+        context.line(render.to_json(task))
     return ended
 
 

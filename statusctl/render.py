@@ -14,10 +14,12 @@ an admin's terminal. ``to_json`` keeps ``--json`` exact JSON with none of them r
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
+import urllib.parse
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from datetime import datetime
 from typing import Any
 
@@ -414,15 +416,19 @@ def format_rate(bytes_per_second: float) -> str:
     return f"{format_bytes(bytes_per_second)}/s"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _number(value: Any, default: float = 0) -> float:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return default
+    return float(value) if _is_number(value) else default
 
 
 def task_fraction(task: Mapping[str, Any]) -> float:
     """How far a task (TaskInfo or job_update) is, 0.0 to 1.0: by bytes when the total
-    is known (a single large file moves smoothly), else by the daemon's item progress."""
+    is known (a single large file moves smoothly), else by the daemon's item progress.
+    A task that failed or was cancelled holding no bytes got nowhere, whatever number of
+    its items were tried."""
     status = task.get("task_status", task.get("status"))
     if status == "completed":
         return 1.0
@@ -430,6 +436,8 @@ def task_fraction(task: Mapping[str, Any]) -> float:
     total = _number(task.get("bytes_total"))
     if total > 0:
         return min(1.0, max(0.0, done / total))
+    if status in ("failed", "cancelled") and done <= 0:
+        return 0.0
     return min(1.0, max(0.0, _number(task.get("progress")) / 100))
 
 
@@ -441,35 +449,107 @@ def _cut(text: str, width: int) -> str:
     return text[: width - 3] + "..." if width > 3 else text[:width]
 
 
+def _cut_middle(text: str, width: int) -> str:
+    """A file name cut in the middle keeps its extension: ``ubuntu-24.0...amd64.iso``."""
+    if len(text) <= width or width < 9:
+        return _cut(text, width)
+    tail = (width - 3) // 2
+    return text[: width - 3 - tail] + "..." + text[len(text) - tail :]
+
+
+def file_name(url: str) -> str:
+    """The last part of a URL's path, decoded (``.../a%20b.iso?x=1`` -> ``a b.iso``); the
+    URL itself (escaped) when it has none. For labels, not for saving files."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return one_line(url)
+    name = urllib.parse.unquote(parts.path.rstrip("/").rpartition("/")[2])
+    return one_line(name or parts.netloc or url)
+
+
+def task_label(task: Mapping[str, Any]) -> str:
+    """What a bar calls a task: its name, or the file name when the name is its URL (a
+    single-URL task is named after it, and the whole URL took most of a bar's line)."""
+    name = str(task.get("name") or task.get("job_id") or task.get("id") or "task")
+    return file_name(name) if "://" in name else one_line(name)
+
+
+def format_eta(seconds: float) -> str:
+    """``4`` -> ``4s``; ``65`` -> ``1m05s``; ``7380`` -> ``2h03m``; ``90000`` -> ``1d01h``."""
+    whole = max(0, math.ceil(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _size_field(done: float, total: float) -> str:
+    """``6.9/16.0 MiB`` (one unit said once), ``512.0 KiB/2.0 GiB``, or ``6.9 MiB``."""
+    if total <= 0:
+        return format_bytes(done) if done > 0 else ""
+    have, whole = format_bytes(done), format_bytes(total)
+    have_number, _, have_unit = have.partition(" ")
+    if whole.endswith(f" {have_unit}") and have_unit != "B":
+        return f"{have_number}/{whole}"
+    return f"{have}/{whole}"
+
+
+def _speed_fields(task: Mapping[str, Any], rate: float | None) -> list[str]:
+    """``3.9 MiB/s  eta 2s``: the daemon's smoothed rate and ETA (``bytes_per_second``,
+    ``eta_s``); from an older daemon without them, ``rate`` as statusctl measured it."""
+    eta: float | None = None
+    if _is_number(task.get("bytes_per_second")):
+        rate = _number(task.get("bytes_per_second"))
+        eta = _number(task.get("eta_s")) if _is_number(task.get("eta_s")) else None
+    else:
+        total, done = _number(task.get("bytes_total")), _number(task.get("bytes_done"))
+        if rate and total > 0:
+            eta = max(0.0, total - done) / rate
+    if rate is None:
+        return []
+    fields = [format_rate(rate)]
+    if _number(task.get("bytes_total")) > 0:
+        fields.append("eta --" if eta is None else f"eta {format_eta(eta)}")
+    return fields
+
+
 def progress_line(task: Mapping[str, Any], width: int, rate: float | None = None) -> str:
     """One terminal line for a task (TaskInfo or job_update), at most ``width`` columns:
 
-    ``name [=========>         ]  45.2%  3/10  12.0 MiB/26.5 MiB  4.1 MiB/s  file.iso``
+    ``ubuntu.iso [=========>          ]   45.2%  7.2/16.0 MiB  4.1 MiB/s  eta 3s``
 
-    Fields leave from the right as the terminal narrows (current item, rate, bytes), then
-    the name is cut; the bar keeps at least 10 columns while there is room for it.
+    and, for a task of several items, ``3/10`` and the file being fetched. The rate and
+    ETA are the daemon's (``rate``: statusctl's own measure, for a daemon that sends none);
+    a stalled transfer shows ``0 B/s  eta --``. A task that is not running says what it is
+    instead (``completed``, ``failed``, ``paused``, ...). Fields leave from the right as
+    the terminal narrows, then the name is cut in the middle; the bar keeps at least 10
+    columns while there is room for it.
     """
     fraction = task_fraction(task)
-    name = one_line(str(task.get("name") or task.get("job_id") or task.get("id") or "task"))
-    items = (
-        f"{int(_number(task.get('processed', task.get('processed_items'))))}"
-        f"/{int(_number(task.get('total', task.get('total_items'))))}"
-    )
-    done, total = task.get("bytes_done"), task.get("bytes_total")
-    size = ""
-    if _number(done) > 0 or _number(total) > 0:
-        size = format_bytes(_number(done))
-        if _number(total) > 0:
-            size += f"/{format_bytes(_number(total))}"
+    name = task_label(task)
+    total_items = int(_number(task.get("total", task.get("total_items"))))
     status = str(task.get("task_status", task.get("status", "")))
-    tail = [f"{fraction * 100:5.1f}%", items, size]
-    if status in _FINAL_TASK_STATUSES or status == "pending":
-        tail.append(status)
-    elif rate is not None:
-        tail.append(format_rate(rate))
-    current = task.get("current_item")
-    if current and status not in _FINAL_TASK_STATUSES:
-        tail.append(one_line(str(current)))
+    tail = [
+        f"{fraction * 100:5.1f}%",
+        _size_field(_number(task.get("bytes_done")), _number(task.get("bytes_total"))),
+    ]
+    if status == "running":
+        tail += _speed_fields(task, rate)
+    elif status:
+        tail.append(one_line(status))
+    if total_items != 1:
+        processed = int(_number(task.get("processed", task.get("processed_items"))))
+        tail.append(f"{processed}/{total_items}")
+        current = task.get("current_item")
+        if current and status == "running":
+            tail.append(file_name(str(current)))
     fields = [field for field in tail if field]
     shortest_name = min(len(name), _MIN_NAME)
     # Optional fields leave from the right until a shortened name and a minimal bar fit.
@@ -479,9 +559,10 @@ def progress_line(task: Mapping[str, Any], width: int, rate: float | None = None
     room = width - len(fixed) - 2 - 3  # "  " before the fields, " [" and "]" around the bar
     if room - shortest_name < _MIN_BAR:
         # Too narrow for a bar: how far it is matters more than the whole name.
-        return _cut(f"{_cut(name, max(_MIN_NAME, width - len(fixed) - 2))}  {fixed}", width)
+        short = _cut_middle(name, max(_MIN_NAME, width - len(fixed) - 2))
+        return _cut(f"{short}  {fixed}", width)
     bar_width = min(_MAX_BAR, max(_MIN_BAR, room - len(name)))
-    name = _cut(name, room - bar_width)
+    name = _cut_middle(name, room - bar_width)
     filled = int(fraction * bar_width)
     bar = ("=" * filled + ">").ljust(bar_width)[:bar_width]
     return f"{name} [{bar}]  {fixed}"
@@ -490,7 +571,9 @@ def progress_line(task: Mapping[str, Any], width: int, rate: float | None = None
 def format_task_update(update: Mapping[str, Any]) -> str:
     """A ``task_update`` push as one plain line, for logs and pipes:
 
-    ``t2026...-ab12cd34  progress      45.2%  3/10  12.0 MiB  Processed 3 of 10``
+    ``t2026...-ab12cd34  progress      45.2%  3/10  12.0 MiB  4.1 MiB/s  Processed 3 of 10``
+
+    (the rate, and the ETA when the size is known, while the task runs).
     """
     fraction = task_fraction(update)
     items = f"{update.get('processed', 0)}/{update.get('total', 0)}"
@@ -499,10 +582,101 @@ def format_task_update(update: Mapping[str, Any]) -> str:
         f"{one_line(str(update.get('status', '?'))):<12} {fraction * 100:5.1f}%",
         items,
     ]
-    if _number(update.get("bytes_done")) > 0:
-        parts.append(format_bytes(_number(update.get("bytes_done"))))
+    done, total = _number(update.get("bytes_done")), _number(update.get("bytes_total"))
+    if done > 0:
+        parts.append(
+            f"{format_bytes(done)}/{format_bytes(total)}" if total > 0 else format_bytes(done)
+        )
+    if update.get("task_status") == "running":
+        parts += _speed_fields(update, None)
     parts.append(one_line(str(update.get("message", ""))))
     return "  ".join(parts)
+
+
+def format_item_event(update: Mapping[str, Any]) -> str | None:
+    """What a push says happened to one item, as a line of its own, or None:
+
+    ``big.iso: retrying in 4 s (attempt 2 of 5): http 503 service unavailable``
+    ``missing.iso: failed: http 404 not found``
+    """
+    retry = update.get("item_retry")
+    if isinstance(retry, Mapping):
+        delay = f"{round(_number(retry.get('delay_s')), 1):g}"
+        if retry.get("counted") is False:
+            # The attempt made progress: it is not counted, and the next one resumes.
+            message = f"resuming in {delay} s (not counted as an attempt): {retry.get('reason')}"
+        else:
+            message = (
+                f"retrying in {delay} s (attempt {retry.get('attempt')}"
+                f" of {retry.get('max_attempts')}): {retry.get('reason')}"
+            )
+        return f"{file_name(str(retry.get('url', '?')))}: {one_line(message)}"
+    failed = update.get("item_failed")
+    if isinstance(failed, Mapping):
+        return format_item_failure(str(failed.get("url", "?")), str(failed.get("error", "?")))
+    return None
+
+
+def format_item_failure(url: str, error: str) -> str:
+    return f"{file_name(url)}: failed: {one_line(error)}"
+
+
+def _elapsed(task: Mapping[str, Any]) -> float | None:
+    try:
+        started = datetime.fromisoformat(str(task.get("started_at")))
+        ended = datetime.fromisoformat(str(task.get("completed_at")))
+    except ValueError:
+        return None
+    seconds = (ended - started).total_seconds()
+    return seconds if seconds > 0 else None
+
+
+_LISTED_ITEMS = 20  # saved files (and failures) named one by one at a task's end
+
+
+def format_task_end(task: Mapping[str, Any], failures_shown: Set[int] = frozenset()) -> list[str]:
+    """The lines that close ``download --wait`` and ``watch --task``, from the TaskInfo of
+    the ended task: each failed item's reason (those not in ``failures_shown``, item
+    indices already printed as they happened), where each file went and its size, and a
+    last line with the average rate:
+
+    ``saved /srv/dl/ubuntu.iso: 16.0 MiB in 4.1s (3.9 MiB/s)``
+    """
+    status = one_line(str(task.get("status", "?")))
+    result = task.get("result")
+    raw_items = result.get("items") if isinstance(result, Mapping) else None
+    items = [item for item in raw_items or [] if isinstance(item, Mapping)]
+    saved = [item for item in items if not item.get("error") and item.get("path")]
+    failed = [(index, item) for index, item in enumerate(items) if item.get("error") is not None]
+    lines = [
+        format_item_failure(str(item.get("url", "?")), str(item["error"]))
+        for index, item in failed
+        if index not in failures_shown
+    ][:_LISTED_ITEMS]
+    size = sum(_number(item.get("bytes")) for item in saved)
+    elapsed = _elapsed(task)
+    speed = ""
+    if elapsed is not None and size > 0:
+        speed = f" in {format_duration(elapsed)} ({format_rate(size / elapsed)})"
+    if len(saved) == 1 and not failed:
+        item = saved[0]
+        return [*lines, f"saved {one_line(str(item['path']))}: {format_bytes(size)}{speed}"]
+    lines += [
+        f"saved {one_line(str(item['path']))}: {format_bytes(_number(item.get('bytes')))}"
+        for item in saved[:_LISTED_ITEMS]
+    ]
+    if len(saved) > _LISTED_ITEMS:
+        lines.append(f"... and {len(saved) - _LISTED_ITEMS} more saved")
+    files = f"{len(saved)} {'file' if len(saved) == 1 else 'files'}"
+    if not items:
+        error = task.get("error")
+        lines.append(f"{status}: {one_line(str(error))}" if error else status)
+    elif failed:
+        rest = f"; {files} saved{speed}" if saved else ", nothing saved"
+        lines.append(f"{status}: {len(failed)} of {len(items)} failed{rest}")
+    else:
+        lines.append(f"{status}: {files} saved, {format_bytes(size)}{speed}")
+    return lines
 
 
 class RateMeter:

@@ -56,6 +56,7 @@ from statusd.events import TaskFeed
 from statusd.protocol.codec import converter, format_timestamp, unstructure
 from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus, job_update
+from statusd.state.throughput import Throughput, eta
 from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -102,34 +103,85 @@ def _now() -> datetime:
 
 
 class Reporter:
-    """What a running job sees of its task: progress, status messages, checkpoints."""
+    """What a running job sees of its task: progress, status messages, checkpoints.
+
+    It also measures the task's speed (``Throughput``) from the bytes the job reports as
+    received, and pushes a progress update when nothing has arrived for a while, so a
+    stalled transfer shows 0 B/s instead of the speed it had before it stalled."""
 
     def __init__(self, manager: TaskManager, task: TaskInfo) -> None:
         self._manager = manager
         self._task = task
         self._last_push = -math.inf
         self._trailing_push = False
+        self._speed = Throughput()
+        self._speed.start(trio.current_time())
+        self._watching_idle = False
+        self._running = True
 
     @property
     def task_id(self) -> str:
         return self._task.id
+
+    def close(self) -> None:
+        """The run is over: what is still scheduled (an idle check) does nothing."""
+        self._running = False
 
     def update_progress(self, processed: int, current: str | None = None) -> None:
         """The seed's progress callback."""
         self._task.update_progress(processed, current)
         self._maybe_push()
 
-    def add_bytes(self, delta: int, total: int | None = None) -> None:
-        self._task.bytes_done += delta
-        if total is not None:
-            self._task.bytes_total = total
+    def add_bytes(self, delta: int, total: int | None = None, *, received: bool = True) -> None:
+        """``delta`` more (or, negative, fewer) bytes held; ``received``: they came off the
+        network now, rather than being found on disk (a resumed part), so they count
+        towards the speed."""
+        task = self._task
+        task.set_bytes(task.bytes_done + delta, task.bytes_total if total is None else total)
+        now = trio.current_time()
+        if received and delta > 0:
+            self._speed.add(now, delta)
+            self._watch_idle()
+        self._measure_speed(now)
         self._maybe_push()
 
     def set_bytes_done(self, done: int) -> None:
-        self._task.bytes_done = done
+        self._task.set_bytes(done, self._task.bytes_total)
 
     def set_bytes_total(self, total: int | None) -> None:
-        self._task.bytes_total = total
+        self._task.set_bytes(self._task.bytes_done, total)
+
+    def _measure_speed(self, now: float) -> None:
+        task = self._task
+        rate = self._speed.rate(now)
+        remaining = None if task.bytes_total is None else task.bytes_total - task.bytes_done
+        task.set_speed(rate, None if remaining is None else eta(remaining, rate))
+
+    def _watch_idle(self) -> None:
+        if not self._watching_idle:
+            self._watching_idle = True
+            self._manager.start_soon(self._when_idle)
+
+    async def _when_idle(self) -> None:
+        """Once nothing has arrived for ``idle_after`` seconds, push the speed of 0."""
+        try:
+            # Bytes that arrive meanwhile move the moment on: sleep until the latest one.
+            while True:
+                idle_at = self._speed.idle_at
+                if idle_at <= trio.current_time():
+                    break
+                await trio.sleep_until(idle_at)
+            if self._running and self._task.status is TaskStatus.RUNNING:
+                now = trio.current_time()
+                self._measure_speed(now)
+                self._push_progress(now)
+        finally:
+            self._watching_idle = False
+
+    def announce(self, message: str, **extra: Any) -> None:
+        """Push ``message`` about one of the task's items at once, unthrottled (a retry, a
+        failure): these are what a user follows a task to see."""
+        self._manager.push(self._task, "progress", message, **extra)
 
     def _maybe_push(self) -> None:
         # Progress is throttled per task; state changes and batches are always pushed.
@@ -144,6 +196,7 @@ class Reporter:
 
     def _push_progress(self, now: float) -> None:
         self._last_push = now
+        self._measure_speed(now)
         self._manager.push(self._task, "progress", self.progress_message())
 
     async def _push_later(self, deadline: float) -> None:
@@ -582,9 +635,10 @@ class TaskManager:
         """Run the job in ``scope``; its outcome, or None when the scope was cancelled."""
         assert entry.job is not None
         outcome: _Outcome | None = None
+        reporter = Reporter(self, entry.task)
         with scope:
             try:
-                result = await entry.job.run(Reporter(self, entry.task))
+                result = await entry.job.run(reporter)
             except JobFailed as failure:
                 outcome = (TaskStatus.FAILED, str(failure), failure.result)
             except Exception as exc:
@@ -592,6 +646,8 @@ class TaskManager:
                 outcome = (TaskStatus.FAILED, f"internal error: {exc}", None)
             else:
                 outcome = (TaskStatus.COMPLETED, None, result)
+            finally:
+                reporter.close()
         return outcome
 
     async def _finish_cancelled(self, entry: _Entry) -> None:
@@ -646,6 +702,10 @@ class TaskManager:
                 setattr(task, field.name, getattr(ended, field.name))
 
         await self._record_retrying(task, records, apply, "its end")
+        if status is TaskStatus.FAILED:
+            log.warning("task %s (%s) failed: %s", task.id, task.owner, error)
+        else:
+            log.info("task %s (%s) %s", task.id, task.owner, status.value)
         if status is TaskStatus.COMPLETED:
             self.push(task, "completed", "Task completed", results=result)
         elif status is TaskStatus.FAILED:

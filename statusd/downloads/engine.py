@@ -247,7 +247,36 @@ class ItemResult:
         return self.error is None
 
 
+@attrs.frozen
+class Retrying:
+    """An attempt failed and another follows after ``delay`` seconds (``on_retry``)."""
+
+    attempt: int  # the one that follows, counting the first
+    attempts: int  # max_attempts
+    delay: float
+    reason: str
+    # False: the attempt that failed made progress, so it does not count against
+    # max_attempts and the next one resumes where it stopped.
+    counted: bool = True
+
+    @property
+    def message(self) -> str:
+        """``retrying in 4 s (attempt 2 of 5): http 503 service unavailable``, or after an
+        attempt that made progress ``resuming in 0.5 s (not counted as an attempt): ...``"""
+        return retry_message(self.delay, self.attempt, self.attempts, self.counted, self.reason)
+
+
+def retry_message(delay: float, attempt: int, attempts: int, counted: bool, reason: str) -> str:
+    if not counted:
+        return f"resuming in {round(delay, 1):g} s (not counted as an attempt): {reason}"
+    return f"retrying in {round(delay, 1):g} s (attempt {attempt} of {attempts}): {reason}"
+
+
 def _ignore_bytes(delta: int, total: int | None) -> None:
+    pass
+
+
+def _ignore_retry(retrying: Retrying) -> None:
     pass
 
 
@@ -265,9 +294,11 @@ async def download_item(
     owner: str | None = None,
     on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
     on_state: Callable[[ItemState], Awaitable[None]] = _ignore_state,
+    on_retry: Callable[[Retrying], None] = _ignore_retry,
 ) -> ItemResult:
     """Download ``item`` into the directory ``dest`` (a Path is opened, and created if
-    missing, for this call; the caller trusts it).
+    missing, for this call; the caller trusts it). ``on_retry`` hears of each failed
+    attempt that another follows, before the pause.
 
     ``owner`` names the item's part file (no dots; unique among everything that writes
     into ``dest``); without one a random owner is made. ``on_state`` is awaited, and
@@ -288,8 +319,10 @@ async def download_item(
                 owner=owner,
                 on_bytes=on_bytes,
                 on_state=on_state,
+                on_retry=on_retry,
             )
     download = _Download(client, item, dest, settings, state, owner, on_bytes, on_state)
+    download.on_retry = on_retry
     try:
         return await download.run()
     except BaseExceptionGroup as group:
@@ -450,6 +483,7 @@ class _Download:
         # A journalled item keeps the part of a failure for ``tasks.retry``; without a
         # journal nobody could resume it.
         self.keep_failed_part = on_state is not _ignore_state
+        self.on_retry: Callable[[Retrying], None] = _ignore_retry
 
     async def run(self) -> ItemResult:
         if self.state.done and self.state.name is not None:
@@ -483,12 +517,16 @@ class _Download:
                     # it as a trickle does).
                     self.best = self.kept
                     delay = self.counted_pause = self.settings.backoff_initial
+                    counted = False
                 else:
                     failures += 1
                     if failures >= self.settings.max_attempts:
                         return await self._failed(f"{exc} (gave up after {failures} attempts)")
                     delay = self.settings.backoff(failures) if exc.delay is None else exc.delay
                     self.counted_pause = 0.0
+                    counted = True
+                attempt = Retrying(failures + 1, self.settings.max_attempts, delay, str(exc))
+                self.on_retry(attempt if counted else attrs.evolve(attempt, counted=False))
                 await trio.sleep(delay)
             except _Fail as exc:
                 return await self._failed(str(exc), discard=exc.discard)

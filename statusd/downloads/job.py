@@ -30,6 +30,7 @@ directory with the same ACL.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import netrc
 import os
@@ -47,6 +48,7 @@ from statusd.downloads.engine import (
     DownloadSettings,
     ItemResult,
     ItemState,
+    Retrying,
     download_item,
     make_client,
     remove_partial,
@@ -58,7 +60,7 @@ from statusd.errors import Busy, Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
 from statusd.proxy import ProxyEnvironment, ProxyRules, proxy_rules
-from statusd.redact import hide_credentials
+from statusd.redact import hide_credentials, redact_url
 from statusd.state.status import Level
 from statusd.tasks import JobFailed, Reporter
 
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from statusd.api import DownloadParams
 
 DEFAULT_LIMITS = LimitsConfig()
+log = logging.getLogger(__name__)
 
 
 class Downloads:
@@ -305,6 +308,8 @@ class DownloadJob:
     unsettled: set[int] = attrs.field(init=False)
     _settled: list[int] = attrs.field(init=False)  # settled, not yet journalled as such
     _journalled: dict[int, ItemResult] = attrs.field(init=False)  # results sent with "done"
+    # Items resumed from a part whose first byte report is still to come (_on_bytes).
+    _resuming: set[int] = attrs.field(init=False, factory=set)
     # Whether dest shares the state directory's file system (its reserve applies).
     _beside_journals: bool = attrs.field(init=False, default=True)
     # Running tallies of ``results`` and ``sizes``: recounting them per finished item made
@@ -504,18 +509,25 @@ class DownloadJob:
                 record |= {"result": unstructure(result), "settle": True}
             await self._checkpoint(reporter, record)
 
+        state = self.states[index]
+        if state.part is not None or state.done:
+            # Its first report is what its part (or file) held already, not news from the
+            # network: it must not show as speed.
+            self._resuming.add(index)
         result = await download_item(
             self.service.client,
             item,
             directory,
             self.service.item_settings(self._beside_journals),
-            self.states[index],
+            state,
             owner=f"{self.task_id}-{index}",
             on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
             on_state=on_state,
+            on_retry=lambda retrying: self._on_retry(reporter, index, retrying),
         )
         if result.url != shown:
             result = attrs.evolve(result, url=shown)
+        self._resuming.discard(index)
         self._set_result(index, result)
         self._set_size(reporter, index, result.bytes)
         if self._journalled.pop(index, None) == result:
@@ -526,8 +538,30 @@ class DownloadJob:
                 reporter, {"item": index, "state": state, "result": unstructure(result)}
             )
         if result.error:
-            reporter.status(Level.ERROR, f"Failed to download file: {shown}: {result.error}")
+            self._on_failure(reporter, index, result.error)
         reporter.update_progress(self._processed)
+
+    def _on_retry(self, reporter: Reporter, index: int, retrying: Retrying) -> None:
+        url = redact_url(self.items[index].url)
+        log.info("task %s: %s: %s", self.task_id, url, retrying.message)
+        reporter.status(Level.WARNING, f"{url}: {retrying.message}")
+        retry = {
+            "index": index,
+            "url": url,
+            "attempt": retrying.attempt,
+            "max_attempts": retrying.attempts,
+            "delay_s": retrying.delay,
+            "reason": retrying.reason,
+            "counted": retrying.counted,
+        }
+        reporter.announce(f"{url}: {retrying.message}", item_retry=retry)
+
+    def _on_failure(self, reporter: Reporter, index: int, error: str) -> None:
+        url = redact_url(self.items[index].url)
+        log.info("task %s: %s failed: %s", self.task_id, url, error)
+        reporter.status(Level.ERROR, f"Failed to download file: {url}: {error}")
+        failed = {"index": index, "url": url, "error": error}
+        reporter.announce(f"{url}: failed: {error}", item_failed=failed)
 
     def _done_result(self, index: int, directory: Directory, state: ItemState) -> ItemResult:
         """What ``download_item`` returns for an item that reports ``done`` (the engine
@@ -545,7 +579,9 @@ class DownloadJob:
         if total is not None and self.sizes[index] != total:
             self._set_size(reporter, index, total)
         self.held[index] += delta
-        reporter.add_bytes(delta)
+        received = index not in self._resuming
+        self._resuming.discard(index)
+        reporter.add_bytes(delta, received=received)
 
     def _set_size(self, reporter: Reporter, index: int, size: int) -> None:
         """bytes_total is known once every item's size is (a single file: at its head)."""

@@ -85,6 +85,10 @@ class TaskInfo:
     current_item: str | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
+    # While running: bytes a second, smoothed (0 when nothing arrives), and the seconds
+    # left at that speed (None when unknown). Nothing of a past run's speed is kept.
+    bytes_per_second: float = 0.0
+    eta_s: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
     metadata: dict[str, Any] = attrs.Factory(dict)
@@ -93,6 +97,8 @@ class TaskInfo:
         check_transition(self.status, new)
         retried = self.status.finished
         self.status = new
+        if new is not TaskStatus.RUNNING:
+            self.bytes_per_second, self.eta_s = 0.0, None
         if new is TaskStatus.RUNNING:
             self.started_at = at
         elif new is TaskStatus.PENDING:
@@ -112,8 +118,29 @@ class TaskInfo:
         """The seed's progress callback: items done so far and the one being worked on."""
         self.processed_items = processed
         self.current_item = current
-        if self.total_items > 0:
-            self.progress = round(min(processed, self.total_items) / self.total_items * 100, 2)
+        self._measure()
+
+    def set_bytes(self, done: int, total: int | None) -> None:
+        """What the task's items hold now, and their total size once every one is known."""
+        self.bytes_done = done
+        self.bytes_total = total
+        self._measure()
+
+    def set_speed(self, bytes_per_second: float, eta_s: float | None) -> None:
+        self.bytes_per_second = round(bytes_per_second, 1)
+        self.eta_s = eta_s
+
+    def _measure(self) -> None:
+        # By bytes when their total is known: a single 500 MB file showed 0% until it
+        # ended when progress counted whole items.
+        if self.status is TaskStatus.COMPLETED:
+            return
+        if self.bytes_total:
+            done = min(self.bytes_done, self.bytes_total)
+            self.progress = round(done / self.bytes_total * 100, 2)
+        elif self.total_items > 0:
+            done = min(self.processed_items, self.total_items)
+            self.progress = round(done / self.total_items * 100, 2)
 
     def visible_to(self, username: str, admin: bool) -> bool:
         return admin or self.owner == username
@@ -139,6 +166,8 @@ def job_update(
         "current_item": task.current_item,
         "bytes_done": task.bytes_done,
         "bytes_total": task.bytes_total,
+        "bytes_per_second": task.bytes_per_second,
+        "eta_s": task.eta_s,
         "topic": task.topic,
     }
     update.update(extra)
