@@ -553,7 +553,7 @@ def progress_line(task: Mapping[str, Any], width: int, rate: float | None = None
     fields = [field for field in tail if field]
     shortest_name = min(len(name), _MIN_NAME)
     # Optional fields leave from the right until a shortened name and a minimal bar fit.
-    while len(fields) > 2 and shortest_name + 3 + _MIN_BAR + 2 + len("  ".join(fields)) > width:
+    while len(fields) > 1 and shortest_name + 3 + _MIN_BAR + 2 + len("  ".join(fields)) > width:
         fields.pop()
     fixed = "  ".join(fields)
     room = width - len(fixed) - 2 - 3  # "  " before the fields, " [" and "]" around the bar

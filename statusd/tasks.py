@@ -115,7 +115,6 @@ class Reporter:
         self._last_push = -math.inf
         self._trailing_push = False
         self._speed = Throughput()
-        self._speed.start(trio.current_time())
         self._watching_idle = False
         self._running = True
 

@@ -41,20 +41,22 @@ def test_a_line_never_exceeds_the_width(width: int) -> None:
 def test_wide_terminal_shows_every_field() -> None:
     line = render.progress_line(RUNNING, 200, rate=3.5 * 2**20)
     assert line == (
-        "ubuntu-24.04.iso [==========>                             ]   25.0%  0/1"
-        "  512.0 MiB/2.0 GiB  3.5 MiB/s  http://example.org/ubuntu-24.04.iso"
+        "ubuntu-24.04.iso [==========>                             ]   25.0%"
+        "  512.0 MiB/2.0 GiB  3.5 MiB/s  eta 7m19s"
     )
 
 
 def test_fields_leave_from_the_right_as_the_terminal_narrows() -> None:
     at_80 = render.progress_line(RUNNING, 80, rate=1024.0)
     assert "1.0 KiB/s" in at_80
-    assert "example.org" not in at_80
+    assert "eta " in at_80
+    at_60 = render.progress_line(RUNNING, 60, rate=1024.0)
+    assert "/s" not in at_60
+    assert "512.0 MiB/2.0 GiB" in at_60
     at_50 = render.progress_line(RUNNING, 50, rate=1024.0)
     assert "/s" not in at_50
     assert "MiB" not in at_50
     assert "25.0%" in at_50
-    assert "0/1" in at_50
     assert bar_of(at_50)[1] >= 10
 
 
@@ -69,7 +71,7 @@ def test_long_names_are_cut_not_the_bar() -> None:
 def test_too_narrow_for_a_bar_still_says_how_far() -> None:
     line = render.progress_line(RUNNING, 28)
     assert BAR.search(line) is None
-    assert line == "ubuntu-24.04...   25.0%  0/1"
+    assert line == "ubuntu-24.04.iso   25.0%"
 
 
 @pytest.mark.parametrize(("done", "filled"), [(0, 0), (1, 10), (2, 20), (4, 40)])

@@ -89,6 +89,9 @@ async def test_watch_task_prints_lines_and_ends_with_the_task(
             release.set()
             assert await process.wait() == 0
             lines += (await output.rest()).splitlines()
+        # The last line says where the file went, its size and the average rate.
+        assert re.fullmatch(r"saved /\S+/w\.bin: 1\.0 MiB in [0-9.]+s \(.+/s\)", lines[-1])
+        lines = lines[:-1]
         statuses = [STATUS_LINE.match(line) for line in lines if STATUS_LINE.match(line)]
         updates = [UPDATE_LINE.match(line) for line in lines if not STATUS_LINE.match(line)]
         assert all(updates), lines
@@ -259,10 +262,12 @@ async def test_download_wait_draws_live_bars_on_a_terminal(
     assert "\x1b[1A\r\x1b[J" in output
     frames = [ANSI.sub("", frame) for frame in output.split("\r\x1b[J")[1:]]
     bars = [line for frame in frames for line in frame.split("\r\n") if line]
-    assert bars[0].startswith("http://127.0.0.1:")  # the task's name is its URL
+    # The task's name is its URL: the bar shows the file name.
+    assert bars[0].startswith("live.iso [")
     assert any("390.6 KiB/1.0 MiB" in bar for bar in bars)
-    assert bars[-1].endswith("100.0%  1/1  1.0 MiB/1.0 MiB  completed")
-    assert all(len(bar) < columns for bar in bars), bars
+    assert bars[-2].endswith("100.0%  1.0/1.0 MiB  completed")
+    assert re.fullmatch(r"saved /\S+/live\.iso: 1\.0 MiB in [0-9.]+s \(.+/s\)", bars[-1])
+    assert all(len(bar) < columns for bar in bars[:-1]), bars
 
 
 async def test_json_output_never_draws_even_on_a_terminal(daemon: Daemon) -> None:

@@ -36,24 +36,25 @@ class Throughput:
     _slot_bytes: int = 0
     _last_arrival: float = -math.inf
 
-    def start(self, now: float) -> None:
-        """The transfer begins (connecting counts: it is part of what a user waits for)."""
-        self._smoothed = None
-        self._slot_start = now
-        self._slot_bytes = 0
-        self._last_arrival = now
-
     def add(self, now: float, count: int) -> None:
         """``count`` bytes arrived at ``now`` (nothing is taken back: a restart from zero
         or a failure makes bytes go, not arrive)."""
         if count <= 0:
             return
         if self._slot_start is None or now - self._last_arrival >= self.idle_after:
-            self.start(now)
+            # The first bytes (of all, or after a stall) start the clock: the time before
+            # them (connecting, a pause) says nothing of how fast data comes.
+            self._smoothed = None
+            self._slot_start = self._last_arrival = now
+            self._slot_bytes = 0
+            return
+        elapsed = now - self._slot_start
+        if elapsed <= 0 and self._smoothed is None:
+            # Still the first instant: a burst of what had piled up before the clock
+            # started, with no time to divide it by.
             return
         self._last_arrival = now
         self._slot_bytes += count
-        elapsed = now - self._slot_start
         if elapsed < SLOT:
             return
         measured = self._slot_bytes / elapsed
