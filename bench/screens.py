@@ -75,7 +75,8 @@ def _run(socket: Path, url: str, middle: float) -> tuple[str, str]:
     # A private tmux server per run: nothing of the user's tmux is touched.
     tmux = ["tmux", "-L", f"statusd-screens-{os.getpid()}-{time.monotonic_ns()}"]
     env_python = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable}"
-    command = f"{env_python} -m statusctl --socket {socket} download {url} --wait; echo \"[exit $?]\""
+    command = f"{env_python} -m statusctl --socket {socket} download {url} --wait"
+    command += '; echo "[exit $?]"'
     subprocess.run(
         [*tmux, "new-session", "-d", "-x", "80", "-y", "24", "-s", "cap", command + "; sleep 600"],
         check=True,
@@ -122,7 +123,8 @@ def main() -> int:
             ("stall", "/stalls.iso", 2.6),
         ):
             mid, end = _run(socket, base + path, middle)
-            print(f"## {title}\n\nafter {middle:g} s:\n```\n{mid}\n```\nat the end:\n```\n{end}\n```\n")
+            print(f"## {title}\n\nafter {middle:g} s:\n```\n{mid}\n```")
+            print(f"at the end:\n```\n{end}\n```\n")
     finally:
         daemon.terminate()
         daemon.wait()
