@@ -72,15 +72,15 @@ def _screen(tmux: list[str]) -> str:
 
 
 def _run(socket: Path, url: str, middle: float) -> tuple[str, str]:
+    # Run from the socket's directory: ``python -m`` puts the current directory first on
+    # sys.path, and a checkout there would win over PYTHONPATH.
     # A private tmux server per run: nothing of the user's tmux is touched.
     tmux = ["tmux", "-L", f"statusd-screens-{os.getpid()}-{time.monotonic_ns()}"]
     env_python = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable}"
     command = f"{env_python} -m statusctl --socket {socket} download {url} --wait"
     command += '; echo "[exit $?]"'
-    subprocess.run(
-        [*tmux, "new-session", "-d", "-x", "80", "-y", "24", "-s", "cap", command + "; sleep 600"],
-        check=True,
-    )
+    session = ["new-session", "-d", "-x", "80", "-y", "24", "-s", "cap", "-c", str(socket.parent)]
+    subprocess.run([*tmux, *session, command + "; sleep 600"], check=True)
     try:
         time.sleep(middle)
         mid = _screen(tmux)
@@ -113,6 +113,7 @@ def main() -> int:
             str(directory / "state"),
         ],
         stderr=subprocess.DEVNULL,
+        cwd=directory,
     )
     try:
         while not socket.exists():
