@@ -509,8 +509,7 @@ class DownloadJob:
                 record |= {"result": unstructure(result), "settle": True}
             await self._checkpoint(reporter, record)
 
-        state = self.states[index]
-        if state.part is not None or state.done:
+        if self.states[index].part is not None or self.states[index].done:
             # Its first report is what its part (or file) held already, not news from the
             # network: it must not show as speed.
             self._resuming.add(index)
@@ -519,7 +518,7 @@ class DownloadJob:
             item,
             directory,
             self.service.item_settings(self._beside_journals),
-            state,
+            self.states[index],
             owner=f"{self.task_id}-{index}",
             on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
             on_state=on_state,
