@@ -670,7 +670,7 @@ def format_task_end(task: Mapping[str, Any], failures_shown: Set[int] = frozense
     files = f"{len(saved)} {'file' if len(saved) == 1 else 'files'}"
     if not items:
         error = task.get("error")
-        lines.append(f"{status}: {one_line(str(error))}" if error else status)
+        lines.append(f"{status}: {one_line(str(error))}" if error and error != status else status)
     elif failed:
         rest = f"; {files} saved{speed}" if saved else ", nothing saved"
         lines.append(f"{status}: {len(failed)} of {len(items)} failed{rest}")

@@ -15,6 +15,7 @@ import attrs
 import pytest
 import trio
 
+from statusctl import render
 from statusd.daemon import Daemon, run
 from tests.conftest import RawClient, make_config
 from tests.http_servers import (
@@ -197,3 +198,68 @@ async def test_without_a_terminal_the_reasons_are_plain_lines(
     task = await client.call("tasks.get", {"task_id": task_id})
     await client.aclose()
     assert task["result"]["items"][0]["error"] == "http 404 not found"
+
+
+# -- the pure parts ----------------------------------------------------------------------
+
+
+def test_retry_lines_say_whether_the_attempt_counted() -> None:
+    retry = {
+        "index": 0,
+        "url": "https://example.org/dl/big%20file.iso?…",
+        "attempt": 2,
+        "max_attempts": 5,
+        "delay_s": 4.0,
+        "reason": "http 503 service unavailable",
+        "counted": True,
+    }
+    assert render.format_item_event({"item_retry": retry}) == (
+        "big file.iso: retrying in 4 s (attempt 2 of 5): http 503 service unavailable"
+    )
+    resumed = dict(retry, counted=False, attempt=1, delay_s=0.5, reason="connection reset")
+    assert render.format_item_event({"item_retry": resumed}) == (
+        "big file.iso: resuming in 0.5 s (not counted as an attempt): connection reset"
+    )
+    failed = {"index": 3, "url": "http://h/x.bin", "error": "http 404 not found\x1b[2J"}
+    assert render.format_item_event({"item_failed": failed}) == (
+        "x.bin: failed: http 404 not found\\x1b[2J"
+    )
+    assert render.format_item_event({"status": "progress"}) is None
+
+
+def test_the_end_of_a_task_of_several_files() -> None:
+    task = {
+        "id": "t1",
+        "status": "failed",
+        "started_at": "2026-12-07T10:00:00.000Z",
+        "completed_at": "2026-12-07T10:00:04.000Z",
+        "result": {
+            "items": [
+                {"url": "http://h/a.iso", "path": "/dl/a.iso", "bytes": 4 << 20, "error": None},
+                {"url": "http://h/b.iso", "path": None, "bytes": 0, "error": "http 404 not found"},
+                {"url": "http://h/c.iso", "path": None, "bytes": 0, "error": "sha256 mismatch"},
+            ]
+        },
+    }
+    # The 404 was printed as it happened; the mismatch was not.
+    assert render.format_task_end(task, {1}) == [
+        "c.iso: failed: sha256 mismatch",
+        "saved /dl/a.iso: 4.0 MiB",
+        "failed: 2 of 3 failed; 1 file saved in 4.0s (1.0 MiB/s)",
+    ]
+    completed = dict(task, status="completed")
+    completed["result"] = {"items": [task["result"]["items"][0]] * 2}  # type: ignore[index]
+    assert render.format_task_end(completed)[-1] == (
+        "completed: 2 files saved, 8.0 MiB in 4.0s (2.0 MiB/s)"
+    )
+    cancelled = {"id": "t2", "status": "cancelled", "error": "cancelled", "result": None}
+    assert render.format_task_end(cancelled) == ["cancelled"]
+    broken = {"id": "t3", "status": "failed", "error": "cannot open the destination"}
+    assert render.format_task_end(broken) == ["failed: cannot open the destination"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0, "0s"), (4.2, "5s"), (65, "1m05s"), (7380, "2h03m"), (90000, "1d01h")]
+)
+def test_format_eta(seconds: float, text: str) -> None:
+    assert render.format_eta(seconds) == text

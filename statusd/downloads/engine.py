@@ -51,9 +51,9 @@ guarantees:
   ``backoff_max``), or what ``Retry-After`` asks (at most ``max_retry_after``). What
   bounds a server that sends a little per connection forever is the stall rule, which
   spans the attempts (below). ``on_retry`` hears of each retry, with its reason and
-  whether it counted, before the pause. Other 4xx, TLS errors, a host name that does not resolve (a
-  resolver that cannot answer now is retried), a proxy refusing CONNECT with a 4xx, a
-  size over the cap, a sha256 mismatch, a full disk, a write that would eat into the
+  whether it counted, before the pause. Other 4xx, TLS errors, a host name that does not
+  resolve (a resolver that cannot answer now is retried), a proxy refusing CONNECT with a
+  4xx, a size over the cap, a sha256 mismatch, a full disk, a write that would eat into the
   ``reserve``, a transfer slower than ``lowest_speed`` for ``stall_timeout``
   (``rules.StallWatch``: retrying a server that trickles would hold the slot as long
   again) and too many redirects fail the item at once. The stall rule's windows run from
