@@ -464,7 +464,8 @@ async def test_download_wait_rides_out_a_sigkilled_daemon(
     finally:
         await _reap(process)
         await trio.aclose_forcefully(client.stream)
-    assert lines[-1].startswith(f"{task_id}  completed    100.0%  1/1")
+    assert lines[-2].startswith(f"{task_id}  completed    100.0%  1/1")
+    assert lines[-1].startswith(f"saved {download_dir(daemon) / 'restart.bin'}: ")  # the end
     assert (download_dir(daemon) / "restart.bin").read_bytes() == DATA
     assert len(http_server.requests_for("/restart.bin")) == 2  # asked again after the restart
 
