@@ -37,11 +37,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+import h11
 import trio
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
-    Endpoint,
     WebSocketConnection,
     WebSocketRequest,
     wrap_server_stream,
@@ -54,13 +54,14 @@ from statusd.errors import Busy, StartupError
 from statusd.events import Streams
 from statusd.identity import Caller, CallerLookups
 from statusd.logs import EveryInterval
-from statusd.protocol import jsonrpc
+from statusd.protocol import jsonrpc, web
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
 from statusd.session import Session
 from statusd.state.connections import Connections, Refusal
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import TokenRecord, TokenStore
+from statusd.transports import front
 from statusd.transports.accept import connection_limits, serve_listeners
 from statusd.transports.answer import answer
 
@@ -106,6 +107,13 @@ def _now() -> str:
 def _address(sockname: Any) -> str:
     host, port = sockname[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        return _address(stream.socket.getpeername())
+    except OSError:
+        return "a closed connection"
 
 
 def _warn_unless_loopback(listeners: list[trio.SocketListener]) -> None:
@@ -179,6 +187,7 @@ class WebSocketServer:
         self._connections_changed = trio.lowlevel.ParkingLot()
         self.addresses: list[str] = []
         self._frames = rules.FrameCache()
+        self._files: dict[str, bytes] = {}  # the dashboard's, read when serving starts
         # A token's user is looked up in passwd and groups, which can block for seconds
         # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
         self.lookups = CallerLookups()
@@ -217,6 +226,7 @@ class WebSocketServer:
         task_status: trio.TaskStatus[WebSocketServer] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await open_listeners(self._config(), passed)
+        self._files = await trio.to_thread.run_sync(front.load_files)
         self.addresses = [_address(listener.socket.getsockname()) for listener in listeners]
         log.info("WebSocket listening on %s", ", ".join(self.addresses))
         _warn_unless_loopback(listeners)
@@ -330,7 +340,12 @@ class WebSocketServer:
                 # Read per connection, so a reload's limit reaches new connections.
                 most = self._config().limits.max_request_bytes
                 with trio.move_on_after(HANDSHAKE_TIMEOUT):
-                    request = await wrap_server_stream(nursery, stream, max_message_size=most)
+                    head = await front.read_head(stream)
+                    if head.request is not None and not web.is_upgrade(head.request):
+                        await self._answer_page(stream, head.request)
+                        return
+                    replayed = front.Replayed(stream, head.data)
+                    request = await wrap_server_stream(nursery, replayed, max_message_size=most)
                 if request is not None:
                     await self._handle_request(request, stream)
                 nursery.cancel_scope.cancel()
@@ -342,25 +357,47 @@ class WebSocketServer:
         finally:
             await trio.aclose_forcefully(stream)
 
+    def _allowed_hosts(self, stream: trio.SocketStream) -> list[str]:
+        """The Host names besides localhost's: the listen host and the address the
+        connection arrived on."""
+        config = self._config()
+        allowed = [config.websocket.listen[0]] if config.websocket.listen else []
+        with contextlib.suppress(OSError):
+            allowed.append(str(stream.socket.getsockname()[0]))
+        return allowed
+
+    async def _answer_page(self, stream: trio.SocketStream, request: h11.Request) -> None:
+        """A plain HTTP request: the dashboard's files, or why not. Decided: it no longer
+        counts as a handshake in progress."""
+        self._handshaking.discard(stream)
+        host = next((value for name, value in request.headers if name == b"host"), None)
+        refusal = rules.check_host(
+            host.decode("latin-1") if host is not None else None, self._allowed_hosts(stream)
+        )
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(web.answer(request, refusal, self._files))
+
     async def _check(
-        self, request: WebSocketRequest
+        self, request: WebSocketRequest, stream: trio.SocketStream
     ) -> rules.Refusal | tuple[TokenRecord, Caller, rules.Route]:
         """Everything decided before accept(), in this order: Host, Origin, token, path."""
         config = self._config()
         # wsproto keeps Host out of request.headers; its Request event has it.
         host: str | None = request._event.host
-        allowed = [config.websocket.listen[0]] if config.websocket.listen else []
-        local = request.local
-        if isinstance(local, Endpoint):
-            allowed.append(str(local.address))
-        refusal = rules.check_single(request.headers, b"origin") or rules.check_host(host, allowed)
+        refusal = rules.check_single(request.headers, b"origin") or rules.check_host(
+            host, self._allowed_hosts(stream)
+        )
         if refusal is not None:
             return refusal
         headers = {name.lower(): value for name, value in request.headers}
         origin = headers.get(b"origin")
+        # The dashboard's own page (served on this Host, so of this origin) needs no
+        # allowed_origins entry; the Host was checked above, so a rebound name cannot pose
+        # as it.
+        own = web.page_origin(host)
         refusal = rules.check_origin(
             origin.decode("latin-1") if origin is not None else None,
-            config.websocket.allowed_origins,
+            [*config.websocket.allowed_origins, *([own] if own is not None else [])],
         )
         if refusal is not None:
             return refusal
@@ -382,13 +419,13 @@ class WebSocketServer:
         return record, caller, target
 
     async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
-        checked = await self._check(request)
+        checked = await self._check(request, stream)
         # Decided: from here the connection counts against max_connections, or is gone.
         self._handshaking.discard(stream)
         if isinstance(checked, rules.Refusal):
             log.info(
                 "WebSocket handshake from %s refused: %d %s",
-                request.remote,
+                _peer(stream),
                 checked.status,
                 checked.message,
             )
