@@ -44,7 +44,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from statusctl import __version__, render
+from statusctl import __version__, dashboard, render
 from statusctl.client import (
     SOCKET_ENV,
     SYSTEM_SOCKET,
@@ -974,6 +974,54 @@ def run_token(context: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DASHBOARD_EXPIRES_IN = 12 * 3600  # a working day: the open page reconnects with the token
+
+
+def dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="a link that may also add, pause, resume, retry and cancel downloads "
+        "(default: look only)",
+    )
+    parser.add_argument(
+        "--no-browser", action="store_true", help="only print the link, do not open it"
+    )
+    parser.add_argument(
+        "--expires-in",
+        metavar="DURATION",
+        type=duration,
+        default=DASHBOARD_EXPIRES_IN,
+        help="the link stops working after this long: 15m, 1h, 12h (from 1m to 365d; default: 12h)",
+    )
+
+
+def run_dashboard(context: Context, args: argparse.Namespace) -> int:
+    address = context.call("daemon.info").get("websocket")
+    if address is None:
+        context.complain(
+            "the daemon serves no dashboard: its WebSocket is off (start it with "
+            "--websocket 127.0.0.1:8765, or [websocket] listen in its configuration)"
+        )
+        return EXIT_REMOTE_ERROR
+    scope = "control" if args.control else "read"
+    result = context.call("tokens.create", {"scope": scope, "expires_in": args.expires_in})
+    url = dashboard.dashboard_url(address, result["token"])
+    opened = not args.no_browser and dashboard.open_in_browser(url)
+    context.emit({**result, "url": url, "opened": opened}, [url])
+    if not context.json:
+        where = "opened in your browser" if opened else "open it in a browser on this machine"
+        context.stderr.write(
+            render.one_line(
+                f"{where}; the link ({scope}) works until {result.get('expires_at')}, and "
+                "whoever has it acts as you: keep it to yourself (statusctl token revoke "
+                f"{result['token_id']} ends it)"
+            )
+            + "\n"
+        )
+    return EXIT_OK
+
+
 def completion_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shell", metavar="SHELL", choices=SHELLS, help="bash, zsh or fish")
     parser.add_argument(
@@ -1053,6 +1101,12 @@ COMMANDS: tuple[Command, ...] = (
         notify_arguments,
     ),
     Command("token", "create, list or revoke WebSocket tokens", run_token, token_arguments),
+    Command(
+        "dashboard",
+        "open the web dashboard with a link that carries a short-lived token",
+        run_dashboard,
+        dashboard_arguments,
+    ),
     Command(
         "completion",
         "print the shell completion script for bash, zsh or fish",

@@ -50,7 +50,7 @@ function _shtab_statusctl_using
   test "$_shtab_statusctl_cmdpath" = "$argv"
 end
 
-set -g _shtab_statusctl_commands info publish status watch download tasks task cancel pause resume retry summary cleanup notifications 'notifications read' 'notifications delete' notify token 'token create' 'token list' 'token revoke' completion
+set -g _shtab_statusctl_commands info publish status watch download tasks task cancel pause resume retry summary cleanup notifications 'notifications read' 'notifications delete' notify token 'token create' 'token list' 'token revoke' dashboard completion
 set -g _shtab_statusctl_opts_with_value --color --dest --expires-in --input-file --limit --link --max-age-hours --message --name --operation-id --program --scope --sha256 --since --socket --status --task --title --topic --type --user -i
 
 complete -c statusctl -e
@@ -133,6 +133,11 @@ complete -c statusctl -n '_shtab_statusctl_using token; and test $_shtab_statusc
 complete -c statusctl -n '_shtab_statusctl_using token list' -s h -l help -d 'show this help message and exit'
 complete -c statusctl -n '_shtab_statusctl_using token; and test $_shtab_statusctl_npos -eq 0' -a revoke -d 'revoke a token; connections using it close'
 complete -c statusctl -n '_shtab_statusctl_using token revoke' -s h -l help -d 'show this help message and exit'
+complete -c statusctl -n '_shtab_statusctl_using; and test $_shtab_statusctl_npos -eq 0' -a dashboard -d 'open the web dashboard with a link that carries a short-lived token'
+complete -c statusctl -n '_shtab_statusctl_using dashboard' -s h -l help -d 'show this help message and exit'
+complete -c statusctl -n '_shtab_statusctl_using dashboard' -l control -d 'a link that may also add, pause, resume, retry and cancel downloads (default: look only)'
+complete -c statusctl -n '_shtab_statusctl_using dashboard' -l no-browser -d 'only print the link, do not open it'
+complete -c statusctl -n '_shtab_statusctl_using dashboard' -l expires-in -x -d 'the link stops working after this long: 15m, 1h, 12h (from 1m to 365d; default: 12h)'
 complete -c statusctl -n '_shtab_statusctl_using; and test $_shtab_statusctl_npos -eq 0' -a completion -d 'print the shell completion script for bash, zsh or fish'
 complete -c statusctl -n '_shtab_statusctl_using completion' -s h -l help -d 'show this help message and exit'
 complete -c statusctl -n '_shtab_statusctl_using completion' -l program -xka "statusctl statusd" -d 'whose completion (default: statusctl)'
