@@ -189,6 +189,17 @@ def test_install_as_the_readme_says_then_statusctl_info_works(place: Path) -> No
     assert (share / "man" / "man1" / "statusd.1").is_file()
     assert (share / "bash-completion" / "completions" / "statusctl").is_file()
     assert (share / "fish" / "vendor_completions.d" / "statusctl.fish").is_file()
+    # The dashboard's files are package data: in the wheel, or the page is a 500 away.
+    python = (home / ".local" / "bin" / "statusd").read_text().splitlines()[0].removeprefix("#!")
+    files = _run(
+        f"{python} -c 'import importlib.resources as r; "
+        'print(sorted(p.name for p in r.files("statusd.web").iterdir()))\'',
+        place,
+        env,
+    )
+    assert files.returncode == 0, files.stderr
+    for name in ("index.html", "dashboard.js", "dashboard.css"):
+        assert f"'{name}'" in files.stdout
 
     with (place / "statusd.log").open("w") as log:
         daemon = subprocess.Popen(

@@ -1,5 +1,11 @@
 """The WebSocket server (trio-websocket): tokens, Host and Origin checks, ``/ws`` and the
-seed's endpoints.
+seed's endpoints; and, on the same port, the web dashboard's files.
+
+Each connection's request head is read first (``statusd.transports.front``): a request
+that is not a WebSocket upgrade is answered as plain HTTP (``statusd.protocol.web``: the
+dashboard's files, after the same Host check), an upgrade goes on to trio-websocket. The
+page's own origin (``http://`` and the Host it asked for) may open a socket without an
+``allowed_origins`` entry.
 
 Every handshake is checked before it is accepted (``statusd.protocol.websocket`` says what
 is refused): two Origin headers get 400, a foreign Host or Origin 403, a missing, unknown
