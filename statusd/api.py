@@ -400,6 +400,9 @@ class Api:
             "daemon_uid": os.getuid(),
             "socket": str(self.config.socket),
             "websocket": self.websocket_address,
+            # A WebSocket token's scope (a page shows controls only for "control"); null on
+            # the Unix socket, where every method is open.
+            "scope": session.scope,
             "tasks": self._summary(caller),
             "status_seq": self.channel.last_seq,
         }

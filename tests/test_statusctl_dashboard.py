@@ -22,7 +22,7 @@ from websockets.typing import Origin
 
 from statusctl.dashboard import dashboard_url, redirect_page
 from statusd.daemon import Daemon
-from tests.conftest import daemon
+from tests.conftest import RawClient, daemon
 from tests.websocket_clients import TIMEOUT, RpcClient, port, ws_daemon
 
 __all__ = ["daemon", "ws_daemon"]
@@ -182,3 +182,19 @@ def test_the_redirect_page_escapes_the_link() -> None:
     page = redirect_page('http://x/#token="><script>')
     assert "<script>" not in page
     assert "&quot;&gt;&lt;script&gt;" in page
+
+
+async def test_daemon_info_names_the_tokens_scope(ws_daemon: Daemon) -> None:
+    for flags, scope in (((), "read"), (("--control",), "control")):
+        code, out, _ = await statusctl(ws_daemon, "dashboard", "--no-browser", *flags)
+        assert code == 0
+        info = await trio.to_thread.run_sync(call_with, out.strip(), "daemon.info")
+        assert info["result"]["scope"] == scope
+
+
+async def test_daemon_info_on_the_unix_socket_has_no_scope(daemon: Daemon) -> None:
+    client = await RawClient.connect(daemon.config.socket)
+    try:
+        assert (await client.call("daemon.info"))["scope"] is None
+    finally:
+        await client.aclose()
