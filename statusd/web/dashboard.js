@@ -270,7 +270,9 @@ function setTask(info) {
   if (!task) {
     task = { info, failures: [], note: "", node: null };
     state.tasks.set(info.id, task);
+    state.summaryDirty = true;
   } else {
+    if (task.info.status !== info.status) state.summaryDirty = true;
     task.info = info;
   }
   if (info.result && Array.isArray(info.result.items)) {
