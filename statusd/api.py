@@ -133,6 +133,7 @@ class DownloadItemParams:
     filename: str | None = None
     sha256: str | None = None
     headers: dict[str, str] | None = None  # sent to the url's own origin only
+    checksum: str | None = None  # TYPE=HEX, as aria2's --checksum; or sha256, not both
 
 
 @attrs.frozen

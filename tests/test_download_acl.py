@@ -242,10 +242,10 @@ def test_a_part_whose_acl_cannot_be_set_is_removed_not_linked(ramfs: Path) -> No
     directory = files.Directory.open(ramfs)
     try:
         reader = attrs.evolve(directory, reader=4242)
-        part = files.create_part(reader, ".a.bin.t-0.part", hashing=False)
+        part = files.create_part(reader, ".a.bin.t-0.part", hashing=None)
         with pytest.raises(OSError, match="Operation not supported") as raised:
             files.finish(
-                part, memoryview(b"data"), reader, ".a.bin.t-0.part", "a.bin", None, False, False
+                part, memoryview(b"data"), reader, ".a.bin.t-0.part", "a.bin", None, None, False
             )
     finally:
         directory.close()

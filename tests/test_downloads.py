@@ -270,7 +270,9 @@ async def test_name_sources_in_order(
     plain = http_server.route("/dir/a%20file.txt", serve_data(b"a"))
     assert (await fetch(client, plain, dest)).path == str(dest / "a file.txt")
     root = http_server.route("/", serve_data(b"index"))
-    assert (await fetch(client, root, dest)).path == str(dest / "download")
+    assert (await fetch(client, root, dest)).path == str(dest / "index.html")  # as wget
+    nameless = http_server.route("/%2e%2e", serve_data(b"dots"))
+    assert (await fetch(client, nameless, dest)).path == str(dest / "download")
     unsafe = await fetch(client, url, dest, filename="../..")
     assert unsafe.path == str(dest / "résumé.1.pdf")  # an unusable filename falls through
 
@@ -417,7 +419,7 @@ async def test_tls_failure_is_final(nursery: trio.Nursery, client: HTTPClient, d
 async def test_item_validation() -> None:
     with pytest.raises(ValueError, match="url scheme must be http or https, not 'ftp'"):
         DownloadItem("ftp://host/x")
-    with pytest.raises(ValueError, match="sha256 must be 64 lowercase hex digits"):
+    with pytest.raises(ValueError, match="sha256 must be 64 hex digits for sha-256"):
         DownloadItem("http://host/x", sha256="ABC")
     with pytest.raises(ValueError, match="max_attempts must be >= 1, not 0"):
         DownloadSettings(max_attempts=0)

@@ -8,8 +8,9 @@ guarantees:
 - **where**: ``dest`` is an open ``Directory`` and every file is named relative to its fd,
   so nothing is ever written outside it (the job opens it with ``files.open_dest``, which
   follows no symlink). The file name comes from the item's ``filename``, the server's
-  ``Content-Disposition``, the final URL's path, the original URL's path, or ``download``,
-  in that order, reduced to one safe component by ``statusd.downloads.names``.
+  ``Content-Disposition``, the final URL's path, the original URL's path, ``index.html``
+  when the final URL names a directory (``/`` at its end), or ``download``, in that order,
+  reduced to one safe component by ``statusd.downloads.names``.
 - **whose**: data goes to the item's own part file, ``.NAME.<owner>.part`` (``owner``: the
   task id and the item's index; random when not given), created with ``O_EXCL``, so a
   caller finds the parts of its items by their owner after a crash (``files.own_parts``),
@@ -94,7 +95,6 @@ import contextlib
 import functools
 import math
 import queue
-import re
 import secrets
 import threading
 from collections import deque
@@ -106,7 +106,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd.downloads import auth, files, names, rules
+from statusd.downloads import auth, checksums, files, names, rules
 from statusd.downloads.files import (
     BUFFERS,
     FILES,
@@ -127,15 +127,17 @@ from statusd.redact import hide_credentials
 
 NAME_BYTES = names.MAX_NAME_BYTES
 FALLBACK_NAME = "download"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so the connection stays
 _T = TypeVar("_T")
 DEFAULT_MAX_REDIRECTS = 20
 
 
-def _check_sha256(_instance: Any, _attribute: Any, value: str | None) -> None:
-    if value is not None and not _SHA256.fullmatch(value):
-        raise ValueError(f"sha256 must be 64 lowercase hex digits, not {value!r}")
+def _sha256(value: str | None) -> str | None:
+    return None if value is None else checksums.sha256(value).hex
+
+
+def _checksum(value: str | None) -> str | None:
+    return None if value is None else str(checksums.parse(value))
 
 
 def _check_url(_instance: Any, _attribute: Any, value: str) -> None:
@@ -155,14 +157,34 @@ def _header_pairs(
 @attrs.frozen
 class DownloadItem:
     """One thing to download: ``url`` (``user:password@`` in it is sent as Basic
-    credentials), and optionally the file name, the expected sha256 and request headers.
-    The headers and the credentials go to the URL's own origin only (``auth.py``)."""
+    credentials), and optionally the file name, the expected digest (``sha256``, or a
+    ``checksum`` such as ``sha-512=HEX``; either is kept in lower case) and request
+    headers. The headers and the credentials go to the URL's own origin only
+    (``auth.py``)."""
 
     # Its repr hides the credentials and the header values: a repr may end up in a log.
     url: str = attrs.field(validator=_check_url, repr=hide_credentials)
     filename: str | None = None
-    sha256: str | None = attrs.field(default=None, validator=_check_sha256)
+    sha256: str | None = attrs.field(default=None, converter=_sha256)
     headers: tuple[auth.Header, ...] = attrs.field(default=(), converter=_header_pairs, repr=False)
+    checksum: str | None = attrs.field(default=None, converter=_checksum)
+
+    def __attrs_post_init__(self) -> None:
+        if self.sha256 is not None and self.checksum is not None:
+            raise ValueError("checksum and sha256 must not both be given: give one")
+
+    @property
+    def expected(self) -> checksums.Checksum | None:
+        """The digest the file must have, if the item names one."""
+        if self.checksum is not None:
+            return checksums.parse(self.checksum)
+        return None if self.sha256 is None else checksums.Checksum("sha-256", self.sha256)
+
+    @property
+    def expected_sha256(self) -> str | None:
+        """The file's sha256 when the item names it (as ``sha256`` or a sha-256 checksum)."""
+        expected = self.expected
+        return expected.hex if expected is not None and expected.algorithm == "sha-256" else None
 
 
 def _at_least(minimum: float) -> Callable[[Any, Any, float], None]:
@@ -456,7 +478,10 @@ class _Download:
         self.reported = 0  # the sum of the deltas given to on_bytes
         self.total: int | None = None
         self.allow_range = True
-        self.hashing = settings.sha256_always or item.sha256 is not None
+        # The algorithm the part is hashed with (checksums.ALGORITHMS), if any.
+        self.hashing: str | None = "sha-256" if settings.sha256_always else None
+        if item.expected is not None:
+            self.hashing = item.expected.algorithm
         self.part: Part | None = None
         self.has_part = False  # whether the part is on disk, to remove on failure
         # A fresh item's name, part and validator, not yet given to on_state.
@@ -497,7 +522,7 @@ class _Download:
                     self.item.url,
                     self.directory.join(self.state.name),
                     size,
-                    self.item.sha256,
+                    self.item.expected_sha256,
                     None,
                 )
             self.state.done = False  # the finished file is gone: its part may still hold it
@@ -626,7 +651,8 @@ class _Download:
         await self.on_state(self.state)
         await in_thread(files.unlink_quietly, self.directory, self.state.part)
         self.has_part = False
-        return ItemResult(self.item.url, self.directory.join(final), size, self.item.sha256, None)
+        path = self.directory.join(final)
+        return ItemResult(self.item.url, path, size, self.item.expected_sha256, None)
 
     async def _unsatisfiable(self, response: Response, offset: int) -> ItemResult:
         """A 416 to our range: the part may hold the whole entity already."""
@@ -634,7 +660,7 @@ class _Download:
             response.headers,
             offset,
             self.state.validator,
-            self.item.sha256 is not None,
+            self.item.expected is not None,
             self.state.length,
         )
         await _drain(response)
@@ -712,6 +738,7 @@ class _Download:
             ),
             lambda: names.filename_from_url(response.url),
             lambda: names.filename_from_url(self.item.url),
+            lambda: names.directory_index(response.url),
         ]
         for source in sources:
             candidate = source()
@@ -838,6 +865,7 @@ class _Download:
         return _Fail(files.file_error(exc, part), discard=True)
 
     async def _complete(self, on_mismatch: type[Exception]) -> ItemResult:
+        expected = self.item.expected
         assert self.state.name is not None
         assert self.state.part is not None
         data = memoryview(self.buffer)[: self.filled]
@@ -849,7 +877,7 @@ class _Download:
                 self.directory,
                 self.state.part,
                 self.state.name,
-                self.item.sha256,
+                None if expected is None else expected.hex,
                 self.hashing,
                 self.keep_part_until_done,
                 self.settings.reserve,
@@ -862,7 +890,10 @@ class _Download:
         self.part = None  # closed by finish
         if outcome.final is None:
             self.has_part = False  # finish removed it
-            raise on_mismatch(f"sha256 mismatch: expected {self.item.sha256}, got {outcome.digest}")
+            assert expected is not None
+            raise on_mismatch(
+                f"{expected.label} mismatch: expected {expected.hex}, got {outcome.digest}"
+            )
         self.state.name = outcome.final
         self.state.done = True
         await self.on_state(self.state)
@@ -870,7 +901,8 @@ class _Download:
             await in_thread(files.unlink_quietly, self.directory, self.state.part)
         self.has_part = False
         path = self.directory.join(outcome.final)
-        return ItemResult(self.item.url, path, self.position, outcome.digest, None)
+        sha256 = outcome.digest if self.hashing == "sha-256" else None
+        return ItemResult(self.item.url, path, self.position, sha256, None)
 
 
 # Buffers a download may have received and not yet written (and hashed): the loop keeps

@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from statusd.downloads import acl, names
+from statusd.downloads import acl, checksums, names
 
 _T = TypeVar("_T")
 _HASH_BLOCK = 1 << 20
@@ -272,7 +272,7 @@ class Part:
     """An item's own part file, open for writing at ``position``; ``fd`` is -1 once closed."""
 
     fd: int
-    hasher: Any  # hashlib.sha256(), or None when nobody asked for the digest
+    hasher: Any  # a hashlib object, or None when nobody asked for the digest
     position: int
 
     def close(self) -> None:
@@ -294,7 +294,7 @@ class PartOnDisk:
 
 @attrs.frozen
 class Finished:
-    final: str | None  # None: the sha256 did not match and the part is gone
+    final: str | None  # None: the digest did not match and the part is gone
     digest: str | None
 
 
@@ -331,16 +331,21 @@ def _linked_name(directory: Directory, part: str, info: os.stat_result) -> str |
     return None
 
 
-def create_part(directory: Directory, part: str, hashing: bool) -> Part:
-    """Create the item's part (O_EXCL: a file already there is nobody's to reuse)."""
+def _hasher(hashing: str | None) -> Any:
+    return None if hashing is None else checksums.new_hasher(hashing)
+
+
+def create_part(directory: Directory, part: str, hashing: str | None) -> Part:
+    """Create the item's part (O_EXCL: a file already there is nobody's to reuse), hashed
+    with ``hashing`` (a ``checksums.ALGORITHMS`` name; None: not hashed)."""
     fd = os.open(part, _CREATE, 0o644, dir_fd=directory.fd)
-    return Part(fd, hashlib.sha256() if hashing else None, 0)
+    return Part(fd, _hasher(hashing), 0)
 
 
-def open_part(directory: Directory, part: str, start: int, hashing: bool) -> Part:
+def open_part(directory: Directory, part: str, start: int, hashing: str | None) -> Part:
     """The item's part, ready for writing at ``start``: from zero it is a new inode (the
     old one unlinked, never truncated); else the existing file, which must be a regular
-    file of ours with no other link, hashed up to ``start`` when ``hashing``."""
+    file of ours with no other link, hashed up to ``start`` with ``hashing``, if any."""
     if start == 0:
         unlink_quietly(directory, part)
         return create_part(directory, part, hashing)
@@ -349,7 +354,7 @@ def open_part(directory: Directory, part: str, start: int, hashing: bool) -> Par
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
             raise OSError(errno.EEXIST, "part file is not this item's own", directory.join(part))
-        hasher = hashlib.sha256() if hashing else None
+        hasher = _hasher(hashing)
         if hasher is not None:
             _hash_prefix(fd, start, hasher, directory.join(part))
         os.ftruncate(fd, start)
@@ -464,15 +469,16 @@ def finish(
     directory: Directory,
     part_file: str,
     base: str,
-    sha256: str | None,
-    hashing: bool,
+    expected: str | None,
+    hashing: str | None,
     keep_part: bool,
     reserve: Reserve | None = None,
 ) -> Finished:
     """Write the last batch (creating the part first if there is none; ``reserve`` must
-    let it be written), fsync, check the digest, link the part to a free final name
-    and (unless ``keep_part``) remove the part. The pool fsyncs the directory before
-    anyone hears of it. A part that fails here is removed: it is the caller's own."""
+    let it be written), fsync, check the digest (``expected``: the hex digest of
+    ``hashing``), link the part to a free final name and (unless ``keep_part``) remove
+    the part. The pool fsyncs the directory before anyone hears of it. A part that fails
+    here is removed: it is the caller's own."""
     if part is None:
         part = create_part(directory, part_file, hashing)
     try:
@@ -488,7 +494,7 @@ def finish(
         finally:
             part.close()
         digest: str | None = None if part.hasher is None else part.hasher.hexdigest()
-        if sha256 is not None and digest != sha256:
+        if expected is not None and digest != expected:
             unlink_quietly(directory, part_file)
             return Finished(None, digest)
         final = link_free(directory, part_file, base)

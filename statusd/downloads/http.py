@@ -42,7 +42,7 @@ from statusd.proxy import Proxy, ProxyRules
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 30.0
 DEFAULT_RECEIVE_SIZE = 1 << 20
-DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_HEADER_BYTES = 256 * 1024  # curl and aria2c take a 100 KB head; real ones exist
 DEFAULT_MAX_IDLE_PER_ORIGIN = 32
 DEFAULT_MAX_IDLE_TOTAL = 100
 # Below the keep-alive timeouts of common servers (Apache 5 s, lighttpd 5 s, nginx 75 s), so

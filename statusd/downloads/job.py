@@ -164,13 +164,17 @@ class Downloads:
         for index, entry in enumerate(raw):
             where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
             try:
-                # Checks the url (names.validate_url), the sha256 and the headers.
+                # Checks the url (names.validate_url), the digest and the headers.
                 item = DownloadItem(**entry)
             except ValueError as exc:
-                if str(exc).startswith("header"):
+                # Each check's message starts with the name of the field it is about.
+                first = str(exc).split(" ", 1)[0]
+                if first in ("sha256", "checksum"):
+                    path = f"items[{index}].{first}"
+                elif first.startswith("header"):
                     path = f"items[{index}].headers"
                 else:
-                    path = where if "url" in str(exc) else f"items[{index}].sha256"
+                    path = where
                 raise InvalidParams(path, str(exc)) from None
             if task_headers or item.headers:
                 headers = auth.merged(task_headers, item.headers)

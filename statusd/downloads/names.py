@@ -33,6 +33,7 @@ MAX_NAME_BYTES = 255
 # ("notes.draft for review"); numbering and truncation then treat the name as one stem.
 MAX_EXTENSION_BYTES = 16
 MAX_URL_LENGTH = 8192
+DIRECTORY_INDEX = "index.html"
 SCHEMES = ("http", "https")
 
 # Control (Cc), invisible formatting (Cf: bidi overrides that make "exe.txt" look like
@@ -96,7 +97,16 @@ def filename_from_content_disposition(header: str) -> str | None:
     a ``filename*`` whose charset is missing is ignored, as RFC 6266 asks. Some servers
     send raw UTF-8 in ``filename=``; an HTTP stack hands that over decoded as Latin-1,
     and it is decoded again as UTF-8 when that is what it was.
+
+    A header that starts with its parameters (``filename="x"``, no ``attachment``) is
+    read as curl, wget and browsers read it. A header with an unterminated quote gives no
+    name: where the name ends cannot be known, and the quote would end up in it. Quotes
+    are counted as the email parser counts them when it splits the parameters.
     """
+    if (header.count('"') - header.count('\\"')) % 2:
+        return None
+    if "=" in header.partition(";")[0]:
+        header = f"attachment; {header}"
     message = email.message.Message()
     try:
         message["content-disposition"] = header
@@ -132,6 +142,16 @@ def filename_from_url(url: str) -> str | None:
     if not segment:
         return None
     return safe_filename(urllib.parse.unquote(segment, errors="replace"))
+
+
+def directory_index(url: str) -> str | None:
+    """``index.html`` when ``url`` names a directory (its path is empty or ends in ``/``),
+    the name wget gives such a page; else None."""
+    try:
+        path = urllib.parse.urlsplit(url).path
+    except ValueError:
+        return None
+    return DIRECTORY_INDEX if path.endswith("/") or not path else None
 
 
 def validate_url(url: str) -> str:
