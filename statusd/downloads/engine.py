@@ -54,10 +54,11 @@ guarantees:
   spans the attempts (below). ``on_retry`` hears of each retry, with its reason and
   whether it counted, before the pause. Other 4xx, TLS errors, a host name that does not
   resolve (a resolver that cannot answer now is retried), a proxy refusing CONNECT with a
-  4xx, a size over the cap, a sha256 mismatch, a full disk, a write that would eat into the
-  ``reserve``, a transfer slower than ``lowest_speed`` for ``stall_timeout``
-  (``rules.StallWatch``: retrying a server that trickles would hold the slot as long
-  again) and too many redirects fail the item at once. The stall rule's windows run from
+  4xx, a response head over the client's limit, a size over the cap, a digest mismatch,
+  a full disk, a write that would eat into the ``reserve``, a transfer slower than
+  ``lowest_speed`` for ``stall_timeout`` (``rules.StallWatch``: retrying a server that
+  trickles would hold the slot as long again) and too many redirects fail the item at
+  once. The stall rule's windows run from
   the first body byte on, over the attempts that continue those bytes (an answer from
   zero begins them again), counting the time bodies are received and the pauses after
   progress, not the waits after counted failures: a byte per connection is a trickle.
@@ -116,6 +117,7 @@ from statusd.downloads.files import (
     in_thread,
 )
 from statusd.downloads.http import (
+    HeadTooLarge,
     HTTPClient,
     HTTPError,
     ProxyRefused,
@@ -614,7 +616,7 @@ class _Download:
                     if response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
                         return await self._unsatisfiable(response, offset)
                     raise _status_error(response, self.settings.max_retry_after)
-            except TLSError as exc:
+            except (TLSError, HeadTooLarge) as exc:
                 raise _Fail(str(exc)) from exc
             except ProxyRefused as exc:
                 if exc.final:

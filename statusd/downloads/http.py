@@ -121,6 +121,10 @@ class ProtocolError(HTTPError):
     """The server broke HTTP: a malformed or oversized head, or a body cut off early."""
 
 
+class HeadTooLarge(ProtocolError):
+    """The response head is larger than the client takes: asking again gets the same."""
+
+
 @attrs.frozen
 class Origin:
     """Where a connection goes; idle connections are pooled per origin. ``host`` is ASCII
@@ -295,7 +299,7 @@ class _Connection:
             event = self._h11_event()
             if event is h11.NEED_DATA:
                 if received > self._max_head:
-                    raise ProtocolError(
+                    raise HeadTooLarge(
                         f"response head from {self.origin} exceeds {self._max_head} bytes"
                     )
                 data = await self._receive(self._max_head + 1 - received)
@@ -1038,6 +1042,7 @@ __all__: Sequence[str] = (
     "HTTPClient",
     "HTTPClientStatistics",
     "HTTPError",
+    "HeadTooLarge",
     "Headers",
     "Origin",
     "ProtocolError",
