@@ -74,6 +74,9 @@ class DownloadsConfig:
     parallel_items: int = 16  # items of one task fetched at once
     max_attempts: int = 5  # per item, counting the first
     max_redirects: int = 20  # per attempt; wget's and aria2c's (curl's is 50)
+    # A response's status line and headers; curl and aria2c take a 100 KB one, and real
+    # servers send them (long cookies, CSP and link headers).
+    max_response_head_bytes: int = 256 * 1024
     # 0: no cap. A sane default an admin can lift: one file may not fill a shared disk.
     max_file_bytes: int = 64 * GiB
     connect_timeout: float = 10.0
@@ -481,6 +484,7 @@ _KEYS = (
     _Key("downloads.parallel_items", _integer(1, 64), _integer_text),
     _Key("downloads.max_attempts", _integer(1, 100), _integer_text),
     _Key("downloads.max_redirects", _integer(0, 100), _integer_text),
+    _Key("downloads.max_response_head_bytes", _integer(1024, 16 << 20), _integer_text),
     _Key("downloads.max_file_bytes", _integer(0), _integer_text),
     _Key("downloads.connect_timeout", _seconds, _number_text),
     _Key("downloads.read_timeout", _seconds, _number_text),

@@ -117,6 +117,7 @@ from statusd.downloads.files import (
     in_thread,
 )
 from statusd.downloads.http import (
+    DEFAULT_MAX_HEADER_BYTES,
     HeadTooLarge,
     HTTPClient,
     HTTPError,
@@ -381,13 +382,17 @@ async def _directory(dest: Directory | Path) -> AsyncIterator[Directory]:
         directory.close()
 
 
-def make_client(settings: DownloadSettings | None = None) -> HTTPClient:
-    """An HTTP client set up for downloads with ``settings`` (reads of chunk_size)."""
+def make_client(
+    settings: DownloadSettings | None = None, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> HTTPClient:
+    """An HTTP client set up for downloads with ``settings`` (reads of chunk_size), taking
+    response heads of up to ``max_header_bytes``."""
     settings = settings or DownloadSettings()
     return HTTPClient(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         receive_size=settings.chunk_size,
+        max_header_bytes=max_header_bytes,
     )
 
 
@@ -616,7 +621,9 @@ class _Download:
                     if response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
                         return await self._unsatisfiable(response, offset)
                     raise _status_error(response, self.settings.max_retry_after)
-            except (TLSError, HeadTooLarge) as exc:
+            except HeadTooLarge as exc:
+                raise _Fail(f"{exc} (downloads.max_response_head_bytes)") from exc
+            except TLSError as exc:
                 raise _Fail(str(exc)) from exc
             except ProxyRefused as exc:
                 if exc.final:

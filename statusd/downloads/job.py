@@ -87,7 +87,8 @@ class Downloads:
     ) -> None:
         """New ``[downloads]`` settings and proxy variables (SIGHUP): items that start from
         now on use them; ``parallel_items`` applies to tasks that start from now on,
-        ``batch_size`` to tasks created from now on."""
+        ``batch_size`` to tasks created from now on, ``max_response_head_bytes`` to
+        connections opened from now on."""
         environment = proxy_environment or self._config.proxy_environment
         self._config = attrs.evolve(
             self._config, downloads=downloads, proxy_environment=environment
@@ -97,6 +98,8 @@ class Downloads:
         self.proxies = _proxies(self._config)
         if self._client is not None:
             self._client.proxies = self.proxies
+            # Read as each connection opens: a kept-alive one keeps the limit it had.
+            self._client.max_header_bytes = downloads.max_response_head_bytes
 
     def item_settings(self, beside_journals: bool) -> DownloadSettings:
         """The settings for an item whose dest is (``beside_journals``) or is not on the
@@ -114,7 +117,8 @@ class Downloads:
     @property
     def client(self) -> HTTPClient:
         if self._client is None:
-            self._client = make_client(self.settings)
+            head = self._config.downloads.max_response_head_bytes
+            self._client = make_client(self.settings, max_header_bytes=head)
             self._client.proxies = self.proxies
         return self._client
 
