@@ -46,6 +46,13 @@ def chromium() -> Iterator[Chromium]:
     path = chromium_path()
     if path is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install chromium; .ci/run does)")
+    with launch(path) as browser:
+        yield browser
+
+
+@contextlib.contextmanager
+def launch(path: str) -> Iterator[Chromium]:
+    """Headless Chromium with a throw-away profile, stopped on the way out."""
     with tempfile.TemporaryDirectory(prefix="statusd-chromium-") as profile:
         log = Path(profile) / "chromium.log"
         args = [

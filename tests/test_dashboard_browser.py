@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from statusctl.dashboard import dashboard_url
-from statusd.daemon import Daemon
+from statusd.config import WebSocketConfig
+from statusd.daemon import Daemon, run
 from tests.cdp import Chromium, Page, chromium, open_page
-from tests.conftest import RUNNER, RawClient
+from tests.conftest import RUNNER, RawClient, make_config
 from tests.http_servers import (
     HTTPTestServer,
     Request,
@@ -330,3 +332,42 @@ async def test_a_revoked_or_unknown_token_asks_for_a_new_link(
         # No token at all.
         await page.navigate(f"http://{address(ws_daemon)}/")
         assert NEW_LINK in await page.wait_for("document.getElementById('banner').textContent")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        chosen: int = probe.getsockname()[1]
+        return chosen
+
+
+async def test_a_daemon_restart_is_ridden_out_and_the_gap_filled(
+    chromium: Chromium, nursery: trio.Nursery, short_tmp: Path
+) -> None:
+    config = make_config(short_tmp, websocket=WebSocketConfig(listen=("127.0.0.1", free_port())))
+    first: Daemon = await nursery.start(run, config)
+    await rpc(first, "status.publish", {"level": "info", "message": "before the restart"})
+    async with open_page(chromium) as page:
+        await open_dashboard(page, first)
+        await page.wait_for(status_shown("before the restart"))
+        first.request_stop()
+        await first.wait_stopped()
+        await page.wait_for("document.getElementById('connection').dataset.state === 'down'")
+        second: Daemon = await nursery.start(run, config)
+        try:
+            # Published while the page is away: it arrives through `since` on reconnect.
+            await rpc(second, "status.publish", {"level": "success", "message": "while away"})
+            await page.wait_for("document.getElementById('connection').dataset.state === 'live'")
+            await page.wait_for(status_shown("while away"))
+            await page.wait_for(status_shown("the daemon restarted"))
+            assert await page.evaluate("document.getElementById('banner').hidden") is True
+        finally:
+            second.request_stop()
+            await second.wait_stopped()
+
+
+def status_shown(text: str) -> str:
+    return (
+        "[...document.querySelectorAll('#status .text')]"
+        f".some(node => node.textContent === {json.dumps(text)})"
+    )
