@@ -8,6 +8,7 @@ writes into the test's temporary directory, so a test run leaves the checkout as
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -16,11 +17,12 @@ from typing import Any
 
 import trio
 
+from statusctl.cli import main as statusctl_main
 from statusctl.dashboard import dashboard_url
 from statusd.config import WebSocketConfig
 from statusd.daemon import Daemon, run
 from tests.cdp import Chromium, Page, chromium, open_page
-from tests.conftest import RUNNER, RawClient, make_config
+from tests.conftest import RUNNER, RawClient, blocking_call, make_config, run_as_nobody
 from tests.http_servers import (
     HTTPTestServer,
     Request,
@@ -29,9 +31,9 @@ from tests.http_servers import (
     serve_data,
     status,
 )
-from tests.websocket_clients import address, make_token, port, ws_daemon
+from tests.websocket_clients import address, make_token, nobody_ws_daemon, port, ws_daemon
 
-__all__ = ["chromium", "http_server", "ws_daemon"]
+__all__ = ["chromium", "http_server", "nobody_ws_daemon", "ws_daemon"]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 NEW_LINK = "ask statusctl dashboard for a new link"
@@ -371,3 +373,55 @@ def status_shown(text: str) -> str:
         "[...document.querySelectorAll('#status .text')]"
         f".some(node => node.textContent === {json.dumps(text)})"
     )
+
+
+async def test_each_user_sees_their_own_tasks_and_an_admin_everyones(
+    chromium: Chromium, nobody_ws_daemon: Daemon, http_server: HTTPTestServer
+) -> None:
+    """``statusctl dashboard`` run as uid nobody (a forked child) gives nobody's link: its
+    page shows nobody's task and not root's; root's page shows both, with the owner."""
+    daemon = nobody_ws_daemon
+    theirs = http_server.route("/nobodys.txt", serve_data(b"n" * 100))
+    ours = http_server.route("/roots.txt", serve_data(b"r" * 100))
+    await rpc(daemon, "tasks.download", {"urls": [ours]})
+    socket_path = str(daemon.config.socket)
+
+    def as_nobody() -> dict[str, Any]:
+        out, err = io.StringIO(), io.StringIO()
+        argv = ["--socket", socket_path, "dashboard", "--no-browser", "--control"]
+        code = statusctl_main(argv, stdout=out, stderr=err)
+        made = blocking_call(Path(socket_path), "tasks.download", {"urls": [theirs]})
+        return {"code": code, "link": out.getvalue().strip(), "err": err.getvalue(), "made": made}
+
+    outcome = await trio.to_thread.run_sync(run_as_nobody, as_nobody)
+    assert outcome["code"] == 0, outcome["err"]
+    assert "result" in outcome["made"], outcome["made"]
+    async with open_page(chromium) as page:
+        await page.navigate(outcome["link"])
+        await page.wait_for("document.getElementById('connection').dataset.state === 'live'")
+        who = await page.wait_for("document.getElementById('who').textContent")
+        assert who == "nobody, control"
+        await wait_task(page, theirs, "true")
+        assert await task_field(page, theirs, "t.querySelector('.owner').textContent") == ""
+        assert await page.evaluate(task_js(ours)) is None
+        assert await page.evaluate("document.querySelectorAll('#tasks > li').length") == 1
+    async with open_page(chromium) as page:
+        await open_dashboard(page, daemon, "read")
+        await wait_task(page, theirs, "true")
+        await wait_task(page, ours, "true")
+        assert await task_field(page, theirs, "t.querySelector('.owner').textContent") == "nobody"
+        assert await task_field(page, ours, "t.querySelector('.owner').textContent") == RUNNER
+
+
+async def test_a_dropped_notice_is_shown_in_the_stream(
+    chromium: Chromium, ws_daemon: Daemon
+) -> None:
+    """What the page does with the daemon's ``dropped`` push (a slow page's lost messages),
+    handed to its push handler directly: a browser cannot be made to read slowly here."""
+    async with open_page(chromium) as page:
+        await open_dashboard(page, ws_daemon, "read")
+        await page.evaluate("pushed('dropped', {stream: 'status', count: 42})")
+        await page.wait_for(
+            status_shown("42 status messages were dropped (the page or the connection fell behind)")
+        )
+        assert await page.evaluate("document.querySelector('#status > li.dropped') !== null")
