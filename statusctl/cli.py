@@ -563,6 +563,12 @@ def download_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", metavar="NAME", help="file name (one URL only)")
     parser.add_argument("--topic", metavar="TOPIC")
     parser.add_argument("--sha256", metavar="HEX", help="expected digest (one URL only)")
+    parser.add_argument(
+        "--checksum",
+        metavar="TYPE=HEX",
+        help="expected digest as aria2c's --checksum takes it: sha-256, sha-512, sha-1 or "
+        "md5, then = and the hex digest (one URL only)",
+    )
     parser.add_argument("--wait", action="store_true", help="follow the task until it ends")
 
 
@@ -619,14 +625,12 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
     if not urls:
         raise UsageError("no URL: give one or more, or a file of them with -i FILE")
     params: dict[str, Any] = {}
-    if args.name is not None or args.sha256 is not None:
+    one_url = {"filename": args.name, "sha256": args.sha256, "checksum": args.checksum}
+    if any(value is not None for value in one_url.values()):
         if len(urls) != 1:
-            raise UsageError("--name and --sha256 take exactly one URL")
+            raise UsageError("--name, --sha256 and --checksum take exactly one URL")
         item: dict[str, Any] = {"url": urls[0]}
-        if args.name is not None:
-            item["filename"] = args.name
-        if args.sha256 is not None:
-            item["sha256"] = args.sha256
+        item |= {key: value for key, value in one_url.items() if value is not None}
         params["items"] = [item]
     else:
         params["urls"] = urls

@@ -3,12 +3,13 @@ aria2's ``--checksum`` takes it (sha-256, sha-512, sha-1, md5), verified while t
 streams (in one buffer, and through the writer and hasher threads of a large body), across
 a resume, and refused with -32602 naming the field when malformed.
 
-Against real HTTP servers on 127.0.0.1 and an in-process daemon.
+Against real HTTP servers on 127.0.0.1, an in-process daemon, and statusctl as a process.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from statusd.downloads.checksums import Checksum
 from statusd.downloads.http import HTTPClient
 from tests.http_servers import HTTPTestServer, cut_off, http_server, serve_data
 from tests.test_download_tasks import wait_for_end
+from tests.test_statusctl_download_input import statusctl
 
 __all__ = ["http_server"]
 
@@ -175,3 +177,30 @@ async def test_a_bad_digest_is_refused_naming_the_field(
     assert response["error"]["data"]["field"] == field
     assert message in response["error"]["message"]
     assert (await client.call("tasks.summary"))["total"] == 0
+
+
+# -- statusctl ------------------------------------------------------------------------------
+
+
+async def test_statusctl_download_checksum(daemon: Daemon, http_server: HTTPTestServer) -> None:
+    url = http_server.route("/c.bin", serve_data(DATA))
+    socket = str(daemon.config.socket)
+    good = f"sha-512={digest('sha-512').upper()}"
+    done = await statusctl(
+        "--socket", socket, "--json", "download", url, "--checksum", good, "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    [item] = json.loads(done.stdout.splitlines()[-1])["result"]["items"]
+    assert item["error"] is None
+
+    wrong = f"md5={digest('md5', b'other')}"
+    failed = await statusctl("--socket", socket, "download", url, "--checksum", wrong, "--wait")
+    assert failed.returncode == 1
+    assert f"md5 mismatch: expected {digest('md5', b'other')}, got {digest('md5')}" in failed.stdout
+
+    refused = await statusctl("--socket", socket, "download", url, "--checksum", "crc32=0")
+    assert refused.returncode != 0
+    assert "items[0].checksum" in refused.stderr
+    assert (
+        "checksum type must be one of sha-1, sha-256, sha-512, md5, not 'crc32'" in refused.stderr
+    )

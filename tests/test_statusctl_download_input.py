@@ -77,7 +77,14 @@ def test_url_list_refuses_two_urls_on_a_line_naming_the_line() -> None:
             "cannot read the URL list /nonexistent/urls.txt: no such file or directory",
         ),
         (["download", "-i", "/"], "cannot read the URL list /: is a directory"),
-        (["download", "--name", "x", "http://a/1", "http://a/2"], "--name and --sha256 take "),
+        (
+            ["download", "--name", "x", "http://a/1", "http://a/2"],
+            "--name, --sha256 and --checksum take exactly one URL",
+        ),
+        (
+            ["download", "--checksum", "md5=00", "http://a/1", "http://a/2"],
+            "--name, --sha256 and --checksum take exactly one URL",
+        ),
     ],
 )
 def test_usage_errors_say_what_is_wrong_and_exit_2(
