@@ -17,7 +17,6 @@ import attrs
 
 # aria2's names for the types (``aria2c --checksum``) -> hashlib's.
 ALGORITHMS = {"sha-1": "sha1", "sha-256": "sha256", "sha-512": "sha512", "md5": "md5"}
-_HEX_DIGITS = {name: hashlib.new(hashed).digest_size * 2 for name, hashed in ALGORITHMS.items()}
 _HEX = re.compile(r"[0-9a-fA-F]*")
 
 
@@ -43,6 +42,9 @@ def new_hasher(algorithm: str) -> Any:
     # md5 and sha-1 check that a transfer arrived intact, not who made the file: a
     # FIPS-mode OpenSSL refuses them unless told so.
     return hashlib.new(ALGORITHMS[algorithm], usedforsecurity=False)
+
+
+_HEX_DIGITS = {name: new_hasher(name).digest_size * 2 for name in ALGORITHMS}
 
 
 def hex_digest(field: str, algorithm: str, value: str) -> str:
