@@ -281,6 +281,8 @@ class Api:
     started_at: datetime = attrs.Factory(lambda: datetime.now(UTC))
     _started_clock: float = attrs.Factory(trio.current_time)
     _methods: dict[str, Method] = attrs.field(init=False)
+    # What daemon.info says the same every time, made once (it was a tenth of the call).
+    _fixed_info: dict[str, Any] = attrs.field(init=False)
     _publish_rate: RateLimiter = attrs.field(init=False)
     # Planning a download checks every URL: 59 ms for 10,000 on the loop stalled every
     # other client (issue 11, item 8). Plans run in threads, two at a time, so a user
@@ -288,6 +290,14 @@ class Api:
     _planners: trio.CapacityLimiter = attrs.Factory(lambda: trio.CapacityLimiter(2))
 
     def __attrs_post_init__(self) -> None:
+        self._fixed_info = {
+            "version": statusd.__version__,
+            "pid": os.getpid(),
+            "started_at": format_timestamp(self.started_at),
+            # statusctl takes a relative --dest from the caller's directory when this is
+            # theirs; a socket's peer credentials would say systemd's under activation.
+            "daemon_uid": os.getuid(),
+        }
         limits = self.config.limits
         self._publish_rate = RateLimiter(limits.publish_rate, limits.publish_burst)
         self._methods = {
@@ -388,17 +398,16 @@ class Api:
 
     async def daemon_info(self, session: Session, _params: NoParams) -> dict[str, Any]:
         caller = session.caller
+        fixed = self._fixed_info
         return {
-            "version": statusd.__version__,
-            "pid": os.getpid(),
-            "started_at": format_timestamp(self.started_at),
+            "version": fixed["version"],
+            "pid": fixed["pid"],
+            "started_at": fixed["started_at"],
             "uptime_s": round(trio.current_time() - self._started_clock, 3),
             "user": caller.username,
             "uid": caller.uid,
             "admin": caller.admin,
-            # statusctl takes a relative --dest from the caller's directory when this is
-            # theirs; a socket's peer credentials would say systemd's under activation.
-            "daemon_uid": os.getuid(),
+            "daemon_uid": fixed["daemon_uid"],
             "socket": str(self.config.socket),
             "websocket": self.websocket_address,
             # A WebSocket token's scope (a page shows controls only for "control"); null on
@@ -500,7 +509,12 @@ class Api:
         ]
 
     def _summary(self, caller: Caller) -> dict[str, int]:
-        return self.tasks.get_task_summary(self._visible_tasks(caller))
+        # Counted as they come: sorting them first (list_tasks) is for lists only.
+        return self.tasks.get_task_summary(
+            task
+            for task in self.tasks.all_tasks()
+            if task.visible_to(caller.username, caller.admin)
+        )
 
     async def tasks_download(self, session: Session, params: DownloadParams) -> dict[str, Any]:
         if self.downloads is None:

@@ -113,6 +113,22 @@ def encode_record(record: Any) -> bytes:
     return _line(_REC, _ENCODER.encode(record).encode())
 
 
+@attrs.define
+class KeptRecord:
+    """A record that every compaction writes the same until its owner drops it (a finished
+    task): encoded by the first compaction that writes it, its line reused by the next
+    ones. A many-file task's record is a 2,000-item result, and each compaction walked and
+    encoded every finished task's again (docs/bench-daemon.md)."""
+
+    record: Any
+    _line: bytes | None = None
+
+    def line(self) -> bytes:
+        if self._line is None:
+            self._line = encode_record(self.record)
+        return self._line
+
+
 def _seal_line(size: int, crc: int) -> bytes:
     return _line(_SEAL, b'{"bytes":%d,"crc":"%08x"}' % (size, crc))
 
@@ -504,7 +520,8 @@ class JsonLinesStore:
         Appends made before this call are written before the rewrite, later ones after it.
         ``records`` are encoded now, on the event loop (~6 us each: a million records hold
         it for seconds), unless ``encode_in_thread``: then they are encoded in the worker
-        thread, and must not change until this returns (make them for the snapshot).
+        thread, and must not change until this returns (make them for the snapshot). A
+        ``KeptRecord`` is encoded once, by the first compaction given it.
         """
         items = list(records)
         data = b"" if encode_in_thread else _encode_all(items)
@@ -588,7 +605,10 @@ class JsonLinesStore:
 
 
 def _encode_all(records: list[Any]) -> bytes:
-    return b"".join(map(encode_record, records))
+    return b"".join(
+        record.line() if isinstance(record, KeptRecord) else encode_record(record)
+        for record in records
+    )
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -42,7 +42,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +57,7 @@ from statusd.protocol.codec import converter, format_timestamp, unstructure
 from statusd.state.status import Audience, Level
 from statusd.state.tasks import TaskInfo, TaskStatus, job_update
 from statusd.state.throughput import Throughput, eta
-from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
+from statusd.store import ChangeGate, JsonLinesStore, KeptRecord, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,9 @@ class _Entry:
     # Set when the task's latest run has exited and given its slot back.
     run_exited: trio.Event | None = None
     lock: trio.Lock = attrs.Factory(trio.Lock)
+    # A finished task's snapshot record, made by the first compaction after its end and
+    # kept until a retry changes it (see ``_snapshot``).
+    kept: KeptRecord | None = None
 
 
 class TaskManager:
@@ -396,6 +399,10 @@ class TaskManager:
         entry = self._entries.get(task_id)
         return None if entry is None else entry.task
 
+    def all_tasks(self) -> Iterator[TaskInfo]:
+        """Every task, in no particular order (``list_tasks`` sorts them)."""
+        return (entry.task for entry in self._entries.values())
+
     def list_tasks(self, status: TaskStatus | None = None) -> list[TaskInfo]:
         tasks = [
             e.task for e in self._entries.values() if status is None or e.task.status is status
@@ -478,6 +485,7 @@ class TaskManager:
                     await self._append_or_refuse(records)
                     entry.checkpoints = [*entry.checkpoints, RETRY_CHECKPOINT]
                     entry.cancel_requested = False
+                    entry.kept = None
                     entry.done = trio.Event()
                     task.move_to(TaskStatus.PENDING, self._now())
                     claim.settle()
@@ -530,7 +538,7 @@ class TaskManager:
         if entry.task.status is not TaskStatus.FAILED or not entry.checkpoints:
             return
         try:
-            # In a thread: building a 10,000-item download's job checks every URL (0.17 s).
+            # In a thread: a 10,000-item download's job is built from all its checkpoints.
             job = await trio.to_thread.run_sync(self._job_or_none, entry)
         except Exception:
             log.exception("task %s: cannot build its job to remove its files", entry.task.id)
@@ -539,11 +547,14 @@ class TaskManager:
             with trio.CancelScope(shield=True):
                 await job.discard()
 
-    def get_task_summary(self, tasks: list[TaskInfo] | None = None) -> dict[str, int]:
-        tasks = [e.task for e in self._entries.values()] if tasks is None else tasks
-        summary = {"total": len(tasks)} | {status.value: 0 for status in TaskStatus}
-        for task in tasks:
-            summary[task.status.value] += 1
+    def get_task_summary(self, tasks: Iterable[TaskInfo] | None = None) -> dict[str, int]:
+        counts = dict.fromkeys(_STATUS_KEYS, 0)
+        for task in self.all_tasks() if tasks is None else tasks:
+            counts[task.status] += 1
+        summary = {"total": sum(counts.values())}
+        # Keys made once: the enum's value property, read for each, was a third of the call.
+        for status, key in _STATUS_KEYS.items():
+            summary[key] = counts[status]
         return summary
 
     # -- running ---------------------------------------------------------------------------
@@ -695,6 +706,7 @@ class TaskManager:
         records = [settled, _update_record(ended, status, at)]
 
         def apply() -> None:
+            entry.kept = None
             entry.checkpoints = list(keep)
             entry.spec = spec
             for field in attrs.fields(TaskInfo):
@@ -909,7 +921,7 @@ class TaskManager:
         ):
             return
         async with self._compact_lock, self._gate.compaction():
-            snapshot = [_snapshot_record(entry) for entry in self._entries.values()]
+            snapshot = [_snapshot(entry) for entry in self._entries.values()]
             try:
                 # Nothing changes the snapshot while the gate is closed, so it can be
                 # encoded off the event loop (1,000 tasks of 200 checkpoints: ~1 s).
@@ -933,6 +945,7 @@ class TaskManager:
 
 
 _Outcome = tuple[TaskStatus, str | None, dict[str, Any] | None]
+_STATUS_KEYS = {status: status.value for status in TaskStatus}
 
 
 class _Claim:
@@ -952,6 +965,16 @@ class _Claim:
             self._claims[self._owner] = left
         else:
             del self._claims[self._owner]
+
+
+def _snapshot(entry: _Entry) -> Any:
+    """A task's record for a compaction. A finished one's is the same at every compaction
+    until a retry: made and encoded once, not again each time for every finished task."""
+    if not entry.task.status.finished:
+        return _snapshot_record(entry)
+    if entry.kept is None:
+        entry.kept = KeptRecord(_snapshot_record(entry))
+    return entry.kept
 
 
 def _snapshot_record(entry: _Entry) -> dict[str, Any]:

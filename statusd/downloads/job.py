@@ -330,12 +330,7 @@ class DownloadJob:
 
     def __attrs_post_init__(self) -> None:
         task_headers = auth.check_headers(self.spec.get("headers") or {})
-        self.items = [DownloadItem(**entry) for entry in self.spec["items"]]
-        if task_headers:
-            self.items = [
-                attrs.evolve(item, headers=auth.merged(task_headers, item.headers))
-                for item in self.items
-            ]
+        self.items = [DownloadItem.accepted(entry, task_headers) for entry in self.spec["items"]]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
         self.sizes = [None] * len(self.items)
