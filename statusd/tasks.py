@@ -65,6 +65,7 @@ DEFAULT_MAX_RUNNING = 3
 CLEANUP_INTERVAL = 3600.0
 PROGRESS_INTERVAL = 0.25  # at most 4 progress pushes a second per task
 COMPACT_MIN_RECORDS = 1000
+_NONE: Any = object()  # no ``results`` in a push
 
 
 class JobFailed(Exception):
@@ -80,7 +81,10 @@ class Job(Protocol):
     pause; after a pause nothing is discarded, and the resume builds a new job from the
     task's factory, spec and checkpoints, exactly as a restart does."""
 
-    async def run(self, reporter: Reporter) -> dict[str, Any] | None: ...
+    async def run(self, reporter: Reporter) -> dict[str, Any] | None:
+        """The task's result, in plain JSON values (dicts, lists, strings, numbers, booleans,
+        None), as is ``JobFailed.result``: it is journalled and pushed as it is."""
+        ...
 
     async def discard(self) -> None:
         """Remove what an unfinished run left behind (called after a user's cancel), and
@@ -767,9 +771,17 @@ class TaskManager:
         if self._nursery is not None and not self._stopping:
             self._nursery.start_soon(function, *args)
 
-    def push(self, task: TaskInfo, status: str, message: str, **extra: Any) -> None:
+    def push(
+        self, task: TaskInfo, status: str, message: str, *, results: Any = _NONE, **extra: Any
+    ) -> None:
+        """A ``job_update`` for ``task``; ``results``, a task's end result, is plain JSON
+        already (``Job.run``) and is sent as it is: walking a 2,000-item download's result
+        again cost 3 ms of the loop at its end."""
         timestamp = format_timestamp(self._now())
-        self._feed.publish(task, unstructure(job_update(task, status, timestamp, message, **extra)))
+        update = job_update(task, status, timestamp, message, **unstructure(extra))
+        if results is not _NONE:
+            update["results"] = results
+        self._feed.publish(task, update)
 
     def publish_status(self, level: Level | str, message: str, task: TaskInfo) -> None:
         """A message about ``task``: it and its id reach the task's owner and admins only
@@ -1007,7 +1019,6 @@ def _update_record(task: TaskInfo, status: TaskStatus, at: datetime) -> dict[str
     }
     if status.finished or task.status.finished:
         changes |= {
-            "result": moved.result,
             "error": moved.error,
             "progress": moved.progress,
             "processed_items": moved.processed_items,
@@ -1015,7 +1026,10 @@ def _update_record(task: TaskInfo, status: TaskStatus, at: datetime) -> dict[str
             "bytes_total": moved.bytes_total,
             "current_item": moved.current_item,
         }
-    return {"op": "update", "id": task.id, "set": unstructure(changes)}
+    changed = unstructure(changes)
+    if status.finished or task.status.finished:
+        changed["result"] = moved.result  # plain JSON already (``Job.run``): not walked again
+    return {"op": "update", "id": task.id, "set": changed}
 
 
 def _conflict(entry: _Entry, verb: str) -> Conflict:
