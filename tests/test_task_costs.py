@@ -149,9 +149,16 @@ def test_a_kept_record_is_encoded_as_any_record_once() -> None:
 ENTRIES = [
     {"url": "https://example.org/a.iso"},
     {"url": "http://user:secret@example.org:8080/b", "filename": "b.bin"},
-    {"url": "https://example.org/c", "sha256": "ab" * 32, "headers": {"X-Token": "1"}},
+    {"url": "https://example.org/c", "sha256": "AB" * 32, "headers": {"X-Token": "1"}},
     {"url": "https://bücher.example/d", "headers": [["Accept", "*/*"]]},
+    {"url": "https://example.org/e", "checksum": "SHA-512=" + "Cd" * 64},
 ]
+
+
+def test_the_entries_give_every_field_of_an_item() -> None:
+    # A field added to DownloadItem must be shown here to be made as its __init__ makes it.
+    given = {name for entry in ENTRIES for name in entry}
+    assert given == {field.name for field in attrs.fields(DownloadItem)}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -178,7 +185,7 @@ def test_an_accepted_item_does_not_check_its_url_again(monkeypatch: pytest.Monke
 def test_an_accepted_item_with_unknown_or_missing_fields_is_refused() -> None:
     with pytest.raises(TypeError, match="unknown fields: size"):
         DownloadItem.accepted({"url": "https://example.org/a", "size": 1})
-    with pytest.raises(KeyError, match="url"):
+    with pytest.raises(TypeError, match="no url"):
         DownloadItem.accepted({"filename": "a"})
     # Headers are still checked: they are made into pairs here.
     with pytest.raises(ValueError, match="not an HTTP token"):
