@@ -146,7 +146,7 @@ def test_a_kept_record_is_encoded_as_any_record_once() -> None:
     assert kept.line() is line
 
 
-ENTRIES = [
+ENTRIES: list[dict[str, Any]] = [
     {"url": "https://example.org/a.iso"},
     {"url": "http://user:secret@example.org:8080/b", "filename": "b.bin"},
     {"url": "https://example.org/c", "sha256": "AB" * 32, "headers": {"X-Token": "1"}},
