@@ -224,3 +224,30 @@ def test_only_an_upgrade_to_websocket_is_handed_on() -> None:
     assert web.is_upgrade(request((b"upgrade", b"WebSocket")))
     assert not web.is_upgrade(request())
     assert not web.is_upgrade(request((b"upgrade", b"h2c")))
+
+
+async def test_an_upgrade_sent_in_pieces_still_reaches_the_websocket(ws_daemon: Daemon) -> None:
+    """The front reads the head first and hands trio-websocket every byte it read."""
+    token = (await make_token(ws_daemon, "read"))["token"]
+    request = (
+        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port(ws_daemon)}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+    def handshake() -> bytes:
+        with socket.create_connection(("127.0.0.1", port(ws_daemon)), timeout=TIMEOUT) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start in range(0, len(request), 7):
+                sock.sendall(request[start : start + 7])
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+            return head
+
+    head = await trio.to_thread.run_sync(handshake)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455 section 1.3's example

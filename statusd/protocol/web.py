@@ -51,8 +51,8 @@ def is_upgrade(request: h11.Request) -> bool:
 
 def content_security_policy(host: str) -> bytes:
     """The page may run its own script and style and talk to its own socket, nothing else.
-    ``connect-src 'self'`` covers ``ws://`` to the same host and port in CSP Level 3, but not
-    in every browser (Safari before 15.4 only matched http): the socket is also named.
+    ``connect-src 'self'`` covers ``ws://`` to the same host and port in CSP Level 3, but
+    older browsers matched only the page's own scheme: the socket is also named.
     ``host`` is a Host header that ``check_host`` accepted (a name we know, digits for the
     port), so it cannot break out of the header."""
     return (
