@@ -425,3 +425,31 @@ async def test_a_dropped_notice_is_shown_in_the_stream(
             status_shown("42 status messages were dropped (the page or the connection fell behind)")
         )
         assert await page.evaluate("document.querySelector('#status > li.dropped') !== null")
+
+
+async def test_retry_and_cancel_through_the_buttons(
+    chromium: Chromium, ws_daemon: Daemon, http_server: HTTPTestServer
+) -> None:
+    missing = http_server.route("/gone.txt", status(404))
+    gated = Gated()
+    held = http_server.route("/held.iso", gated)
+    await rpc(ws_daemon, "tasks.download", {"urls": [missing]})
+    async with open_page(chromium) as page:
+        await open_dashboard(page, ws_daemon)
+        await wait_task(page, missing, "t.dataset.status === 'failed'")
+        await click(page, missing, "retry")
+        # Each attempt's failure is an error line in the status stream: two after the retry.
+        await page.wait_for(
+            "[...document.querySelectorAll('#status .text')]"
+            ".filter(node => node.textContent.includes('gone.txt: http 404')).length === 2"
+        )
+        await wait_task(page, missing, "t.dataset.status === 'failed'")
+        assert len(http_server.requests_for("/gone.txt")) == 2
+        await rpc(ws_daemon, "tasks.download", {"urls": [held]})
+        await wait_task(page, held, f"Number(t.dataset.bytesDone) === {gated.cuts[0]}")
+        await click(page, held, "cancel")
+        await wait_task(page, held, "t.dataset.status === 'cancelled'")
+        assert (
+            await task_field(page, held, "t.querySelector('button[data-action=retry]').hidden")
+            is False
+        )

@@ -140,7 +140,12 @@ function connect() {
     state.refusedHandshakes = 0;
     state.retryMs = RETRY_MIN_MS;
     setConnection("live", "live");
-    start().catch((error) => showBanner(`could not load: ${error.message}`, "error"));
+    start().catch((error) => {
+      // A connection lost meanwhile is the close handler's to report.
+      if (state.ws === ws && ws.readyState === WebSocket.OPEN) {
+        showBanner(`could not load: ${error.message}`, "error");
+      }
+    });
   });
   ws.addEventListener("message", (event) => receive(event.data));
   ws.addEventListener("close", (event) => closed(event, opened));
