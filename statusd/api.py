@@ -40,6 +40,7 @@ from statusd.protocol import jsonrpc
 from statusd.protocol.codec import format_timestamp, structure_params, unstructure
 from statusd.session import Session
 from statusd.state import task_pages
+from statusd.state.bandwidth import check_rate
 from statusd.state.notifications import DEFAULT_LIMIT, check_field, check_limit
 from statusd.state.rate import RateLimiter, retry_after
 from statusd.state.status import Audience, Level
@@ -117,6 +118,13 @@ def _at_most(limit: float) -> Any:
     return check
 
 
+def _byte_rate(_instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    try:
+        check_rate(value)
+    except ValueError as exc:
+        raise InvalidParams(attribute.name, str(exc)) from None
+
+
 @attrs.frozen
 class SubscribeParams:
     # With no stream named at all, a subscription is to the status stream.
@@ -145,11 +153,18 @@ class DownloadParams:
     topic: str | None = None
     batch_size: int | None = None  # 1 to 1000, checked with the other download params
     headers: dict[str, str] | None = None  # for every item; an item's own win
+    rate_limit: int = attrs.field(default=0, validator=_byte_rate)  # bytes a second; 0: none
 
 
 @attrs.frozen
 class TaskIdParams:
     task_id: str
+
+
+@attrs.frozen
+class SetRateParams:
+    task_id: str
+    rate_limit: int = attrs.field(validator=_byte_rate)  # bytes a second; 0: none
 
 
 @attrs.frozen
@@ -267,6 +282,10 @@ class DownloadPlanner(Protocol):
         ``max_items``, or past ``max_headers``/``max_header_bytes`` for an item."""
         ...
 
+    def set_rate_limit(self, task_id: str, rate: int) -> None:
+        """Apply a task's new ``rate_limit`` to its running job, if it has one."""
+        ...
+
 
 @attrs.define
 class Api:
@@ -313,6 +332,7 @@ class Api:
             "tasks.pause": Method(TaskIdParams, self.tasks_pause),
             "tasks.resume": Method(TaskIdParams, self.tasks_resume),
             "tasks.retry": Method(TaskIdParams, self.tasks_retry),
+            "tasks.set_rate": Method(SetRateParams, self.tasks_set_rate),
             "tasks.summary": Method(NoParams, self.tasks_summary),
             "tasks.cleanup": Method(CleanupParams, self.tasks_cleanup),
             "notifications.list": Method(ListNotificationsParams, self.notifications_list),
@@ -545,6 +565,7 @@ class Api:
             topic=params.topic,
             spec=spec,
             max_unfinished=self._max_unfinished(caller),
+            rate_limit=params.rate_limit,
         )
         self.tasks.run_task(task_id)
         return {"task_id": task_id}
@@ -594,6 +615,14 @@ class Api:
         task = self._visible_task(session.caller, params.task_id)
         await self.tasks.retry_task(task.id, max_unfinished=self._max_unfinished(session.caller))
         return {"task_id": task.id}
+
+    async def tasks_set_rate(self, session: Session, params: SetRateParams) -> dict[str, Any]:
+        # The owner's or an admin's: someone else's task is not found (_visible_task).
+        task = self._visible_task(session.caller, params.task_id)
+        await self.tasks.set_rate_limit(task.id, params.rate_limit)
+        if self.downloads is not None:
+            self.downloads.set_rate_limit(task.id, task.rate_limit)
+        return {"success": True}
 
     async def tasks_summary(self, session: Session, _params: NoParams) -> dict[str, int]:
         return self._summary(session.caller)

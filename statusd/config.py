@@ -25,6 +25,7 @@ import attrs
 
 from statusd.errors import ConfigError
 from statusd.proxy import ProxyEnvironment, hide_password, parse_proxy, proxy_rules
+from statusd.state.bandwidth import MAX_RATE, parse_rate
 from statusd.state.ring import MAX_CAPACITY
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -93,6 +94,11 @@ class DownloadsConfig:
     proxy: str | None = None
     # Hosts reached without the proxy, as in no_proxy; None: the daemon's no_proxy.
     no_proxy: str | None = None
+    # Bytes a second for all downloads together, shared by every item received; 0: none.
+    # A task's own rate_limit applies beneath it.
+    max_rate: int = 0
+    # Requests in flight to one host at once, over all tasks (statusd.downloads.http).
+    max_per_host: int = 4
 
 
 @attrs.frozen
@@ -343,6 +349,20 @@ def _rate(value: object, context: _Context) -> float:
     return float(value)
 
 
+def _byte_rate(value: object, context: _Context) -> int:
+    if isinstance(value, str):
+        try:
+            return parse_rate(value)
+        except ValueError:
+            pass
+    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_RATE:
+        return value
+    raise _BadValue(
+        f'must be bytes a second from 0 (none) to {MAX_RATE}, or like "500K", "2M", '
+        f"not {_show(value)}"
+    )
+
+
 def _proxy_url(value: object, context: _Context) -> str:
     if not isinstance(value, str):
         raise _BadValue(f'must be a proxy url string ("" for none), not {_show(value)}')
@@ -493,6 +513,8 @@ _KEYS = (
     _Key("downloads.min_free_bytes", _integer(0), _integer_text),
     _Key("downloads.proxy", _proxy_url),
     _Key("downloads.no_proxy", _no_proxy),
+    _Key("downloads.max_rate", _byte_rate, _integer_text),
+    _Key("downloads.max_per_host", _integer(1, 1024), _integer_text),
     _Key("limits.max_subscriptions_per_connection", _integer(1, 1_000_000), _integer_text),
     _Key("limits.max_batch_entries", _integer(1, 100_000), _integer_text),
     _Key("limits.max_reply_bytes", _integer(1024, MAX_REPLY_BYTES), _integer_text),

@@ -225,7 +225,7 @@ async def _run_locked(config: Config, task_status: trio.TaskStatus[Daemon]) -> N
         journal_path=config.state_dir / "tasks.jsonl",
         factories={
             "download": lambda task, saved: downloads.job(
-                task.id, saved["spec"], saved["checkpoints"]
+                task.id, saved["spec"], saved["checkpoints"], task.rate_limit
             )
         },
         max_running=config.max_running_tasks,

@@ -338,6 +338,7 @@ class TaskManager:
         topic: str | None = None,
         spec: dict[str, Any] | None = None,
         max_unfinished: int | None = None,
+        rate_limit: int = 0,
     ) -> str:
         """Record a new pending task; returns its id once the journal has it
         (``InternalError`` if the journal cannot take it: then there is no task; ``Busy`` if
@@ -352,6 +353,7 @@ class TaskManager:
             topic=topic,
             total_items=total_items,
             metadata=dict(metadata or {}),
+            rate_limit=rate_limit,
         )
         record = {"op": "create", "task": unstructure(task), "spec": spec}
         with self._claim(owner, max_unfinished) as claim:
@@ -495,6 +497,19 @@ class TaskManager:
                     claim.settle()
             self._requeue(entry)
         self.push(task, "progress", "Task queued again")
+
+    async def set_rate_limit(self, task_id: str, rate: int) -> None:
+        """Journal ``rate`` (bytes a second, 0: none) as the task's ``rate_limit``, then
+        make it so (``InternalError``: no change; ``Conflict`` for a completed task). A
+        running job hears of it from whoever built it (``Downloads.set_rate_limit``)."""
+        entry = self._entries[task_id]
+        async with entry.lock:
+            if entry.task.status is TaskStatus.COMPLETED:
+                raise _conflict(entry, "given a rate limit")
+            async with self._gate.change():
+                record = {"op": "update", "id": task_id, "set": {"rate_limit": rate}}
+                await self._append_or_refuse([record])
+                entry.task.rate_limit = rate
 
     async def wait_finished(self, task_id: str) -> TaskInfo:
         entry = self._entries[task_id]

@@ -157,7 +157,8 @@ async def test_the_oldest_idle_connection_goes_beyond_the_per_origin_cap(
         await responder.send(200, [], BODY)
 
     server.route("/slow", slow)
-    async with HTTPClient(max_idle_per_origin=2) as client:
+    # Five in flight to one host: above the default per-host cap.
+    async with HTTPClient(max_idle_per_origin=2, max_per_host=5) as client:
         async with trio.open_nursery() as requests:
             for _ in range(5):  # five at once: five connections
                 requests.start_soon(get, client, server.url("/slow"))

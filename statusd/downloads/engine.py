@@ -126,6 +126,7 @@ from statusd.downloads.http import (
     Response,
     TLSError,
 )
+from statusd.downloads.throttle import RateLimit, pace, pace_size
 from statusd.redact import hide_credentials
 
 NAME_BYTES = names.MAX_NAME_BYTES
@@ -361,10 +362,13 @@ async def download_item(
     on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
     on_state: Callable[[ItemState], Awaitable[None]] = _ignore_state,
     on_retry: Callable[[Retrying], None] = _ignore_retry,
+    limits: Sequence[RateLimit] = (),
 ) -> ItemResult:
     """Download ``item`` into the directory ``dest`` (a Path is opened, and created if
     missing, for this call; the caller trusts it). ``on_retry`` hears of each failed
-    attempt that another follows, before the pause.
+    attempt that another follows, before the pause. Every piece received counts against
+    each of ``limits`` (the task's, the daemon's), and the next receive waits until they
+    all allow it; the stall rule does not see those waits.
 
     ``owner`` names the item's part file (no dots; unique among everything that writes
     into ``dest``); without one a random owner is made. ``on_state`` is awaited, and
@@ -386,9 +390,11 @@ async def download_item(
                 on_bytes=on_bytes,
                 on_state=on_state,
                 on_retry=on_retry,
+                limits=limits,
             )
     download = _Download(client, item, dest, settings, state, owner, on_bytes, on_state)
     download.on_retry = on_retry
+    download.limits = limits
     try:
         return await download.run()
     except BaseExceptionGroup as group:
@@ -557,6 +563,7 @@ class _Download:
         # journal nobody could resume it.
         self.keep_failed_part = on_state is not _ignore_state
         self.on_retry: Callable[[Retrying], None] = _ignore_retry
+        self.limits: Sequence[RateLimit] = ()
 
     async def run(self) -> ItemResult:
         if self.state.done and self.state.name is not None:
@@ -851,9 +858,14 @@ class _Download:
         cap = self.settings.max_file_bytes
         view = memoryview(self.buffer)
         stall = self.stall
+        limits = self.limits
         with trio.CancelScope(deadline=math.inf if stall is None else stall.deadline) as scope:
             while self.filled < len(view):
-                count = await response.receive_into(view[self.filled :])
+                end = len(view)
+                if limits:
+                    # Small reads under a limit: readers sharing it take turns often.
+                    end = min(end, self.filled + pace_size(limits, end))
+                count = await response.receive_into(view[self.filled : end])
                 if count == 0:
                     return
                 self.position += count
@@ -865,6 +877,14 @@ class _Download:
                     if stall.sample(trio.current_time(), self.position):
                         raise _Fail(stall.message)
                     scope.deadline = stall.deadline
+                if limits:
+                    # A wait for the limit is ours, not the server's slowness: the stall
+                    # rule must not see it.
+                    scope.deadline = math.inf
+                    waited = await pace(limits, count)
+                    if stall is not None:
+                        stall.postpone(waited)
+                        scope.deadline = stall.deadline
         if scope.cancelled_caught:
             assert stall is not None
             raise _Fail(stall.message)

@@ -45,6 +45,10 @@ DEFAULT_RECEIVE_SIZE = 1 << 20
 DEFAULT_MAX_HEADER_BYTES = 256 * 1024  # curl and aria2c take a 100 KB head; real ones exist
 DEFAULT_MAX_IDLE_PER_ORIGIN = 32
 DEFAULT_MAX_IDLE_TOTAL = 100
+# Requests in flight to one host at once, over every task: a task of 10,000 items from one
+# site must not hammer it with parallel_items connections (aria2c's -x defaults to 1, per
+# download; browsers allow 6 per host).
+DEFAULT_MAX_PER_HOST = 4
 # Below the keep-alive timeouts of common servers (Apache 5 s, lighttpd 5 s, nginx 75 s), so
 # that we, not the server, close an idle connection: a request sent just as the server
 # closes fails. Items of one task follow each other within milliseconds, so a short
@@ -595,6 +599,40 @@ def _peer_closed(connections: Sequence[_Connection]) -> list[_Connection]:
     return gone
 
 
+class _HostSlots:
+    """At most ``per_host`` requests in flight to each host, first come first served.
+    A host's limiter exists only while someone holds or waits for one of its slots, so
+    the table holds the hosts in use, not every host ever fetched from."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._limiters: dict[str, tuple[trio.CapacityLimiter, int]] = {}
+
+    def in_use(self, host: str) -> int:
+        entry = self._limiters.get(host)
+        return 0 if entry is None else entry[0].borrowed_tokens
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str) -> AsyncIterator[None]:
+        limiter, users = self._limiters.get(host) or (trio.CapacityLimiter(self.per_host), 0)
+        if limiter.total_tokens != self.per_host:
+            limiter.total_tokens = self.per_host  # a reload: the next release admits by it
+        self._limiters[host] = (limiter, users + 1)
+        borrower = object()  # not the trio task: one task may hold slots of two requests
+        try:
+            await limiter.acquire_on_behalf_of(borrower)
+            try:
+                yield
+            finally:
+                limiter.release_on_behalf_of(borrower)
+        finally:
+            limiter, users = self._limiters[host]
+            if users == 1:
+                del self._limiters[host]
+            else:
+                self._limiters[host] = (limiter, users - 1)
+
+
 class HTTPClient:
     """Opens and reuses connections; one instance is shared by every download.
 
@@ -611,6 +649,10 @@ class HTTPClient:
     more is checked before reuse, and closed if its server closed it or wrote to it
     meanwhile; the sweep checks all of them. A fresher one is reused on trust, and a
     request that fails on it before any answer arrives is sent again on a new connection.
+
+    At most ``max_per_host`` requests are in flight to one host (by name, whatever the
+    port or scheme) at once; a request beyond it waits, before its connect timeout
+    starts, for one of them to end. It may be changed at any time (a reload).
     """
 
     def __init__(
@@ -623,6 +665,7 @@ class HTTPClient:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_idle_per_origin: int = DEFAULT_MAX_IDLE_PER_ORIGIN,
         max_idle_total: int = DEFAULT_MAX_IDLE_TOTAL,
+        max_per_host: int = DEFAULT_MAX_PER_HOST,
         ssl_context: ssl.SSLContext | None = None,
         user_agent: str = USER_AGENT,
         proxies: ProxyRules | None = None,
@@ -637,6 +680,7 @@ class HTTPClient:
         for name, number in (
             ("receive_size", receive_size),
             ("max_header_bytes", max_header_bytes),
+            ("max_per_host", max_per_host),
         ):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, not {number}")
@@ -660,6 +704,7 @@ class HTTPClient:
             max_per_origin=max_idle_per_origin,
             max_total=max_idle_total,
         )
+        self._hosts = _HostSlots(max_per_host)
         self._sweeper: trio.CancelScope | None = None
         self._opened = 0
         self._reused = 0
@@ -676,6 +721,20 @@ class HTTPClient:
     @property
     def max_idle_total(self) -> int:
         return self._pool.max_total
+
+    @property
+    def max_per_host(self) -> int:
+        return self._hosts.per_host
+
+    @max_per_host.setter
+    def max_per_host(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"max_per_host must be >= 1, not {value}")
+        self._hosts.per_host = value
+
+    def requests_in_flight(self, host: str) -> int:
+        """Requests to ``host`` (its ASCII name) holding one of its slots now."""
+        return self._hosts.in_use(_ascii_host(host))
 
     async def __aenter__(self) -> HTTPClient:
         return self
@@ -735,6 +794,26 @@ class HTTPClient:
             # proxy's credentials beside the origin's headers.
             target = f"http://{_authority(origin)}{target}"
             request_headers += proxy.headers()
+        async with (
+            self._hosts.hold(origin.host),
+            self._exchange(
+                origin, proxy, url, method, target, request_headers, connect_timeout, read_timeout
+            ) as response,
+        ):
+            yield response
+
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self,
+        origin: Origin,
+        proxy: Proxy | None,
+        url: str,
+        method: str,
+        target: str,
+        request_headers: list[tuple[str, str]],
+        connect_timeout: float | None,
+        read_timeout: float | None,
+    ) -> AsyncIterator[Response]:
         connection, head = await self._send(
             (origin, proxy),
             method,

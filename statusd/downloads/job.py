@@ -34,6 +34,7 @@ import logging
 import math
 import netrc
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ from statusd.downloads.engine import (
 from statusd.downloads.files import DestError, Directory, Reserve, in_thread
 from statusd.downloads.http import HTTPClient
 from statusd.downloads.names import safe_filename
+from statusd.downloads.throttle import RateLimit
 from statusd.errors import Busy, Forbidden, InvalidParams
 from statusd.identity import Caller
 from statusd.protocol.codec import converter, unstructure
@@ -81,6 +83,12 @@ class Downloads:
         self.proxies = _proxies(config)
         self._client: HTTPClient | None = None
         self._daemon_uid = os.getuid()
+        # downloads.max_rate, over every item of every task.
+        self.max_rate = RateLimit(config.downloads.max_rate)
+        # Each job's own limit, while the job exists, for tasks.set_rate to change live.
+        self._task_rates: weakref.WeakValueDictionary[str, RateLimit] = (
+            weakref.WeakValueDictionary()
+        )
 
     def configure(
         self, downloads: DownloadsConfig, proxy_environment: ProxyEnvironment | None = None
@@ -96,10 +104,12 @@ class Downloads:
         self.settings = _settings(downloads)
         self._settings_elsewhere = _elsewhere(self.settings)
         self.proxies = _proxies(self._config)
+        self.max_rate.configure(downloads.max_rate)
         if self._client is not None:
             self._client.proxies = self.proxies
             # Read as each connection opens: a kept-alive one keeps the limit it had.
             self._client.max_header_bytes = downloads.max_response_head_bytes
+            self._client.max_per_host = downloads.max_per_host
 
     def item_settings(self, beside_journals: bool) -> DownloadSettings:
         """The settings for an item whose dest is (``beside_journals``) or is not on the
@@ -120,6 +130,7 @@ class Downloads:
             head = self._config.downloads.max_response_head_bytes
             self._client = make_client(self.settings, max_header_bytes=head)
             self._client.proxies = self.proxies
+            self._client.max_per_host = self._config.downloads.max_per_host
         return self._client
 
     async def aclose(self) -> None:
@@ -241,9 +252,24 @@ class Downloads:
         return self._config.downloads.parallel_items
 
     def job(
-        self, task_id: str, spec: dict[str, Any], checkpoints: list[dict[str, Any]]
+        self,
+        task_id: str,
+        spec: dict[str, Any],
+        checkpoints: list[dict[str, Any]],
+        rate_limit: int = 0,
     ) -> DownloadJob:
-        return DownloadJob(self, task_id, spec, checkpoints)
+        """The task's job, its items held to ``rate_limit`` bytes a second together (0:
+        none) beneath ``downloads.max_rate``; ``set_rate_limit`` changes it while the job
+        lives."""
+        limit = self._task_rates[task_id] = RateLimit(rate_limit)
+        return DownloadJob(self, task_id, spec, checkpoints, limits=(limit, self.max_rate))
+
+    def set_rate_limit(self, task_id: str, rate: int) -> None:
+        """A task's new ``rate_limit``, for its job if one exists now (a job built later
+        takes it from the task)."""
+        limit = self._task_rates.get(task_id)
+        if limit is not None:
+            limit.configure(rate)
 
 
 def _check_header_limits(
@@ -304,6 +330,8 @@ class DownloadJob:
     task_id: str
     spec: dict[str, Any]
     checkpoints: list[dict[str, Any]]
+    # The task's own speed limit and the daemon's: every item reads under both.
+    limits: tuple[RateLimit, ...] = ()
     items: list[DownloadItem] = attrs.field(init=False)
     states: list[ItemState] = attrs.field(init=False)
     results: list[ItemResult | None] = attrs.field(init=False)
@@ -526,6 +554,7 @@ class DownloadJob:
             on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
             on_state=on_state,
             on_retry=lambda retrying: self._on_retry(reporter, index, retrying),
+            limits=self.limits,
         )
         if result.url != shown:
             result = attrs.evolve(result, url=shown)

@@ -92,6 +92,8 @@ class TaskInfo:
     result: dict[str, Any] | None = None
     error: str | None = None
     metadata: dict[str, Any] = attrs.Factory(dict)
+    # Bytes a second for the task's items together (``tasks.set_rate``); 0: none.
+    rate_limit: int = 0
 
     def move_to(self, new: TaskStatus, at: datetime) -> None:
         check_transition(self.status, new)
