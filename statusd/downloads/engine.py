@@ -854,20 +854,25 @@ class _Download:
     async def _fill(self, response: Response) -> None:
         """Read into the buffer until it is full or the body ends. The wait for data ends
         at the stall watch's deadline, which only moves when bytes arrive: a receive is
-        cut off only when the item fails anyway."""
+        cut off only when the item fails anyway. Under speed limits, every ``pace_size``
+        bytes received (and what is left at the end) wait for the limits before the next
+        receive."""
         cap = self.settings.max_file_bytes
         view = memoryview(self.buffer)
         stall = self.stall
         limits = self.limits
+        unpaced = 0  # received and not yet counted against the limits
         with trio.CancelScope(deadline=math.inf if stall is None else stall.deadline) as scope:
             while self.filled < len(view):
                 end = len(view)
                 if limits:
-                    # Small reads under a limit: readers sharing it take turns often.
-                    end = min(end, self.filled + pace_size(limits, end))
+                    # Whole turns of pace_size bytes, however the network cuts them: the
+                    # items sharing a limit take turns, so equal turns are equal shares.
+                    quota = pace_size(limits, self.settings.chunk_size)
+                    end = min(end, self.filled + max(1, quota - unpaced))
                 count = await response.receive_into(view[self.filled : end])
                 if count == 0:
-                    return
+                    break
                 self.position += count
                 if cap is not None and self.position > cap:
                     raise _Fail(_cap_message(cap), discard=True)
@@ -878,16 +883,24 @@ class _Download:
                         raise _Fail(stall.message)
                     scope.deadline = stall.deadline
                 if limits:
-                    # A wait for the limit is ours, not the server's slowness: the stall
-                    # rule must not see it.
-                    scope.deadline = math.inf
-                    waited = await pace(limits, count)
-                    if stall is not None:
-                        stall.postpone(waited)
-                        scope.deadline = stall.deadline
+                    unpaced += count
+                    if unpaced >= quota:
+                        await self._pace(unpaced, scope)
+                        unpaced = 0
+            if unpaced:
+                await self._pace(unpaced, scope)
         if scope.cancelled_caught:
             assert stall is not None
             raise _Fail(stall.message)
+
+    async def _pace(self, count: int, scope: trio.CancelScope) -> None:
+        """Wait until the limits allow ``count`` bytes more. The wait is ours, not the
+        server's slowness: the stall rule must not see it."""
+        scope.deadline = math.inf
+        waited = await pace(self.limits, count)
+        if self.stall is not None:
+            self.stall.postpone(waited)
+            scope.deadline = self.stall.deadline
 
     async def _stream_large(self, response: Response) -> None:
         part = await self._ensure_part()

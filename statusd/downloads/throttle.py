@@ -56,8 +56,12 @@ class RateLimit:
 
 
 def pace_size(limits: Sequence[RateLimit], most: int) -> int:
-    """How many bytes the next receive may take under ``limits``."""
-    return min((read_size(limit.rate, most) for limit in limits), default=most)
+    """How many bytes an item takes per turn under ``limits`` (the narrowest first: the
+    task's, then the daemon's). It is the widest limit's turn: every reader sharing a
+    limit must take turns of one size for their shares to be equal, and the task's items
+    all read under the daemon's too."""
+    rates = [limit.rate for limit in limits if limit.rate]
+    return read_size(rates[-1], most) if rates else most
 
 
 async def pace(limits: Sequence[RateLimit], count: int) -> float:
