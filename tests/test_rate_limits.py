@@ -353,7 +353,6 @@ async def test_a_host_never_sees_more_than_max_per_host_requests_and_others_are_
     url = http_server.route("/held", counting)
     other = http_server.route("/other", serve_data(b"y" * 1000))
     async with HTTPClient(max_per_host=3) as client:
-
         bodies: list[bytes] = []
 
         async def get(target: str) -> bytes:
