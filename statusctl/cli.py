@@ -60,6 +60,7 @@ from statusctl.completion import SHELLS, completion_script
 from statusd.cli import build_parser as build_daemon_parser
 from statusd.errors import BUSY, CONFLICT, NOT_FOUND
 from statusd.identity import username_for
+from statusd.state.bandwidth import parse_rate
 from statusd.tokens import split_token
 
 EXIT_OK = 0
@@ -570,6 +571,20 @@ def download_arguments(parser: argparse.ArgumentParser) -> None:
         "md5, then = and the hex digest (one URL only)",
     )
     parser.add_argument("--wait", action="store_true", help="follow the task until it ends")
+    parser.add_argument(
+        "--limit-rate",
+        metavar="RATE",
+        type=rate_argument,
+        help="at most RATE bytes a second for the task's files together, like 500K or 2M "
+        "(K = 1024); 0 for none. Change it later with statusctl limit",
+    )
+
+
+def rate_argument(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class UsageError(Exception):
@@ -638,6 +653,8 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
         params["dest"] = _download_dest(context, args.dest)
     if args.topic is not None:
         params["topic"] = args.topic
+    if args.limit_rate:
+        params["rate_limit"] = args.limit_rate
     if not args.wait:
         result = context.call("tasks.download", params)
         context.emit(result, [result["task_id"]])
@@ -810,6 +827,26 @@ def run_resume(context: Context, args: argparse.Namespace) -> int:
 def run_retry(context: Context, args: argparse.Namespace) -> int:
     result = context.call("tasks.retry", {"task_id": args.task_id})
     context.emit(result, [f"retrying {result['task_id']}"])
+    return EXIT_OK
+
+
+def limit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task_id", metavar="ID")
+    parser.add_argument(
+        "rate",
+        metavar="RATE",
+        type=rate_argument,
+        help="bytes a second, like 500K, 2M or 1G (K = 1024); 0 for none",
+    )
+
+
+def run_limit(context: Context, args: argparse.Namespace) -> int:
+    result = context.call("tasks.set_rate", {"task_id": args.task_id, "rate_limit": args.rate})
+    if args.rate:
+        said = f"{args.task_id} limited to {render.format_rate(args.rate)}"
+    else:
+        said = f"{args.task_id} has no rate limit"
+    context.emit(result, [said])
     return EXIT_OK
 
 
@@ -1089,6 +1126,12 @@ COMMANDS: tuple[Command, ...] = (
         "run a failed or cancelled task again (only what did not finish)",
         run_retry,
         task_id_argument,
+    ),
+    Command(
+        "limit",
+        "set a task's speed limit, also while it runs (0: none)",
+        run_limit,
+        limit_arguments,
     ),
     Command("summary", "count tasks by status", run_summary),
     Command("cleanup", "forget finished tasks older than N hours", run_cleanup, cleanup_arguments),

@@ -759,6 +759,7 @@ _TASK_SHOWN = frozenset(
         "bytes_total",
         "bytes_per_second",
         "eta_s",
+        "rate_limit",
         "error",
         "result",
         "metadata",
@@ -783,6 +784,7 @@ def format_task(task: Mapping[str, Any], look: Presentation = PLAIN) -> list[Sty
         ("progress", _task_progress(task)),
         ("rate", _rate(task)),
         ("eta", _eta(task)),
+        ("rate limit", _rate_limit(task)),
         ("current", _text_or_none(task.get("current_item"))),
         ("error", _text_or_none(task.get("error"))),
     ]
@@ -838,6 +840,11 @@ def _rate(task: Mapping[str, Any]) -> str:
     if task.get("status") != "running" or not isinstance(rate, int | float):
         return ""
     return format_rate(float(rate))
+
+
+def _rate_limit(task: Mapping[str, Any]) -> str:
+    limit = task.get("rate_limit")
+    return format_rate(float(limit)) if _is_number(limit) and limit else ""
 
 
 def _eta(task: Mapping[str, Any]) -> str:
