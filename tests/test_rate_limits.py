@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import trio.testing
 from statusd.config import DownloadsConfig, load_config, render_config
 from statusd.daemon import Daemon
 from statusd.downloads import DownloadItem, DownloadSettings, ItemResult, ItemState, download_item
+from statusd.downloads.files import Directory
 from statusd.downloads.http import HTTPClient
 from statusd.downloads.job import Downloads
 from statusd.downloads.throttle import RateLimit
@@ -147,6 +148,15 @@ async def client() -> AsyncIterator[HTTPClient]:
         yield client
 
 
+@pytest.fixture
+def dest(tmp_path: Path) -> Iterator[Directory]:
+    # Opened here, not by each download in a thread: a thread that outlasts the autojump
+    # threshold lets the clock jump to the test's next deadline with no byte read.
+    directory = Directory.open(tmp_path / "downloads")
+    yield directory
+    directory.close()
+
+
 @attrs.define
 class Trace:
     """When each item held how many bytes (mock time)."""
@@ -171,7 +181,7 @@ class Trace:
 async def fetch(
     client: HTTPClient,
     url: str,
-    dest: Path,
+    dest: Directory,
     limits: tuple[RateLimit, ...],
     trace: Trace,
     settings: DownloadSettings = SETTINGS,
@@ -197,14 +207,14 @@ async def test_one_item_keeps_to_its_tasks_limit(
     mock_clock: trio.testing.MockClock,
     http_server: HTTPTestServer,
     client: HTTPClient,
-    tmp_path: Path,
+    dest: Directory,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/a.bin", serve_data(DATA))
     rate = 100 * KiB
     trace = Trace()
     started = trio.current_time()
-    result = await fetch(client, url, tmp_path, (RateLimit(rate), RateLimit(0)), trace)
+    result = await fetch(client, url, dest, (RateLimit(rate), RateLimit(0)), trace)
     assert (result.error, result.bytes) == (None, len(DATA))
     rel = [(when - started, held) for when, held in trace.points]
     trace.points = rel
@@ -218,7 +228,7 @@ async def test_parallel_items_share_their_tasks_limit_fairly(
     mock_clock: trio.testing.MockClock,
     http_server: HTTPTestServer,
     client: HTTPClient,
-    tmp_path: Path,
+    dest: Directory,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     urls = [http_server.route(f"/{n}.bin", serve_data(DATA)) for n in range(3)]
@@ -228,7 +238,7 @@ async def test_parallel_items_share_their_tasks_limit_fairly(
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
         for n, (url, trace) in enumerate(zip(urls, traces, strict=True)):
-            nursery.start_soon(fetch, client, url, tmp_path, (task,), trace, SETTINGS, f"t1-{n}")
+            nursery.start_soon(fetch, client, url, dest, (task,), trace, SETTINGS, f"t1-{n}")
     for trace in traces:
         trace.points = [(when - started, held) for when, held in trace.points]
     # Together the task's rate; each a third of it, over the same windows.
@@ -243,7 +253,7 @@ async def test_the_daemons_limit_holds_two_tasks_together_and_the_lower_limit_wi
     mock_clock: trio.testing.MockClock,
     http_server: HTTPTestServer,
     client: HTTPClient,
-    tmp_path: Path,
+    dest: Directory,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     urls = [http_server.route(f"/{n}.bin", serve_data(DATA)) for n in range(2)]
@@ -255,9 +265,7 @@ async def test_the_daemons_limit_holds_two_tasks_together_and_the_lower_limit_wi
     async with trio.open_nursery() as nursery:
         for n in range(2):
             limits = (tasks[n], daemon_wide)
-            nursery.start_soon(
-                fetch, client, urls[n], tmp_path, limits, traces[n], SETTINGS, f"t{n}-0"
-            )
+            nursery.start_soon(fetch, client, urls[n], dest, limits, traces[n], SETTINGS, f"t{n}-0")
     for trace in traces:
         trace.points = [(when - started, held) for when, held in trace.points]
     slow, fast = (window_rate(trace, 1, 3) for trace in traces)
@@ -269,7 +277,7 @@ async def test_a_new_rate_applies_at_once_also_to_a_waiting_item(
     mock_clock: trio.testing.MockClock,
     http_server: HTTPTestServer,
     client: HTTPClient,
-    tmp_path: Path,
+    dest: Directory,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/a.bin", serve_data(DATA))
@@ -278,16 +286,18 @@ async def test_a_new_rate_applies_at_once_also_to_a_waiting_item(
     done = trio.Event()
 
     async def run() -> None:
-        await fetch(client, url, tmp_path, (limit,), trace)
+        await fetch(client, url, dest, (limit,), trace)
         done.set()
 
+    started = trio.current_time()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         await trio.sleep(3)
-        slow = window_rate(trace, 1, 3)
+        slow = window_rate(trace, started + 1, started + 3)
         limit.configure(200 * KiB)
         await trio.sleep(1.5)
-        assert window_rate(trace, 3.5, 4.5) == pytest.approx(200 * KiB, rel=0.05)
+        fast = window_rate(trace, started + 3.5, started + 4.5)
+        assert fast == pytest.approx(200 * KiB, rel=0.05)
         changed = trio.current_time()
         limit.configure(0)  # none: the rest comes as fast as the server sends
         # Finishing the file runs in a thread (with an fsync): on a busy machine that can
@@ -304,14 +314,14 @@ async def test_waits_for_the_limit_are_not_a_stall(
     mock_clock: trio.testing.MockClock,
     http_server: HTTPTestServer,
     client: HTTPClient,
-    tmp_path: Path,
+    dest: Directory,
 ) -> None:
     """A limit below lowest_speed is the user's wish, not the server's slowness."""
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/a.bin", serve_data(DATA[: 40 * KiB]))
     stall = DownloadSettings(max_attempts=1, lowest_speed=1024, stall_timeout=5)
     trace = Trace()
-    result = await fetch(client, url, tmp_path, (RateLimit(512),), trace, stall)
+    result = await fetch(client, url, dest, (RateLimit(512),), trace, stall)
     assert (result.error, result.bytes) == (None, 40 * KiB)
     assert trace.points[-1][0] > 40  # (40 KiB - the burst) at 512 B/s
 
