@@ -510,6 +510,7 @@ class TaskManager:
                 record = {"op": "update", "id": task_id, "set": {"rate_limit": rate}}
                 await self._append_or_refuse([record])
                 entry.task.rate_limit = rate
+                entry.kept = None  # a failed or cancelled task's snapshot changed
 
     async def wait_finished(self, task_id: str) -> TaskInfo:
         entry = self._entries[task_id]

@@ -42,6 +42,9 @@ from tests.http_servers import (
     serve_data,
 )
 from tests.processes import finished, start, task_of, until
+from tests.test_task_controls import Jobs, started
+from tests.test_task_costs import compact_now, tasks_in
+from tests.test_tasks import FakeJob, make_manager
 
 __all__ = ["http_server"]
 
@@ -680,3 +683,21 @@ async def test_another_user_is_served_while_a_task_is_held_to_its_limit_and_a_ho
     for task_id in (limited, mine, their_held):
         assert (await finished(client, task_id))["status"] == "completed"
     assert counting.peak == 2
+
+
+async def test_a_failed_tasks_new_rate_survives_a_compaction(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A finished task's compaction record is kept until it changes: a new rate changes it."""
+    path = tmp_path / "tasks.jsonl"
+    manager, _ = make_manager(path, factories={"fake": Jobs()})
+    await nursery.start(manager.serve)
+    job = FakeJob(total=1, fail_with="1 of 1 items failed")
+    task_id = await started(manager, job)
+    job.release.set()
+    await manager.wait_finished(task_id)
+    await compact_now(manager)
+    await manager.set_rate_limit(task_id, 4096)
+    await compact_now(manager)
+    assert tasks_in(path)[task_id]["rate_limit"] == 4096
+    nursery.cancel_scope.cancel()
