@@ -11,7 +11,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -53,38 +55,68 @@ def chromium() -> Iterator[Chromium]:
 @contextlib.contextmanager
 def launch(path: str) -> Iterator[Chromium]:
     """Headless Chromium with a throw-away profile, stopped on the way out."""
-    with tempfile.TemporaryDirectory(prefix="statusd-chromium-") as profile:
-        log = Path(profile) / "chromium.log"
-        args = [
-            path,
-            "--headless=new",
-            "--remote-debugging-port=0",
-            f"--user-data-dir={profile}",
-            "--no-first-run",
-            "--no-default-browser-check",
-            "--disable-gpu",
-            "--disable-extensions",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--window-size=1280,900",
-            # Chromium refuses to run as root with its sandbox, and a container often lacks
-            # the namespaces it needs; the tests load only their own pages.
-            "--no-sandbox",
-            "about:blank",
-        ]
-        with log.open("wb") as output:
-            process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+    profile = tempfile.mkdtemp(prefix="statusd-chromium-")
+    try:
+        with _running(path, profile) as browser:
+            yield browser
+    finally:
+        _remove(profile)
+
+
+@contextlib.contextmanager
+def _running(path: str, profile: str) -> Iterator[Chromium]:
+    log = Path(profile) / "chromium.log"
+    args = [
+        path,
+        "--headless=new",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-gpu",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        # Chromium refuses to run as root with its sandbox, and a container often lacks
+        # the namespaces it needs; the tests load only their own pages.
+        "--no-sandbox",
+        "about:blank",
+    ]
+    with log.open("wb") as output:
+        # A session of its own: Chromium's helpers (renderers, zygote, crashpad) are
+        # stopped with it, and none is left writing into the profile or running on.
+        process = subprocess.Popen(
+            args, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        endpoint = _endpoint(Path(profile), process, log)
+        yield Chromium(process, endpoint, log)
+    finally:
+        _signal_group(process, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        _signal_group(process, signal.SIGKILL)  # whatever of the group is left
+        process.wait(10)
+
+
+def _signal_group(process: subprocess.Popen[bytes], number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, number)
+
+
+def _remove(profile: str) -> None:
+    # A helper killed a moment ago may still have a file open or a write in flight.
+    for _ in range(50):
         try:
-            endpoint = _endpoint(Path(profile), process, log)
-            yield Chromium(process, endpoint, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            shutil.rmtree(profile)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    shutil.rmtree(profile, ignore_errors=True)
 
 
 def _endpoint(profile: Path, process: subprocess.Popen[bytes], log: Path) -> str:
