@@ -16,9 +16,7 @@ steadier than files/s when other work shares the cores.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import downloads  # noqa: E402
 import run  # noqa: E402
+from _common import ABTally  # noqa: E402
 from _servers import ServerProcess, cpu_seconds_of, known_keys, start_statusd  # noqa: E402
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -81,8 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     server.wait_ready()
                     servers[row, side] = server
-            rates: dict[tuple[str, str], list[float]] = {key: [] for key in servers}
-            cpu: dict[tuple[str, str], list[float]] = {key: [] for key in servers}
+            tally = ABTally(ROWS, sides, "file")
             scratch: Any = _Scratch(shm)
             for number in range(args.rounds):
                 order = ("base", "other") if number % 2 == 0 else ("other", "base")
@@ -94,18 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         used = cpu_seconds_of(server.process.pid) - before
                         run._check_files(dest, len(urls), size)
                         shutil.rmtree(dest)
-                        rates[row, side].append(len(urls) / seconds)
-                        cpu[row, side].append(used / len(urls) * 1e6)
-                shown = ", ".join(f"{r} {s} {rates[r, s][-1]:,.0f}" for r, s in rates)
-                print(f"round {number + 1} (load {os.getloadavg()[0]:.1f}): {shown}", flush=True)
-        for row in ROWS:
-            base, other = (statistics.median(rates[row, side]) for side in sides)
-            cpu_base, cpu_other = (statistics.median(cpu[row, side]) for side in sides)
-            print(
-                f"{row}: base {base:,.0f} files/s, other {other:,.0f} files/s, "
-                f"other/base {other / base:.2f}x; daemon CPU per file "
-                f"{cpu_base:.0f} -> {cpu_other:.0f} us"
-            )
+                        tally.add(row, side, len(urls), seconds, used)
+                tally.print_round(number)
+            tally.print_medians(cpu_digits=0)
     finally:
         for server in servers.values():
             server.stop()

@@ -15,9 +15,7 @@ call (``/proc``), which is steadier than calls/s when other work shares the core
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import _clients  # noqa: E402
 import run  # noqa: E402
+from _common import ABTally  # noqa: E402
 from _servers import ServerProcess, cpu_seconds_of, known_keys, start_statusd  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             server.wait_ready()
             servers[side] = server
-        rates: dict[tuple[str, str], list[float]] = {(r, s): [] for r in rows for s in sides}
-        cpu: dict[tuple[str, str], list[float]] = {key: [] for key in rates}
+        tally = ABTally(list(rows), sides, "call")
         for number in range(args.rounds):
             order = ("base", "other") if number % 2 == 0 else ("other", "base")
             for row, clients in rows.items():
@@ -67,18 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     before = cpu_seconds_of(server.process.pid)
                     seconds, _ = _clients.run_gang(argvs)
                     used = cpu_seconds_of(server.process.pid) - before
-                    rates[row, side].append(args.calls / seconds)
-                    cpu[row, side].append(used / args.calls * 1e6)
-            shown = ", ".join(f"{r} {s} {rates[r, s][-1]:,.0f}" for r, s in rates)
-            print(f"round {number + 1} (load {os.getloadavg()[0]:.1f}): {shown}", flush=True)
-        for row in rows:
-            base, other = (statistics.median(rates[row, side]) for side in sides)
-            cpu_base, cpu_other = (statistics.median(cpu[row, side]) for side in sides)
-            print(
-                f"{row}: base {base:,.0f} calls/s, other {other:,.0f} calls/s, "
-                f"other/base {other / base:.2f}x; daemon CPU per call "
-                f"{cpu_base:.1f} -> {cpu_other:.1f} us"
-            )
+                    tally.add(row, side, args.calls, seconds, used)
+            tally.print_round(number)
+        tally.print_medians(cpu_digits=1)
     finally:
         for server in servers.values():
             server.stop()
