@@ -426,19 +426,34 @@ def _number(value: Any, default: float = 0) -> float:
 
 def task_fraction(task: Mapping[str, Any]) -> float:
     """How far a task (TaskInfo or job_update) is, 0.0 to 1.0: by bytes when the total
-    is known (a single large file moves smoothly), else by the daemon's item progress.
-    A task that failed or was cancelled holding no bytes got nowhere, whatever number of
-    its items were tried."""
+    is known (a single large file moves smoothly), else by items. A failed item is not
+    progress, and its size (none, or a part kept for a retry) says nothing of what was
+    saved: a task that failed or was cancelled counts the items its result (``results``
+    in its last push) says completed, and one without a result holding no bytes got
+    nowhere.
+
+    The dashboard keeps the same rule in ``taskFraction`` (statusd/web/dashboard.js);
+    tests/test_progress_rule.py holds both to one table."""
     status = task.get("task_status", task.get("status"))
     if status == "completed":
         return 1.0
     done = _number(task.get("bytes_done"))
+    if status in ("failed", "cancelled"):
+        result = task.get("result", task.get("results"))
+        completed = result.get("completed") if isinstance(result, Mapping) else None
+        items = _number(task.get("total_items", task.get("total")))
+        if _is_number(completed) and items > 0:
+            return _clamp(_number(completed) / items)
+        if done <= 0:
+            return 0.0
     total = _number(task.get("bytes_total"))
     if total > 0:
-        return min(1.0, max(0.0, done / total))
-    if status in ("failed", "cancelled") and done <= 0:
-        return 0.0
-    return min(1.0, max(0.0, _number(task.get("progress")) / 100))
+        return _clamp(done / total)
+    return _clamp(_number(task.get("progress")) / 100)
+
+
+def _clamp(fraction: float) -> float:
+    return min(1.0, max(0.0, fraction))
 
 
 def _cut(text: str, width: int) -> str:
@@ -718,7 +733,7 @@ def _task_row(task: Mapping[str, Any], look: Presentation) -> list[Part]:
     return [
         str(task.get("id", "?")),
         (status, status),
-        f"{_number(task.get('progress')):.1f}%",
+        f"{task_fraction(task) * 100:.1f}%",
         f"{task.get('processed_items', 0)}/{task.get('total_items', 0)}",
         format_time(task.get("created_at"), look),
         str(task.get("name", "")),
@@ -822,7 +837,7 @@ def _ended(task: Mapping[str, Any], look: Presentation) -> str:
 
 
 def _task_progress(task: Mapping[str, Any]) -> str:
-    text = f"{_number(task.get('progress')):.1f}%"
+    text = f"{task_fraction(task) * 100:.1f}%"
     total = task.get("total_items")
     if isinstance(total, int):
         noun = "item" if total == 1 else "items"

@@ -321,6 +321,7 @@ function taskUpdate(update) {
     ["bytes_total", "bytes_total"],
     ["bytes_per_second", "bytes_per_second"],
     ["eta_s", "eta_s"],
+    ["results", "result"],
   ]) {
     if (update[from] !== undefined) info[to] = update[from];
   }
@@ -399,6 +400,27 @@ const ACTIONS = {
   cancel: new Set(["pending", "running", "paused"]),
 };
 
+// How far a task is, 0 to 1: by bytes when their total is known, else by items. A failed
+// item is not progress, and its size (none, or a part kept for a retry) says nothing of what
+// was saved: a failed or cancelled task counts the items its result says completed, and one
+// without a result holding no bytes got nowhere. statusctl keeps the same rule in
+// render.task_fraction; tests/test_progress_rule.py holds both to one table.
+function taskFraction(info) {
+  const number = (value) => (typeof value === "number" && Number.isFinite(value) ? value : 0);
+  const clamp = (fraction) => Math.max(0, Math.min(1, fraction));
+  if (info.status === "completed") return 1;
+  const done = number(info.bytes_done);
+  if (info.status === "failed" || info.status === "cancelled") {
+    const completed = info.result ? info.result.completed : undefined;
+    const items = number(info.total_items);
+    if (typeof completed === "number" && items > 0) return clamp(completed / items);
+    if (done <= 0) return 0;
+  }
+  const total = number(info.bytes_total);
+  if (total > 0) return clamp(done / total);
+  return clamp(number(info.progress) / 100);
+}
+
 function renderTask(task) {
   const info = task.info;
   const node = task.node;
@@ -408,7 +430,7 @@ function renderTask(task) {
   node.name.title = info.id;
   node.owner.textContent = state.admin ? info.owner : "";
   node.status.textContent = info.status;
-  const progress = Math.max(0, Math.min(100, Number(info.progress) || 0));
+  const progress = taskFraction(info) * 100;
   // A CSSOM property, which the page's style-src 'self' allows (a style attribute it does not).
   node.fill.style.width = `${progress}%`;
   const parts = [`${progress.toFixed(1)}%`];
