@@ -339,7 +339,8 @@ class _Follow:
             task = self.context.call("tasks.get", {"task_id": self.task_id})
             if task["status"] in FINAL_STATUSES:
                 lines = [render.format_task_line(task, self.context.look)]
-                self.context.emit(task, [*lines, *render.format_task_end(task)])
+                end = render.format_task_end(task, width=self.display.line_width())
+                self.context.emit(task, [*lines, *end])
                 return _exit_status(task["status"])
             self.display.show(task)
             self.unfinished.add(self.task_id)
@@ -505,11 +506,15 @@ class TaskDisplay:
     def summary(self, task: Mapping[str, Any]) -> None:
         """The ended task's last word: failures not shown yet, where each file went."""
         shown = self._failures_shown.get(str(task.get("id")), set())
-        for line in render.format_task_end(task, shown):
+        for line in render.format_task_end(task, shown, self.line_width()):
             self.message(line)
 
     def close(self) -> None:
         self._drawn = 0  # bars left on the screen stay, as the last word
+
+    def line_width(self) -> int | None:
+        """How wide a line may be before the terminal wraps it; None when not live."""
+        return self._width() if self._live else None
 
     def _task_info(self, job_id: str) -> dict[str, Any]:
         # A job_update carries no task name; one lookup per task gets it for the bar.
@@ -527,7 +532,9 @@ class TaskDisplay:
         width = self._width()
         now = time.monotonic()
         out = [f"\x1b[{self._drawn}A" if self._drawn else "", "\r\x1b[J"]
-        out += [render.one_line(line) + "\n" for line in permanent]
+        # Status lines are Styled: coloured by level, as ``statusctl status`` shows them.
+        show = render.paint if self._context.look.colour else render.one_line
+        out += [show(line) + "\n" for line in permanent]
         for job_id, state in self._tasks.items():
             # Only for a daemon that sends no bytes_per_second of its own.
             meter = self._rates.setdefault(job_id, render.RateMeter())

@@ -608,7 +608,7 @@ def format_task_update(update: Mapping[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def format_item_event(update: Mapping[str, Any]) -> str | None:
+def format_item_event(update: Mapping[str, Any]) -> Styled | None:
     """What a push says happened to one item, as a line of its own, or None:
 
     ``big.iso: retrying in 4 s (attempt 2 of 5): http 503 service unavailable``
@@ -619,21 +619,23 @@ def format_item_event(update: Mapping[str, Any]) -> str | None:
         delay = f"{round(_number(retry.get('delay_s')), 1):g}"
         if retry.get("counted") is False:
             # The attempt made progress: it is not counted, and the next one resumes.
-            message = f"resuming in {delay} s (not counted as an attempt): {retry.get('reason')}"
+            what = f"resuming in {delay} s"
+            why = f" (not counted as an attempt): {retry.get('reason')}"
         else:
-            message = (
-                f"retrying in {delay} s (attempt {retry.get('attempt')}"
-                f" of {retry.get('max_attempts')}): {retry.get('reason')}"
+            what = f"retrying in {delay} s"
+            why = (
+                f" (attempt {retry.get('attempt')} of {retry.get('max_attempts')}):"
+                f" {retry.get('reason')}"
             )
-        return f"{file_name(str(retry.get('url', '?')))}: {one_line(message)}"
+        return styled(f"{file_name(str(retry.get('url', '?')))}: ", (what, "warning"), why)
     failed = update.get("item_failed")
     if isinstance(failed, Mapping):
         return format_item_failure(str(failed.get("url", "?")), str(failed.get("error", "?")))
     return None
 
 
-def format_item_failure(url: str, error: str) -> str:
-    return f"{file_name(url)}: failed: {one_line(error)}"
+def format_item_failure(url: str, error: str) -> Styled:
+    return styled(f"{file_name(url)}: ", ("failed", "error"), f": {error}")
 
 
 def _elapsed(task: Mapping[str, Any]) -> float | None:
@@ -649,13 +651,18 @@ def _elapsed(task: Mapping[str, Any]) -> float | None:
 _LISTED_ITEMS = 20  # saved files (and failures) named one by one at a task's end
 
 
-def format_task_end(task: Mapping[str, Any], failures_shown: Set[int] = frozenset()) -> list[str]:
+def format_task_end(
+    task: Mapping[str, Any], failures_shown: Set[int] = frozenset(), width: int | None = None
+) -> list[Styled]:
     """The lines that close ``download --wait`` and ``watch --task``, from the TaskInfo of
     the ended task: each failed item's reason (those not in ``failures_shown``, item
     indices already printed as they happened), where each file went and its size, and a
     last line with the average rate:
 
     ``saved /srv/dl/ubuntu.iso: 16.0 MiB in 4.1s (3.9 MiB/s)``
+
+    On a terminal ``width`` columns wide, a line that would not fit names the file and
+    gives its directory on a line of its own (see ``saved_lines``).
     """
     status = one_line(str(task.get("status", "?")))
     result = task.get("result")
@@ -674,24 +681,39 @@ def format_task_end(task: Mapping[str, Any], failures_shown: Set[int] = frozense
     if elapsed is not None and size > 0:
         speed = f" in {format_duration(elapsed)} ({format_rate(size / elapsed)})"
     if len(saved) == 1 and not failed:
-        item = saved[0]
-        return [*lines, f"saved {one_line(str(item['path']))}: {format_bytes(size)}{speed}"]
-    lines += [
-        f"saved {one_line(str(item['path']))}: {format_bytes(_number(item.get('bytes')))}"
-        for item in saved[:_LISTED_ITEMS]
-    ]
+        return [*lines, *saved_lines(str(saved[0]["path"]), f"{format_bytes(size)}{speed}", width)]
+    for item in saved[:_LISTED_ITEMS]:
+        lines += saved_lines(str(item["path"]), format_bytes(_number(item.get("bytes"))), width)
     if len(saved) > _LISTED_ITEMS:
-        lines.append(f"... and {len(saved) - _LISTED_ITEMS} more saved")
+        lines.append(styled(f"... and {len(saved) - _LISTED_ITEMS} more saved"))
     files = f"{len(saved)} {'file' if len(saved) == 1 else 'files'}"
+    said: Part = (status, status)  # coloured as the task's state
     if not items:
         error = task.get("error")
-        lines.append(f"{status}: {one_line(str(error))}" if error and error != status else status)
+        lines.append(styled(said, f": {error}") if error and error != status else styled(said))
     elif failed:
         rest = f"; {files} saved{speed}" if saved else ", nothing saved"
-        lines.append(f"{status}: {len(failed)} of {len(items)} failed{rest}")
+        lines.append(styled(said, f": {len(failed)} of {len(items)} failed{rest}"))
     else:
-        lines.append(f"{status}: {files} saved, {format_bytes(size)}{speed}")
+        lines.append(styled(said, f": {files} saved, {format_bytes(size)}{speed}"))
     return lines
+
+
+def saved_lines(path: str, what: str, width: int | None = None) -> list[Styled]:
+    """``saved PATH: WHAT``, or, when that is wider than ``width`` (a terminal's, which
+    would wrap it mid-path), the file's name and its directory on a line of its own:
+
+    ``saved ubuntu-24.04-desktop-amd64.iso: 16.0 MiB in 4.1s (3.9 MiB/s)``
+    ``  in /srv/downloads/alice/nightly/``
+
+    Nothing of the path is cut: it is what a person copies to open the file."""
+    line = styled(("saved", "success"), f" {path}: {what}")
+    if width is None or len(line) <= width:
+        return [line]
+    directory, slash, name = path.rpartition("/")
+    if not slash or not name:
+        return [line]
+    return [styled(("saved", "success"), f" {name}: {what}"), styled(f"  in {directory}/")]
 
 
 class RateMeter:
