@@ -301,11 +301,17 @@ def _resume(
             time.sleep(min(backoff.next(), left))
 
 
-def _say_it_goes_on(context: Context, task_id: str) -> None:
-    """After Ctrl-C: the daemon carries on with the task; how to find it again."""
+def _command_name(context: Context) -> str:
+    """How to call statusctl for this daemon again, in a line of advice."""
     command = "statusctl"
     if context.socket_path is not None:
         command += f" --socket {shlex.quote(str(context.socket_path))}"
+    return command
+
+
+def _say_it_goes_on(context: Context, task_id: str) -> None:
+    """After Ctrl-C: the daemon carries on with the task; how to find it again."""
+    command = _command_name(context)
     if _is_terminal(context.stderr):
         context.stderr.write("\n")  # past the ^C the terminal echoed
     context.complain(f"stopped following {task_id}; the task goes on")
@@ -796,7 +802,12 @@ _RESUME = _Control("tasks.resume", ("paused",), "resumed")
 
 def _control(context: Context, args: argparse.Namespace, control: _Control) -> int:
     if args.task_id is not None:
-        result = context.call(control.method, {"task_id": args.task_id})
+        try:
+            result = context.call(control.method, {"task_id": args.task_id})
+        except RemoteError as error:
+            if _keeps_parts(error):
+                return _say_what_is_kept(context, error, args.task_id)
+            raise
         context.emit(result, [f"{control.done} {args.task_id}"])
         return EXIT_OK
     listed = all_tasks(context.call)
@@ -817,6 +828,30 @@ def _control(context: Context, args: argparse.Namespace, control: _Control) -> i
         [render.format_changed(control.done, len(changed))],
     )
     return EXIT_OK
+
+
+def _keeps_parts(error: RemoteError) -> bool:
+    return (
+        error.code == CONFLICT
+        and isinstance(error.data, dict)
+        and error.data.get("kept_parts") is True
+    )
+
+
+def _say_what_is_kept(context: Context, error: RemoteError, task_id: str) -> int:
+    """A failed task refused a cancel and keeps a part for a retry: say it in
+    statusctl's words, with the commands that resume or remove it."""
+    if context.json:
+        context.line(render.to_json(error.to_wire()))
+    command = _command_name(context)
+    context.complain(f"task {task_id} has already failed; it keeps a partial file for a retry")
+    for line in (
+        f"resume it: {command} retry {task_id}",
+        f"remove it: {command} cleanup --all (this forgets every finished task you can see)",
+    ):
+        context.stderr.write(f"  {render.one_line(line)}\n")
+    context.stderr.flush()
+    return EXIT_REMOTE_ERROR
 
 
 def run_cancel(context: Context, args: argparse.Namespace) -> int:

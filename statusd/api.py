@@ -595,11 +595,23 @@ class Api:
     async def tasks_cancel(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
         task = self._visible_task(session.caller, params.task_id)
         if not await self.tasks.cancel_task(task.id):
-            raise Conflict(
-                f"task {task.id} is already {task.status.value}",
-                {"task_id": task.id, "status": task.status.value},
-            )
+            raise self._not_cancelled(task)
         return {"cancelled": True}
+
+    def _not_cancelled(self, task: TaskInfo) -> Conflict:
+        """Why a task was not cancelled: it had ended. A failed one may keep the part of an
+        item for ``tasks.retry``; cancelling would not remove it, so say what does."""
+        data: dict[str, Any] = {"task_id": task.id, "status": task.status.value}
+        if task.status is not TaskStatus.FAILED:
+            return Conflict(f"task {task.id} is already {task.status.value}", data)
+        message = f"task {task.id} has already failed"
+        if self.tasks.keeps_parts(task.id):
+            data["kept_parts"] = True
+            message += (
+                "; it keeps a partial file for a retry, which tasks.retry resumes and"
+                " tasks.cleanup removes"
+            )
+        return Conflict(message, data)
 
     async def tasks_pause(self, session: Session, params: TaskIdParams) -> dict[str, Any]:
         task = self._visible_task(session.caller, params.task_id)

@@ -512,6 +512,16 @@ class TaskManager:
                 entry.task.rate_limit = rate
                 entry.kept = None  # a failed or cancelled task's snapshot changed
 
+    def keeps_parts(self, task_id: str) -> bool:
+        """Whether the failed task ``task_id`` keeps a part file for a retry to resume
+        (until ``tasks.retry``, or its clean-up, removes it)."""
+        entry = self._entries.get(task_id)  # None: cleaned up meanwhile, nothing kept
+        return (
+            entry is not None
+            and entry.task.status is TaskStatus.FAILED
+            and any("kept" in checkpoint for checkpoint in entry.checkpoints)
+        )
+
     async def wait_finished(self, task_id: str) -> TaskInfo:
         entry = self._entries[task_id]
         await entry.done.wait()

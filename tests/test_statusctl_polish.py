@@ -18,7 +18,16 @@ import trio
 from statusctl import render
 from statusd.daemon import Daemon
 from tests.conftest import RawClient
-from tests.http_servers import HTTPTestServer, held, http_server, serve_data, status
+from tests.http_servers import (
+    HTTPTestServer,
+    cut_off,
+    held,
+    http_server,
+    sequence,
+    serve_data,
+    status,
+)
+from tests.processes import finished
 from tests.test_statusctl import WAIT, _command, _env, _reap, statusctl
 from tests.test_statusctl_progress import screen_lines
 from tests.test_statusctl_watch import _open_pty, _read_terminal
@@ -197,3 +206,56 @@ async def test_failures_and_retries_are_coloured_and_pipes_only_when_asked(
     assert piped.stdout.splitlines()[-1] == "failed: 1 of 1 failed, nothing saved"
     forced = await ctl(daemon, "--color", "always", "download", missing, "--wait")
     assert forced.stdout.splitlines()[-1] == ("\x1b[31mfailed\x1b[0m: 1 of 1 failed, nothing saved")
+
+
+# -- cancelling a task that has ended ----------------------------------------------------------
+
+
+async def test_cancel_of_a_failed_task_says_how_to_remove_its_kept_part(
+    daemon: Daemon, http_server: HTTPTestServer
+) -> None:
+    # 8 KiB, then the connection drops; the resumed attempt gets a 404: the task fails
+    # and keeps the 8 KiB part for a retry.
+    partial = http_server.route("/big.iso", sequence(cut_off(DATA, 8 * 1024), status(404)))
+    missing = http_server.route("/nothing.iso", status(404))
+    small = http_server.route("/small.txt", serve_data(b"x"))
+    client = await RawClient.connect(daemon.config.socket)
+    try:
+        kept = (await client.call("tasks.download", {"urls": [partial]}))["task_id"]
+        plain = (await client.call("tasks.download", {"urls": [missing]}))["task_id"]
+        ok = (await client.call("tasks.download", {"urls": [small]}))["task_id"]
+        for task_id in (kept, plain):
+            assert (await finished(client, task_id))["status"] == "failed"
+        await finished(client, ok)
+    finally:
+        await client.aclose()
+    parts = list(daemon.config.download_dir.glob(".big.iso.*.part"))
+    assert [part.stat().st_size for part in parts] == [8 * 1024]
+
+    refused = await ctl(daemon, "cancel", kept)
+    assert refused.returncode == 4
+    socket = daemon.config.socket
+    assert refused.stderr.splitlines() == [
+        f"statusctl: task {kept} has already failed; it keeps a partial file for a retry",
+        f"  resume it: statusctl --socket {socket} retry {kept}",
+        f"  remove it: statusctl --socket {socket} cleanup --all"
+        " (this forgets every finished task you can see)",
+    ]
+    as_json = await ctl(daemon, "--json", "cancel", kept)
+    answer = json.loads(as_json.stdout)
+    assert answer["code"] == -32003
+    assert answer["data"] == {"task_id": kept, "status": "failed", "kept_parts": True}
+    assert answer["message"] == (
+        f"task {kept} has already failed; it keeps a partial file for a retry, which"
+        " tasks.retry resumes and tasks.cleanup removes"
+    )
+    # Every other "already": one line, the state as a person says it.
+    for task_id, said in ((plain, "has already failed"), (ok, "is already completed")):
+        other = await ctl(daemon, "cancel", task_id)
+        assert (other.returncode, other.stderr) == (4, f"statusctl: task {task_id} {said}\n")
+    await ctl(daemon, "cancel", "--all")  # nothing left to cancel: no error
+
+    # The advice holds: the clean-up removes the part with the task.
+    cleaned = await ctl(daemon, "cleanup", "--all")
+    assert cleaned.stdout == "removed 3 tasks\n"
+    assert not list(daemon.config.download_dir.glob(".big.iso.*.part"))
