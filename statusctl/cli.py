@@ -60,6 +60,7 @@ from statusctl.completion import SHELLS, completion_script
 from statusd.cli import build_parser as build_daemon_parser
 from statusd.errors import BUSY, CONFLICT, NOT_FOUND
 from statusd.identity import username_for
+from statusd.protocol.headers import check_headers
 from statusd.state.bandwidth import parse_rate
 from statusd.tokens import split_token
 
@@ -585,6 +586,16 @@ def download_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--wait", action="store_true", help="follow the task until it ends")
     parser.add_argument(
+        "-H",
+        "--header",
+        metavar="'NAME: VALUE'",
+        action="append",
+        type=header_argument,
+        help="an HTTP header for the task's requests (repeat for more), as curl's -H takes "
+        "it: sent only to each URL's own scheme, host and port, never after a redirect "
+        "elsewhere; its value is never shown back (the daemon keeps it in its journal only)",
+    )
+    parser.add_argument(
         "--limit-rate",
         metavar="RATE",
         type=rate_argument,
@@ -598,6 +609,30 @@ def rate_argument(text: str) -> int:
         return parse_rate(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def header_argument(text: str) -> tuple[str, str]:
+    """``'Name: value'`` as (name, value), checked as the daemon checks a task's headers.
+    Errors name the header, never its value: it may be a password or a cookie."""
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        shown = f" {name.strip()!r}" if colon else ""
+        raise argparse.ArgumentTypeError(f"a header is 'NAME: VALUE', with a colon{shown}")
+    pair = {name.strip(): value.strip(" \t")}
+    try:
+        check_headers(pair)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return next(iter(pair.items()))
+
+
+def _headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        if any(name.lower() == given.lower() for given in headers):
+            raise UsageError(f"--header {name!r} is given twice")
+        headers[name] = value
+    return headers
 
 
 class UsageError(Exception):
@@ -668,6 +703,8 @@ def run_download(context: Context, args: argparse.Namespace) -> int:
         params["topic"] = args.topic
     if args.limit_rate:
         params["rate_limit"] = args.limit_rate
+    if args.header:
+        params["headers"] = _headers(args.header)
     if not args.wait:
         result = context.call("tasks.download", params)
         context.emit(result, [result["task_id"]])

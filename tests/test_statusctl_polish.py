@@ -13,9 +13,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from statusctl import render
+from statusctl import cli, render
 from statusd.daemon import Daemon
 from tests.conftest import RawClient
 from tests.http_servers import (
@@ -259,3 +260,69 @@ async def test_cancel_of_a_failed_task_says_how_to_remove_its_kept_part(
     cleaned = await ctl(daemon, "cleanup", "--all")
     assert cleaned.stdout == "removed 3 tasks\n"
     assert not list(daemon.config.download_dir.glob(".big.iso.*.part"))
+
+
+# -- download --header -------------------------------------------------------------------------
+
+SECRET = "Bearer s3cret-t0ken"
+
+
+def test_header_flags_parse_as_curl_takes_them() -> None:
+    assert cli.header_argument(f"Authorization: {SECRET}") == ("Authorization", SECRET)
+    assert cli.header_argument("X-Trace:42") == ("X-Trace", "42")
+    assert cli.header_argument("X-Empty:") == ("X-Empty", "")
+    assert cli.header_argument("  Accept :\t*/*  ") == ("Accept", "*/*")
+
+
+def test_bad_headers_are_usage_errors_that_never_show_the_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cases = {
+        f"Authorization {SECRET}": "a header is 'NAME: VALUE', with a colon",
+        f": {SECRET}": "a header is 'NAME: VALUE', with a colon",
+        f"Bad Name: {SECRET}": "header name 'Bad Name' is not an HTTP token",
+        f"Host: {SECRET}": "header 'Host' is set by statusd and cannot be given",
+        f"Cookie: {SECRET}\x1b[2J": "header 'Cookie' value must be printable ASCII",
+    }
+    for given, said in cases.items():
+        code = cli.main(["--socket", "/nonexistent", "download", "http://h/x", "-H", given])
+        err = capsys.readouterr().err
+        assert code == 2, given
+        assert said in err, err
+        assert "s3cret" not in err
+    code = cli.main(
+        ["--socket", "/nonexistent", "download", "http://h/x", "-H", "A: 1", "--header", "a: 2"]
+    )
+    assert code == 2
+    assert capsys.readouterr().err == "statusctl: --header 'a' is given twice\n"
+
+
+async def test_download_sends_the_headers_and_never_shows_them(
+    daemon: Daemon, http_server: HTTPTestServer
+) -> None:
+    url = http_server.route("/private.bin", serve_data(b"for your eyes only"))
+    auth, trace = f"Authorization: {SECRET}", "X-Trace: 42"
+    done = await ctl(daemon, "download", url, "-H", auth, "--header", trace, "--wait")
+    assert done.returncode == 0, done.stderr
+    (request,) = http_server.requests_for("/private.bin")
+    assert request.headers.get("authorization") == SECRET
+    assert request.headers.get("x-trace") == "42"
+    task_id = done.stdout.splitlines()[0]
+    shown = [done.stdout + done.stderr]
+    for args in (("task", task_id), ("--json", "task", task_id), ("tasks",), ("--json", "tasks")):
+        listed = await ctl(daemon, *args)
+        assert listed.returncode == 0, listed.stderr
+        shown.append(listed.stdout + listed.stderr)
+    assert "s3cret" not in "".join(shown)
+    assert 'headers:    {"Authorization":"***","X-Trace":"***"}' in shown[1]
+    as_json = await ctl(daemon, "--json", "download", url, "-H", auth, "--wait")
+    assert "s3cret" not in as_json.stdout + as_json.stderr
+    assert json.loads(as_json.stdout)["metadata"]["headers"] == {"Authorization": "***"}
+
+    # The daemon's own limits, in its words: exit 4, nothing sent.
+    many = [arg for number in range(33) for arg in ("-H", f"X-N{number}: {SECRET}")]
+    refused = await ctl(daemon, "download", url, *many)
+    assert refused.returncode == 4
+    assert "limits.max_item_headers" in refused.stderr
+    assert "s3cret" not in refused.stderr
+    assert len(http_server.requests_for("/private.bin")) == 2

@@ -51,7 +51,7 @@ function _shtab_statusctl_using
 end
 
 set -g _shtab_statusctl_commands info publish status watch download tasks task cancel pause resume retry limit summary cleanup notifications 'notifications read' 'notifications delete' notify token 'token create' 'token list' 'token revoke' dashboard completion
-set -g _shtab_statusctl_opts_with_value --checksum --color --dest --expires-in --input-file --limit --limit-rate --link --max-age-hours --message --name --operation-id --program --scope --sha256 --since --socket --status --task --title --topic --type --user -i
+set -g _shtab_statusctl_opts_with_value --checksum --color --dest --expires-in --header --input-file --limit --limit-rate --link --max-age-hours --message --name --operation-id --program --scope --sha256 --since --socket --status --task --title --topic --type --user -H -i
 
 complete -c statusctl -e
 complete -c statusctl -f
@@ -84,6 +84,7 @@ complete -c statusctl -n '_shtab_statusctl_using download' -l topic -x -d TOPIC
 complete -c statusctl -n '_shtab_statusctl_using download' -l sha256 -x -d 'expected digest (one URL only)'
 complete -c statusctl -n '_shtab_statusctl_using download' -l checksum -x -d 'expected digest as aria2c'"'"'s --checksum takes it: sha-256, sha-512, sha-1 or md5, then = and the hex digest (one URL only)'
 complete -c statusctl -n '_shtab_statusctl_using download' -l wait -d 'follow the task until it ends'
+complete -c statusctl -n '_shtab_statusctl_using download' -s H -l header -x -d 'an HTTP header for the task'"'"'s requests (repeat for more), as curl'"'"'s -H takes it: sent only to each URL'"'"'s own scheme, host and port, never after a redirect elsewhere; its value is never shown back (the daemon keeps it in its journal only)'
 complete -c statusctl -n '_shtab_statusctl_using download' -l limit-rate -x -d 'at most RATE bytes a second for the task'"'"'s files together, like 500K or 2M (K = 1024); 0 for none. Change it later with statusctl limit'
 complete -c statusctl -n '_shtab_statusctl_using; and test $_shtab_statusctl_npos -eq 0' -a tasks -d 'list your tasks, newest first'
 complete -c statusctl -n '_shtab_statusctl_using tasks' -s h -l help -d 'show this help message and exit'
