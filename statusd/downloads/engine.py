@@ -131,7 +131,9 @@ from statusd.redact import hide_credentials
 
 NAME_BYTES = names.MAX_NAME_BYTES
 FALLBACK_NAME = "download"
-_DRAIN_LIMIT = 64 * 1024  # a redirect's body up to this size is read so the connection stays
+# A redirect's or an error answer's body up to this size is read (within the read timeout)
+# so its keep-alive connection goes back to the pool; a bigger or slower one is closed.
+_DRAIN_LIMIT = 64 * 1024
 _T = TypeVar("_T")
 DEFAULT_MAX_REDIRECTS = 20
 
@@ -661,13 +663,16 @@ class _Download:
                     if rules.is_redirect(response.status, location):
                         assert location is not None
                         url = _redirect_target(url, rules.location_text(location))
-                        await _drain(response)
+                        await _drain(response, self.settings.read_timeout)
                         continue
                     if 200 <= response.status < 300:
                         return await self._receive(response, offset)
                     if response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
                         return await self._unsatisfiable(response, offset)
-                    raise _status_error(response, self.settings.max_retry_after)
+                    failure = _status_error(response, self.settings.max_retry_after)
+                    await _drain(response, self.settings.read_timeout)
+                # Raised once out of the stream: an exception inside it closes the connection.
+                raise failure
             except HeadTooLarge as exc:
                 raise _Fail(f"{exc} (downloads.max_response_head_bytes)") from exc
             except TLSError as exc:
@@ -719,7 +724,7 @@ class _Download:
             self.item.expected is not None,
             self.state.length,
         )
-        await _drain(response)
+        await _drain(response, self.settings.read_timeout)
         if isinstance(decision, rules.Restart):
             raise _Restart()
         assert self.state.part is not None
@@ -1189,11 +1194,17 @@ def _redirect_target(url: str, location: str) -> str:
         raise _Fail(str(exc)) from None
 
 
-async def _drain(response: Response) -> None:
-    length = rules.content_length(response.headers.get("content-length"))
-    if length is not None and length <= _DRAIN_LIMIT:
-        with contextlib.suppress(HTTPError):
-            await response.read(_DRAIN_LIMIT)
+async def _drain(response: Response, within: float) -> None:
+    """Read a body we do not want to its end, so its connection can be reused: one of a
+    known length up to ``_DRAIN_LIMIT``, or a chunked one that ends by then, in ``within``
+    seconds in all. Otherwise it is left unread, and the connection is closed (cheaper
+    than reading a large page; a body that ends with the connection leaves none to keep)."""
+    if response.headers.get("transfer-encoding") is None:
+        length = rules.content_length(response.headers.get("content-length"))
+        if length is None or length > _DRAIN_LIMIT:
+            return
+    with trio.move_on_after(within), contextlib.suppress(HTTPError):
+        await response.read(_DRAIN_LIMIT)
 
 
 def _cap_message(cap: int) -> str:
