@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import trio
 
+from statusd.access import SocketAccess
 from statusd.api import Api
 from statusd.channel import StatusChannel
 from statusd.config import Config
@@ -144,16 +145,24 @@ class Daemon:
 
     async def _recheck_access(self) -> None:
         """Who may connect, again: group look-ups afresh (an admin who changed a group
-        reloads to say so), the socket file's mode and group as configured, and the
-        WebSocket connections of users the socket no longer admits closed."""
+        reloads to say so), the socket file's mode and group as configured, and every open
+        connection held to the new rules (``UnixServer.recheck``, ``WebSocketServer.recheck``)."""
         self.unix.lookups.forget()
         try:
             self.unix.set_permissions(self.config.socket_mode, self.config.socket_group)
         except OSError as exc:
             log.error("cannot change the socket's mode or group: %s", exc)
+        access: SocketAccess | None = None
+        try:
+            access = await self.unix.access()
+        except OSError as exc:
+            # Nobody new can connect to a file that is gone; those connected keep the
+            # socket's last rule, and lose what admin_group takes away all the same.
+            log.error("cannot read the socket's owner, group and mode: %s", exc)
+        await self.unix.recheck(access)
         if self.websocket is not None:
             self.websocket.lookups.forget()
-            await self.websocket.recheck(await self.unix.access())
+            await self.websocket.recheck(access)
 
 
 def _reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:

@@ -185,6 +185,20 @@ class Session:
             return False
         return any(s.matches(task) for s in self._subscriptions.values())
 
+    def demote(self, caller: Caller) -> None:
+        """Serve the connection as ``caller`` from now on: the same user, no longer an
+        admin (a reload changed ``admin_group``). Its subscriptions stay but, like its
+        calls, see only what a user sees: status not yet sent is filtered afresh, and task
+        updates of other users' tasks stop."""
+        if self._status_cursor is not None and not self.closing:
+            # The channel files an admin's wake-up apart from a user's.
+            self._channel.unwatch(self._wake, self.reader)
+            self.reader = Reader(caller.username, caller.admin)
+            self._channel.watch(self._wake, self.reader)
+        else:
+            self.reader = Reader(caller.username, caller.admin)
+        self.caller = caller
+
     def _stop_status(self) -> None:
         if self._status_cursor is not None:
             self._channel.unwatch(self._wake, self.reader)

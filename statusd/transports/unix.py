@@ -5,6 +5,10 @@ connects), answers them and sends the replies to everything it read in one write
 sends pushes, and the rest of any write the socket had no room for. A client that stops
 reading blocks only its own writer: pushed messages it misses are dropped oldest-first and
 reported, and its reader pauses while its replies are unsent (see ``statusd.session``).
+
+Open connections follow a reload's access rules (``recheck``): one whose user the socket
+file no longer admits is told why and closed; one whose user is no longer an admin is
+served as a user from then on.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ import stat
 import struct
 from pathlib import Path
 
+import attrs
 import trio
 
 from statusd.access import SocketAccess
 from statusd.api import Api
 from statusd.config import Config
-from statusd.errors import Busy, InvalidRequest, StartupError
+from statusd.errors import Busy, Forbidden, InvalidRequest, StartupError
 from statusd.events import Streams
-from statusd.identity import CallerLookups
+from statusd.identity import Caller, CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import LineDecoder, LineTooLong
 from statusd.session import Session
@@ -38,6 +43,9 @@ log = logging.getLogger(__name__)
 
 RECEIVE_CHUNK = 64 * 1024
 LISTEN_BACKLOG = 128
+# Seconds a connection closed by a reload has to take its last words; a client that does
+# not read them is cut off then, as at shutdown.
+CLOSE_GRACE = 1.0
 _PEERCRED = struct.Struct("iII")
 _GONE = (
     trio.BrokenResourceError,
@@ -50,6 +58,16 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     raw = sock.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_PEERCRED, _PEERCRED.size)
     pid, uid, gid = _PEERCRED.unpack(raw)
     return pid, uid, gid
+
+
+@attrs.define(eq=False)
+class _Held:
+    """What a reload needs of an open connection besides its session."""
+
+    # The group the process connected with: it still has it, whatever the group database
+    # says now (and a uid without a passwd entry has no other).
+    gid: int
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
 
 
 def _check_private_directory(directory: Path) -> None:
@@ -153,7 +171,7 @@ class UnixServer:
         self._config = config
         self._api = api
         self._streams = streams
-        self._sessions: set[Session] = set()
+        self._sessions: dict[Session, _Held] = {}
         self._admitted = Connections(connection_limits(config))
         # Connections whose caller is still being looked up, not yet admitted or refused.
         self._pending = 0
@@ -222,6 +240,61 @@ class UnixServer:
         while len(self._sessions) > count:
             await self._connections_changed.park()
 
+    async def recheck(self, access: SocketAccess | None) -> None:
+        """After a reload: hold every open connection to the rules new ones meet. A user
+        the socket file (``access``, as it is now; None: unreadable, not judged) no longer
+        admits gets a -32002 error with ``"id": null`` saying why, and the connection
+        closes; an admin who no longer is one keeps the connection with a user's rights
+        and is told by an ``access_changed`` notification. Rights given are not added to
+        open connections: they come with the next one. Look-ups are fresh only if
+        ``lookups.forget()`` came first."""
+        admin_group = self._config.admin_group
+        for session, held in list(self._sessions.items()):
+            before = session.caller
+            now = await self.lookups.caller_for_uid(before.uid, admin_group, pid=before.pid)
+            refused = access is not None and not await self._admits(access, before, held)
+            if session.closing or session not in self._sessions:
+                continue  # gone, or going, while we looked
+            if refused:
+                assert access is not None
+                self._drop(
+                    session,
+                    held,
+                    f"uid {before.uid} ({before.username}) may no longer connect to the "
+                    f"control socket ({access.describe()}) after a configuration reload; "
+                    "the connection is closed",
+                )
+            elif before.admin and not now.admin:
+                self._demote(session, admin_group)
+
+    async def _admits(self, access: SocketAccess, caller: Caller, held: _Held) -> bool:
+        groups: frozenset[int] = frozenset()
+        if access.needs_groups(caller.uid):
+            groups = await self.lookups.groups_for(caller.uid, caller.username)
+        return access.permits(caller.uid, groups | {held.gid})
+
+    def _drop(self, session: Session, held: _Held, message: str) -> None:
+        log.info("closing the connection of %s: %s", session.caller.username, message)
+        error = Forbidden(message, {"reason": "access"})
+        session.add_reply(jsonrpc.encode_line(jsonrpc.error_response(None, error)))
+        # The writer sends what is queued, then the connection ends; one that cannot send
+        # (its client reads nothing) is cut off after the grace.
+        session.close()
+        held.scope.deadline = min(held.scope.deadline, trio.current_time() + CLOSE_GRACE)
+
+    def _demote(self, session: Session, admin_group: str | None) -> None:
+        caller = session.caller
+        group = "no admin_group" if admin_group is None else f"admin_group = {admin_group!r}"
+        reason = (
+            f"uid {caller.uid} ({caller.username}) is no longer an admin ({group}) "
+            "after a configuration reload"
+        )
+        log.info("connection of %s: %s", caller.username, reason)
+        session.demote(attrs.evolve(caller, admin=False))
+        notice = jsonrpc.notification("access_changed", {"admin": False, "reason": reason})
+        session.add_reply(jsonrpc.encode_line(notice))
+        session.wake_writer()
+
     def _unlink(self) -> None:
         """Remove the socket file, but only if it is still the one we bound: never one
         that systemd passed (no identity), nor one another process put there since."""
@@ -250,7 +323,7 @@ class UnixServer:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         try:
-            pid, uid, _gid = peer_credentials(stream.socket)
+            pid, uid, gid = peer_credentials(stream.socket)
             # Nobody, admins included, gets past max_connections: say so before a lookup.
             refusal = self._admitted.check(uid, admin=True) or self._pending_refusal()
             if refusal is not None:
@@ -266,7 +339,7 @@ class UnixServer:
                 await self._refuse(stream, refusal)
                 return
             try:
-                await self._serve(stream, Session(caller, self._streams))
+                await self._serve(stream, Session(caller, self._streams), _Held(gid))
             finally:
                 self._admitted.release(uid)
         except Exception:
@@ -276,13 +349,14 @@ class UnixServer:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, session: Session) -> None:
-        self._sessions.add(session)
+    async def _serve(self, stream: trio.SocketStream, session: Session, held: _Held) -> None:
+        self._sessions[session] = held
         try:
-            await self._run_session(stream, session)
+            with held.scope:
+                await self._run_session(stream, session)
         finally:
             session.close()
-            self._sessions.discard(session)
+            del self._sessions[session]
             self._connections_changed.unpark_all()
 
     def _pending_refusal(self) -> Refusal | None:

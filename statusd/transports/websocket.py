@@ -100,6 +100,10 @@ class _Link:
     close_code: int = NORMAL
     close_reason: str | None = None
     abort: bool = False  # the client is unresponsive: close the socket, no close frame
+    # The page's Origin (None: not a browser) and the dashboard's own origin for the Host
+    # it connected to: a reload's allowed_origins is checked against them again.
+    origin: str | None = None
+    own_origin: str | None = None
 
     def close_with(self, code: int, reason: str) -> None:
         if self.close_code == NORMAL:
@@ -277,17 +281,24 @@ class WebSocketServer:
             f"({access.describe()})"
         )
 
-    async def recheck(self, access: SocketAccess) -> None:
-        """After a reload: close (1008) each connection whose token's user the control
-        socket no longer admits, or who is no longer an admin; their next handshake
-        follows the new rules. Look-ups are fresh only if ``lookups.forget()`` came first."""
-        self.socket_access = access
-        admin_group = self._config().admin_group
+    async def recheck(self, access: SocketAccess | None) -> None:
+        """After a reload: close (1008) each connection from a page whose origin is no
+        longer allowed, whose token's user the control socket no longer admits, or who is
+        no longer an admin; their next handshake follows the new rules. ``access`` None
+        (the socket file could not be read) keeps the last one known. Look-ups are fresh
+        only if ``lookups.forget()`` came first."""
+        if access is not None:
+            self.socket_access = access
+        config = self._config()
+        admin_group = config.admin_group
         for link in list(self._links):
             before = link.session.caller
             now = await self.lookups.caller_for_username(before.username, admin_group)
             reason = None
-            if now is None:
+            origins = [*config.websocket.allowed_origins, *filter(None, [link.own_origin])]
+            if rules.check_origin(link.origin, origins) is not None:
+                reason = "the page's origin is no longer in websocket.allowed_origins"
+            elif now is None:
                 reason = "the token's user no longer exists"
             elif await self._socket_refusal(now) is not None:
                 reason = "the token's user may no longer connect to the control socket"
@@ -442,6 +453,7 @@ class WebSocketServer:
             await request.reject(checked.status, extra_headers=headers, body=body)
             return
         record, caller, target = checked
+        origin = dict((name.lower(), value) for name, value in request.headers).get(b"origin")
         connection = await request.accept()
         # Said over the WebSocket, not as an HTTP status: a browser's script sees only
         # that a refused handshake failed, never why.
@@ -449,27 +461,28 @@ class WebSocketServer:
         if refusal is not None:
             await self._refuse_busy(connection, target, refusal)
             return
+        link = _Link(
+            Session(
+                caller,
+                self._streams,
+                transport="websocket",
+                scope=record.scope,
+                seed=target.kind != "rpc",
+            ),
+            record.id,
+            stream,
+            origin=origin.decode("latin-1") if origin is not None else None,
+            own_origin=web.page_origin(request._event.host),
+        )
         try:
-            await self._serve(connection, stream, record, caller, target)
+            await self._serve(connection, link, target)
         finally:
             self._admitted.release(record.id)
 
     async def _serve(
-        self,
-        connection: WebSocketConnection,
-        stream: trio.SocketStream,
-        record: TokenRecord,
-        caller: Caller,
-        target: rules.Route,
+        self, connection: WebSocketConnection, link: _Link, target: rules.Route
     ) -> None:
-        session = Session(
-            caller,
-            self._streams,
-            transport="websocket",
-            scope=record.scope,
-            seed=target.kind != "rpc",
-        )
-        link = _Link(session, record.id, stream)
+        session = link.session
         self._links.add(link)
         try:
             with link.scope:
