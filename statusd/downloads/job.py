@@ -155,14 +155,16 @@ class Downloads:
         task's together). Builds no job."""
         if (params.urls is None) == (params.items is None):
             raise InvalidParams("urls", "give either urls or items, not both or neither")
-        raw: list[dict[str, Any]]
+        # Entries as journalled (see ``spec_entry``): a queued task holds its spec until
+        # it starts, 100 tasks of 10,000 items of one user's included.
+        raw: list[str | dict[str, Any]]
         field: str
         if params.urls is not None:
-            raw = [{"url": url} for url in params.urls]
+            raw = list(params.urls)
             field = "urls"
         else:
             assert params.items is not None
-            raw = [unstructure(item) for item in params.items]
+            raw = [spec_entry(unstructure(item)) for item in params.items]
             field = "items"
         if not raw:
             raise InvalidParams(field, "must not be empty")
@@ -180,7 +182,7 @@ class Downloads:
             where = f"urls[{index}]" if field == "urls" else f"items[{index}].url"
             try:
                 # Checks the url (names.validate_url), the digest and the headers.
-                item = DownloadItem(**entry)
+                item = DownloadItem(url=entry) if isinstance(entry, str) else DownloadItem(**entry)
             except ValueError as exc:
                 # Each check's message starts with the name of the field it is about.
                 first = str(exc).split(" ", 1)[0]
@@ -204,7 +206,7 @@ class Downloads:
         reader = self._reader(caller)
         home = "." if reader is None else home_name(caller)
         dest = self._dest(params.dest, caller, home)
-        one = hide_credentials(raw[0]["url"])
+        one = hide_credentials(entry_url(raw[0]))
         name = params.name or (one if len(raw) == 1 else f"Download {len(raw)} files")
         spec: dict[str, Any] = {"items": raw, "dest": dest, "batch_size": batch_size}
         if reader is not None:
@@ -270,6 +272,18 @@ class Downloads:
         limit = self._task_rates.get(task_id)
         if limit is not None:
             limit.configure(rate)
+
+
+def spec_entry(entry: dict[str, Any]) -> str | dict[str, Any]:
+    """An item as a spec keeps it: its url alone when it has nothing else (a string costs
+    a third of a one-key dict: 200 bytes an item less), else the fields it gives (what it
+    leaves None is the default). Journals written before keep dicts, read as ever."""
+    given = {name: value for name, value in entry.items() if value is not None}
+    return str(given["url"]) if given.keys() == {"url"} else given
+
+
+def entry_url(entry: str | dict[str, Any]) -> str:
+    return entry if isinstance(entry, str) else str(entry["url"])
 
 
 def _check_header_limits(
@@ -358,7 +372,10 @@ class DownloadJob:
 
     def __attrs_post_init__(self) -> None:
         task_headers = auth.check_headers(self.spec.get("headers") or {})
-        self.items = [DownloadItem.accepted(entry, task_headers) for entry in self.spec["items"]]
+        self.items = [
+            DownloadItem.accepted({"url": entry} if isinstance(entry, str) else entry, task_headers)
+            for entry in self.spec["items"]
+        ]
         self.states = [ItemState() for _ in self.items]
         self.results = [None] * len(self.items)
         self.sizes = [None] * len(self.items)
