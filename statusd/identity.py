@@ -133,6 +133,7 @@ class CallerLookups:
     _cache: OrderedDict[Hashable, tuple[float, Any]] = attrs.field(init=False, factory=OrderedDict)
     _pending: dict[Hashable, trio.Event] = attrs.field(init=False, factory=dict)
     _admins: dict[int, str] = attrs.field(init=False, factory=dict)  # uid -> name
+    _forgotten: int = attrs.field(init=False, default=0)  # how many times ``forget`` ran
 
     def __attrs_post_init__(self) -> None:
         if self.ttl < 0:
@@ -175,8 +176,10 @@ class CallerLookups:
 
     def forget(self) -> None:
         """Drop every answer (on SIGHUP: an admin who changed a group says so by reloading).
-        Look-ups under way finish, and are remembered."""
+        Look-ups under way finish and answer their callers, but are not remembered: they
+        may have read the groups from before the change."""
         self._cache.clear()
+        self._forgotten += 1
 
     @property
     def cached(self) -> int:
@@ -195,11 +198,13 @@ class CallerLookups:
             # slow directory waits for one answer instead of taking every thread.
             await pending.wait()
         done = self._pending[key] = trio.Event()
+        forgotten = self._forgotten
         try:
             answer = await trio.to_thread.run_sync(
                 lookup, limiter=self._limiter, abandon_on_cancel=True
             )
-            self._remember(key, answer)
+            if forgotten == self._forgotten:
+                self._remember(key, answer)
             return answer
         finally:
             del self._pending[key]

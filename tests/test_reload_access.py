@@ -23,8 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import trio
+import trio.testing
 from websockets.sync.client import ClientConnection, connect
 
+from statusd import identity
+from statusd.identity import CallerLookups
 from statusd.protocol import jsonrpc
 from tests.conftest import NOBODY_GID, NOBODY_UID, blocking_call, needs_root, run_as, run_as_nobody
 from tests.test_statusctl_tokens import _free_port
@@ -299,6 +304,35 @@ def test_a_reload_that_takes_nothing_away_keeps_every_connection(
     assert third.join() == str(THIRD_UID)
     assert nobody.join() == "nobody"
     assert "closing the connection" not in process.stderr()
+
+
+async def test_a_lookup_under_way_when_a_reload_forgets_is_not_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It may have read the groups from before the change the reload is about: its caller
+    gets it, the next one looks again."""
+    release = threading.Event()
+    answers = iter([frozenset({1}), frozenset({2})])
+
+    def slow_groups(uid: int, username: str) -> frozenset[int]:
+        release.wait(WAIT)
+        return next(answers)
+
+    monkeypatch.setattr(identity, "groups_of", slow_groups)
+    lookups = CallerLookups(daemon_uid=4242)
+    got: list[frozenset[int]] = []
+
+    async def look() -> None:
+        got.append(await lookups.groups_for(1000, "alice"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look)
+        await trio.testing.wait_all_tasks_blocked()
+        lookups.forget()
+        release.set()
+    assert got == [{1}]
+    assert lookups.cached == 0
+    assert await lookups.groups_for(1000, "alice") == {2}
 
 
 # -- the WebSocket -----------------------------------------------------------------------------

@@ -183,6 +183,10 @@ class UnixServer:
         self._connections_changed = trio.lowlevel.ParkingLot()
         # Passwd and group lookups can block for seconds (LDAP, SSSD): never on the loop.
         self.lookups = CallerLookups()
+        # Reloads so far, and the socket file's rule as the last one read it: a connection
+        # still being admitted when a reload comes is held to it (``_admission``).
+        self._reloads = 0
+        self._access: SocketAccess | None = None
 
     @property
     def connections(self) -> int:
@@ -240,6 +244,34 @@ class UnixServer:
         while len(self._sessions) > count:
             await self._connections_changed.park()
 
+    async def _admission(
+        self, uid: int, pid: int, held: _Held, accepted_under: int
+    ) -> tuple[Caller, str | None]:
+        """Who a new connection's peer is, and why it may not stay (None: it may). The
+        kernel admitted it under the rules of reload ``accepted_under``; a reload since,
+        which ``recheck`` could not apply to it (not yet served), is applied here."""
+        while True:
+            reloads = self._reloads
+            caller = await self.lookups.caller_for_uid(uid, self._config.admin_group, pid=pid)
+            refused = None
+            access = self._access
+            if (
+                reloads != accepted_under
+                and access is not None
+                and not await self._admits(access, caller, held)
+            ):
+                refused = self._not_admitted(caller, access)
+            if reloads == self._reloads:
+                return caller, refused
+
+    @staticmethod
+    def _not_admitted(caller: Caller, access: SocketAccess) -> str:
+        return (
+            f"uid {caller.uid} ({caller.username}) may no longer connect to the control "
+            f"socket ({access.describe()}) after a configuration reload; the connection "
+            "is closed"
+        )
+
     async def recheck(self, access: SocketAccess | None) -> None:
         """After a reload: hold every open connection to the rules new ones meet. A user
         the socket file (``access``, as it is now; None: unreadable, not judged) no longer
@@ -248,6 +280,9 @@ class UnixServer:
         and is told by an ``access_changed`` notification. Rights given are not added to
         open connections: they come with the next one. Look-ups are fresh only if
         ``lookups.forget()`` came first."""
+        self._reloads += 1
+        if access is not None:
+            self._access = access
         admin_group = self._config.admin_group
         for session, held in list(self._sessions.items()):
             before = session.caller
@@ -257,13 +292,7 @@ class UnixServer:
                 continue  # gone, or going, while we looked
             if refused:
                 assert access is not None
-                self._drop(
-                    session,
-                    held,
-                    f"uid {before.uid} ({before.username}) may no longer connect to the "
-                    f"control socket ({access.describe()}) after a configuration reload; "
-                    "the connection is closed",
-                )
+                self._drop(session, held, self._not_admitted(before, access))
             elif before.admin and not now.admin:
                 self._demote(session, admin_group)
 
@@ -327,19 +356,23 @@ class UnixServer:
             # Nobody, admins included, gets past max_connections: say so before a lookup.
             refusal = self._admitted.check(uid, admin=True) or self._pending_refusal()
             if refusal is not None:
-                await self._refuse(stream, refusal)
+                await self._refuse(stream, Busy(refusal.message, refusal.data))
                 return
+            held = _Held(gid)
             self._pending += 1
             try:
-                caller = await self.lookups.caller_for_uid(uid, self._config.admin_group, pid=pid)
+                caller, refused = await self._admission(uid, pid, held, self._reloads)
             finally:
                 self._pending -= 1
+            if refused is not None:
+                await self._refuse(stream, Forbidden(refused, {"reason": "access"}))
+                return
             refusal = self._admitted.admit(uid, caller.admin)
             if refusal is not None:
-                await self._refuse(stream, refusal)
+                await self._refuse(stream, Busy(refusal.message, refusal.data))
                 return
             try:
-                await self._serve(stream, Session(caller, self._streams), _Held(gid))
+                await self._serve(stream, Session(caller, self._streams), held)
             finally:
                 self._admitted.release(uid)
         except Exception:
@@ -369,9 +402,8 @@ class UnixServer:
             self._max_pending,
         )
 
-    async def _refuse(self, stream: trio.SocketStream, refusal: Refusal) -> None:
-        log.debug("connection refused: %s", refusal.message)
-        error = Busy(refusal.message, refusal.data)
+    async def _refuse(self, stream: trio.SocketStream, error: Busy | Forbidden) -> None:
+        log.debug("connection refused: %s", error.message)
         line = jsonrpc.encode_line(jsonrpc.error_response(None, error))
         with trio.move_on_after(1), contextlib.suppress(*_GONE):
             await stream.send_all(line)
