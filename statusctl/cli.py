@@ -615,9 +615,10 @@ def header_argument(text: str) -> tuple[str, str]:
     """``'Name: value'`` as (name, value), checked as the daemon checks a task's headers.
     Errors name the header, never its value: it may be a password or a cookie."""
     name, colon, value = text.partition(":")
-    if not colon or not name.strip():
-        shown = f" {name.strip()!r}" if colon else ""
-        raise argparse.ArgumentTypeError(f"a header is 'NAME: VALUE', with a colon{shown}")
+    if not colon:
+        raise argparse.ArgumentTypeError("a header is 'NAME: VALUE', with a colon")
+    if not name.strip():
+        raise argparse.ArgumentTypeError("a header needs a name before its colon")
     pair = {name.strip(): value.strip(" \t")}
     try:
         check_headers(pair)

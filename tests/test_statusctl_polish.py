@@ -1,7 +1,8 @@
 """statusctl's leftovers for people, against a real daemon and a real HTTP server: the
 ``saved`` line fits an 80-column terminal without losing its path; live lines are
 coloured by level on a terminal (and not with ``NO_COLOR``, ``--color never`` or through a
-pipe unless asked)."""
+pipe unless asked); ``cancel`` of a failed task that keeps a part says how to remove it;
+``download --header`` sends its headers and never shows their values."""
 
 from __future__ import annotations
 
@@ -279,7 +280,7 @@ def test_bad_headers_are_usage_errors_that_never_show_the_value(
 ) -> None:
     cases = {
         f"Authorization {SECRET}": "a header is 'NAME: VALUE', with a colon",
-        f": {SECRET}": "a header is 'NAME: VALUE', with a colon",
+        f": {SECRET}": "a header needs a name before its colon",
         f"Bad Name: {SECRET}": "header name 'Bad Name' is not an HTTP token",
         f"Host: {SECRET}": "header 'Host' is set by statusd and cannot be given",
         f"Cookie: {SECRET}\x1b[2J": "header 'Cookie' value must be printable ASCII",
