@@ -230,19 +230,33 @@ def _array(group: Sequence[bytes]) -> bytes:
 
 
 class FrameCache:
-    """Each single message's frame, built once for every client it goes to.
+    """Frames built once for every client they go to: each single message's frame, and
+    the frames of a whole batch of pending lines.
 
-    Keyed by the line itself: the daemon hands every subscriber the same ``bytes`` object,
-    whose hash Python computes once, so a hit costs a dict lookup. At ``capacity`` entries
-    the cache starts afresh (what is current is rebuilt once; what is old is never asked
-    for again).
+    A message's frame is keyed by the line itself: the daemon hands every subscriber the
+    same ``bytes`` object, whose hash Python computes once, so a hit costs a dict lookup.
+    A batch is keyed by the tuple of its lines: subscribers that the same publish woke
+    take the same lines from the channel, so the first builds the frames (the array's
+    join, the scan for batch answers, the header) and the other 99 get the same bytes for
+    a tuple's hash and an identity compare per line. At ``capacity`` messages, or
+    ``batches`` batches, or ``batch_bytes`` bytes of batches, the cache starts afresh:
+    what is current is rebuilt once; what is old is never asked for again.
     """
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(
+        self, capacity: int = 4096, *, batches: int = 16, batch_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, not {batches}")
         self._capacity = capacity
         self._frames: dict[bytes, bytes] = {}
+        self._max_batches = batches
+        self._max_batch_bytes = batch_bytes
+        # Keyed by (coalesce, limit) too: one client's arrays are another's single frames.
+        self._batches: dict[tuple[bool, int, tuple[bytes, ...]], bytes] = {}
+        self._batch_bytes = 0
 
     def frame(self, line: bytes) -> bytes:
         frame = self._frames.get(line)
@@ -253,6 +267,23 @@ class FrameCache:
             self._frames[line] = frame
         return frame
 
+    def batch(self, lines: Sequence[bytes], coalesce: bool, limit: int) -> bytes:
+        """The frames of several lines, as ``encode_frames`` says."""
+        key = (coalesce, limit, tuple(lines))
+        data = self._batches.get(key)
+        if data is None:
+            data = _encode_batch(lines, coalesce, self, limit)
+            if (
+                len(self._batches) >= self._max_batches
+                or self._batch_bytes + len(data) > self._max_batch_bytes
+            ):
+                self._batches.clear()
+                self._batch_bytes = 0
+            if len(data) <= self._max_batch_bytes:
+                self._batches[key] = data
+                self._batch_bytes += len(data)
+        return data
+
     def __len__(self) -> int:
         return len(self._frames)
 
@@ -260,10 +291,20 @@ class FrameCache:
 def encode_frames(
     lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int = MAX_FRAME_BYTES
 ) -> bytes:
-    """Everything pending, as the bytes of consecutive text frames, for one write."""
+    """Everything pending, as the bytes of consecutive text frames, for one write. The
+    same lines give the same bytes (server frames carry no mask), built once in
+    ``cache``."""
     if not lines:
         return b""
-    if not coalesce or len(lines) == 1:
+    if len(lines) == 1:
+        return cache.frame(lines[0])
+    return cache.batch(lines, coalesce, limit)
+
+
+def _encode_batch(
+    lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int
+) -> bytes:
+    if not coalesce:
         frame = cache.frame
         return b"".join([frame(line) for line in lines])
     framed: list[bytes] = []
