@@ -143,6 +143,10 @@ class StatusChannel:
         self._now = now
         self._published = 0
         self._refused = 0
+        # ``lines_after``'s answers since the history last changed, per (seq, view):
+        # the subscribers one publish wakes sit at the same seq and mostly share a view,
+        # so the first one's answer serves the rest (a dict lookup instead of a merge).
+        self._answers: dict[tuple[int, Key | bool], tuple[list[bytes], int]] = {}
 
     @property
     def last_seq(self) -> int:
@@ -198,6 +202,7 @@ class StatusChannel:
         return status
 
     def _append(self, entry: _Entry) -> None:
+        self._answers.clear()
         if self._size >= self._capacity:
             own = self._held.get(entry.key)
             if entry.key and own is not None and len(own) >= self._share:
@@ -281,9 +286,16 @@ class StatusChannel:
 
     def lines_after(self, seq: int, reader: Reader | None = None) -> tuple[list[bytes], int]:
         """The encoded push lines after ``seq`` that ``reader`` may read, and how many of
-        those it could have read were already dropped."""
-        entries, missed = self._after(seq, reader)
-        return [entry.line for entry in entries], missed
+        those it could have read were already dropped. Readers with the same view (every
+        admin, or one user) at the same ``seq`` get the same list: read it, never change
+        it."""
+        view: Key | bool = True if reader is None or reader.admin else reader.username
+        key = (seq, view)
+        answer = self._answers.get(key)
+        if answer is None:
+            entries, missed = self._after(seq, reader)
+            answer = self._answers[key] = ([entry.line for entry in entries], missed)
+        return answer
 
     def watch(self, wake: Watcher, reader: Reader | None = None) -> None:
         """Call ``wake()`` (synchronously, must not raise) after the next publish that

@@ -556,20 +556,21 @@ class WebSocketServer:
                 continue
             data = rules.encode_frames(pending, coalesce, self._frames)
             if not lock.locked() and connection.closed is None:
-                # The lock is free: take it without a checkpoint and try one
-                # non-blocking write, which nearly always takes everything.
-                lock.acquire_nowait()
+                # The lock is free and there is no checkpoint before the write, so no
+                # other frame can get in between: one non-blocking write, which nearly
+                # always takes everything, and the lock only if the rest must wait.
                 try:
+                    sent = os.write(fd, data)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
+                if sent < len(data):
+                    lock.acquire_nowait()
                     try:
-                        sent = os.write(fd, data)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
-                    if sent < len(data):
                         await self._send_rest(stream, memoryview(data)[sent:])
-                finally:
-                    lock.release()
+                    finally:
+                        lock.release()
                 continue
             async with lock:
                 if connection.closed is not None:
