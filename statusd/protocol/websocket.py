@@ -301,9 +301,7 @@ def encode_frames(
     return cache.batch(lines, coalesce, limit)
 
 
-def _encode_batch(
-    lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int
-) -> bytes:
+def _encode_batch(lines: Sequence[bytes], coalesce: bool, cache: FrameCache, limit: int) -> bytes:
     if not coalesce:
         frame = cache.frame
         return b"".join([frame(line) for line in lines])
