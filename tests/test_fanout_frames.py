@@ -88,7 +88,7 @@ def decode(data: bytes) -> tuple[list[Frame], bytes]:
 def line_of(size: int, tag: str = "x") -> bytes:
     """A push line whose JSON (its newline not counted) is ``size`` bytes."""
     bare = len(json.dumps({"p": ""}, separators=(",", ":")))
-    line = json.dumps({"p": tag * (size - bare)}, separators=(",", ":")).encode()
+    line = json.dumps({"p": (tag * size)[: size - bare]}, separators=(",", ":")).encode()
     assert len(line) == size
     return line + b"\n"
 
@@ -134,7 +134,7 @@ def test_every_subscriber_taking_the_same_lines_gets_the_same_bytes(coalesce: bo
 
 
 def test_the_batch_cache_starts_afresh_at_its_bounds_and_stays_right() -> None:
-    cache = rules.FrameCache(batches=2, batch_bytes=10_000)
+    cache = rules.FrameCache(batches=2, max_bytes=10_000)
     a, b, c = ([line_of(100, tag), line_of(120, tag)] for tag in "abc")
     kept = rules.encode_frames(a, True, cache)
     assert rules.encode_frames(a, True, cache) is kept
@@ -143,7 +143,7 @@ def test_the_batch_cache_starts_afresh_at_its_bounds_and_stays_right() -> None:
     again = rules.encode_frames(a, True, cache)
     assert again == kept
     assert again is not kept
-    big = [line_of(6_000, "d"), line_of(6_000, "e")]  # over batch_bytes: built, not kept
+    big = [line_of(6_000, "d"), line_of(6_000, "e")]  # over max_bytes: built, not kept
     frame = rules.encode_frames(big, True, cache)
     assert rules.encode_frames(big, True, cache) == frame
     assert rules.encode_frames(big, True, cache) is not frame
@@ -154,6 +154,23 @@ def test_the_batch_cache_starts_afresh_at_its_bounds_and_stays_right() -> None:
     assert [len(frame_values(f.payload)) for f in frames] == [2, 2, 1]
     with pytest.raises(ValueError, match="batches must be >= 1"):
         rules.FrameCache(batches=0)
+
+
+def test_big_answers_are_not_kept_past_the_byte_bound() -> None:
+    """Answers are each one client's own: however many, the cache holds at most its
+    bytes, and one bigger than that is built every time and never kept."""
+    cache = rules.FrameCache(max_bytes=50_000)
+    for n in range(200):
+        answer = line_of(20_000, f"{n:04d}")
+        frames, rest = decode(rules.encode_frames([answer], False, cache))
+        assert rest == b""
+        assert frames == [Frame(True, 0x1, 126, answer[:-1])]
+        assert cache.size_bytes <= 50_000
+    huge = line_of(60_000)
+    assert rules.encode_frames([huge], False, cache) is not rules.encode_frames(
+        [huge], False, cache
+    )
+    assert cache.size_bytes <= 50_000
 
 
 # -- one answer per view in the channel ------------------------------------------------------

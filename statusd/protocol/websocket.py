@@ -238,22 +238,25 @@ class FrameCache:
     A batch is keyed by the tuple of its lines: subscribers that the same publish woke
     take the same lines from the channel, so the first builds the frames (the array's
     join, the scan for batch answers, the header) and the other 99 get the same bytes for
-    a tuple's hash and an identity compare per line. At ``capacity`` messages, or
-    ``batches`` batches, or ``batch_bytes`` bytes of batches, the cache starts afresh:
-    what is current is rebuilt once; what is old is never asked for again.
+    a tuple's hash and an identity compare per line. Past ``capacity`` messages or
+    ``batches`` batches, or ``max_bytes`` bytes of either, that part of the cache starts
+    afresh: what is current is rebuilt once; what is old is never asked for again. The
+    bytes bound it for answers too (each one's own, never shared, and as big as
+    ``limits.max_reply_bytes``); one bigger than ``max_bytes`` is built and not kept.
     """
 
     def __init__(
-        self, capacity: int = 4096, *, batches: int = 16, batch_bytes: int = 4 * 1024 * 1024
+        self, capacity: int = 4096, *, batches: int = 16, max_bytes: int = 4 * 1024 * 1024
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, not {capacity}")
         if batches < 1:
             raise ValueError(f"batches must be >= 1, not {batches}")
         self._capacity = capacity
-        self._frames: dict[bytes, bytes] = {}
         self._max_batches = batches
-        self._max_batch_bytes = batch_bytes
+        self._max_bytes = max_bytes
+        self._frames: dict[bytes, bytes] = {}
+        self._frame_bytes = 0
         # Keyed by (coalesce, limit) too: one client's arrays are another's single frames.
         self._batches: dict[tuple[bool, int, tuple[bytes, ...]], bytes] = {}
         self._batch_bytes = 0
@@ -261,10 +264,16 @@ class FrameCache:
     def frame(self, line: bytes) -> bytes:
         frame = self._frames.get(line)
         if frame is None:
-            if len(self._frames) >= self._capacity:
-                self._frames.clear()
             frame = text_frame_header(len(line) - 1) + line[:-1]
-            self._frames[line] = frame
+            if (
+                len(self._frames) >= self._capacity
+                or self._frame_bytes + len(frame) > self._max_bytes
+            ):
+                self._frames.clear()
+                self._frame_bytes = 0
+            if len(frame) <= self._max_bytes:
+                self._frames[line] = frame
+                self._frame_bytes += len(frame)
         return frame
 
     def batch(self, lines: Sequence[bytes], coalesce: bool, limit: int) -> bytes:
@@ -275,14 +284,19 @@ class FrameCache:
             data = _encode_batch(lines, coalesce, self, limit)
             if (
                 len(self._batches) >= self._max_batches
-                or self._batch_bytes + len(data) > self._max_batch_bytes
+                or self._batch_bytes + len(data) > self._max_bytes
             ):
                 self._batches.clear()
                 self._batch_bytes = 0
-            if len(data) <= self._max_batch_bytes:
+            if len(data) <= self._max_bytes:
                 self._batches[key] = data
                 self._batch_bytes += len(data)
         return data
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes of frames held."""
+        return self._frame_bytes + self._batch_bytes
 
     def __len__(self) -> int:
         return len(self._frames)
