@@ -98,6 +98,7 @@ import math
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -118,9 +119,11 @@ from statusd.downloads.files import (
 )
 from statusd.downloads.http import (
     DEFAULT_MAX_HEADER_BYTES,
+    BlockingBody,
     HeadTooLarge,
     HTTPClient,
     HTTPError,
+    Interrupted,
     ProxyRefused,
     ResolveError,
     Response,
@@ -911,8 +914,16 @@ class _Download:
         part = await self._ensure_part()
         writer = _Writer(part, self.total, self.settings.reserve)
         size = self.settings.chunk_size * LARGE_BUFFER_FACTOR
+        # Under speed limits the receives wait for the limits' turns on the loop, as
+        # small bodies do: a limited download is slow by request, its loop turns cheap.
+        body = None if self.limits else response.blocking_body()
         try:
             writer.start()
+            if body is not None:
+                await writer.write(self.buffer)
+                self.buffer = writer.take(size)
+                self.filled = 0
+                await self._receive_in_thread(body, writer, size)
             while self.filled == len(self.buffer):
                 await writer.write(self.buffer)  # the writer owns it from here
                 self.buffer = writer.take(size)
@@ -923,6 +934,42 @@ class _Download:
             raise self._part_failure(exc) from exc
         finally:
             await writer.close()
+
+    async def _receive_in_thread(self, body: BlockingBody, writer: _Writer, size: int) -> None:
+        """Receive the rest of the body in a thread of its own (``_Receiver``), which hands
+        full buffers to the writer; the loop only supervises: it reports the bytes when
+        the thread says (or when the stall rule's deadline comes), applies the stall rule,
+        and on a cancel or a failure interrupts the receive and waits for the thread,
+        which returns within one receive. After it, ``buffer``/``filled``/``position``
+        are the thread's: the bytes received and not handed over, for ``_keep`` or
+        ``_complete``. A body whose bytes arrive on a busy loop's turns got a receive per
+        turn (0.49x of the download alone under a status stream, docs/bench-daemon.md)."""
+        receiver = _Receiver(
+            body, writer, self.buffer, self.position, size, self.settings.max_file_bytes
+        )
+        stall = self.stall
+        receiver.start()
+        try:
+            while not receiver.finished:
+                deadline = math.inf if stall is None else stall.deadline
+                with trio.move_on_at(deadline):
+                    await receiver.changed.wait()
+                receiver.changed = trio.Event()
+                position = receiver.position
+                self._report(position)
+                if stall is not None and stall.sample(trio.current_time(), position):
+                    raise _Fail(stall.message)
+        finally:
+            if not receiver.finished:
+                body.interrupt()
+                writer.interrupt()
+                with trio.CancelScope(shield=True):
+                    await receiver.stopped.wait()
+            self.buffer, self.filled = receiver.buffer, receiver.filled
+            self.position = receiver.position
+            self._report(self.position)
+        if receiver.error is not None:
+            raise receiver.error
 
     async def _ensure_part(self) -> Part:
         """The open part file, created (O_EXCL) if there is none yet. Data that outlives
@@ -1041,6 +1088,9 @@ class _Writer:
             self._queues.append(queue.SimpleQueue())
         self._running = 0  # threads started and not yet finished
         self._stopped = trio.Event()
+        # A receiving thread (``put``) waits on this for room; ``interrupt`` wakes it.
+        self._room_made = threading.Condition(self._lock)
+        self._interrupted = False
 
     def start(self) -> None:
         works: list[Callable[[_Job], None]] = [self._write, self._hash]
@@ -1095,6 +1145,42 @@ class _Writer:
         """Wait until everything handed over is written (and hashed)."""
         await self._until(0)
 
+    def put(self, buffer: bytearray) -> None:
+        """``write`` for a receiving thread: blocks while the pipeline is full. Raises a
+        write error, or ``_Interrupted`` once ``interrupt`` was called (``buffer`` is
+        then still the caller's)."""
+        with self._lock:
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self._interrupted:
+                    raise _Interrupted()
+                if self._pending <= PIPELINE_DEPTH - 1:
+                    break
+                self._room_made.wait()
+            self._pending += 1
+        size = len(buffer)
+        total = self._total
+        rest = size if total is None else max(size, total - self._part.position)
+        job = _Job(buffer, rest, len(self._queues))
+        for jobs in self._queues:
+            jobs.put(job)
+        self._part.position += size
+
+    def take_free(self) -> bytearray | None:
+        """For a receiving thread: a buffer the threads are done with, if any (the pool of
+        ``take`` is the loop's)."""
+        try:
+            return self._free.popleft()
+        except IndexError:
+            return None
+
+    def interrupt(self) -> None:
+        """Make a ``put`` waiting for room, and every later one, raise ``_Interrupted``."""
+        with self._lock:
+            self._interrupted = True
+            self._room_made.notify_all()
+
     async def _until(self, most: int) -> None:
         while True:
             with self._lock:
@@ -1132,6 +1218,9 @@ class _Writer:
             if job.users == 0:
                 self._pending -= 1
                 self._free.append(job.buffer)
+                self._room_made.notify()
+            elif error is not None:
+                self._room_made.notify()
             wake = self._wake
             if wake is None or (self._pending > self._room and self._error is None):
                 return
@@ -1145,6 +1234,100 @@ class _Writer:
         if last:
             with contextlib.suppress(trio.RunFinishedError):
                 self._token.run_sync_soon(self._stopped.set)
+
+
+class _Interrupted(Exception):
+    """The loop stopped a receiving thread (a cancel, the stall rule)."""
+
+
+# A receiving thread tells the loop of its bytes when it hands a buffer over and, between
+# buffers, at most this often (the system's clock): progress for a slow download, and not
+# a loop wake-up per receive for a fast one.
+PROGRESS_EVERY = 0.1
+
+
+class _Receiver:
+    """Receives a body in a thread of its own into buffers of ``size`` bytes and hands
+    each full one to the writer (``_Writer.put``: blocking while 4 are in flight). It
+    counts ``position`` (read by the loop whenever it likes: an int swapped under the
+    GIL) and sets ``changed`` through the loop's token, never with one wake-up pending
+    already; ``stopped`` when the thread is gone. What it received and did not hand over
+    stays in ``buffer[:filled]``. Its errors (the body's ``HTTPError``s, a write's
+    ``OSError``, the size cap's ``_Fail``) are kept in ``error`` for the loop to raise;
+    an interrupted thread just stops."""
+
+    def __init__(
+        self,
+        body: BlockingBody,
+        writer: _Writer,
+        buffer: bytearray,
+        position: int,
+        size: int,
+        cap: int | None,
+    ) -> None:
+        self._body = body
+        self._writer = writer
+        self._size = size
+        self._cap = cap
+        self._token = trio.lowlevel.current_trio_token()
+        self.buffer = buffer
+        self.filled = 0
+        self.position = position
+        self.error: Exception | None = None
+        self.finished = False
+        self.changed = trio.Event()
+        self.stopped = trio.Event()
+        self._posted = False
+        self._posted_at = 0.0
+
+    def start(self) -> None:
+        trio.lowlevel.start_thread_soon(self._run, self._done, name="statusd-receive")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                view = memoryview(self.buffer)
+                while self.filled < len(view):
+                    count = self._body.receive_into(view[self.filled :])
+                    if count == 0:
+                        return
+                    self.filled += count
+                    self.position += count
+                    if self._cap is not None and self.position > self._cap:
+                        raise _Fail(_cap_message(self._cap), discard=True)
+                    if time.monotonic() - self._posted_at >= PROGRESS_EVERY:
+                        self._post()
+                if not self._body.remaining:
+                    return  # the body fits this buffer exactly: ``_complete`` writes it
+                self._writer.put(self.buffer)
+                self._post()
+                self.buffer = self._writer.take_free() or bytearray(self._size)
+                self.filled = 0
+        except (_Interrupted, Interrupted):
+            pass
+        except Exception as exc:  # HTTPError, OSError, _Fail: the loop raises it
+            self.error = exc
+
+    def _post(self) -> None:
+        self._posted_at = time.monotonic()
+        if self._posted:
+            return
+        self._posted = True
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._posted = False
+        self.changed.set()
+
+    def _done(self, _outcome: object) -> None:
+        def finish() -> None:
+            self.finished = True
+            self.changed.set()
+            self.stopped.set()
+
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(finish)
 
 
 @contextlib.asynccontextmanager

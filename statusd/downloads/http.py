@@ -214,6 +214,13 @@ class Response:
         """
         return await self._connection.receive_body_into(buffer)
 
+    def blocking_body(self) -> BlockingBody | None:
+        """The rest of the body for a thread to receive, when it is a large Content-Length
+        body on plain TCP (read past h11, see ``_Connection.enter_direct_mode``); None
+        otherwise (TLS, chunked, small). While a thread uses it nothing else may read the
+        response; the connection is closed afterwards, never pooled."""
+        return self._connection.blocking_body()
+
     async def read(self, limit: int = 1 << 20) -> bytes:
         """The whole body, for small answers (error pages, tests); at most ``limit`` bytes."""
         data = bytearray()
@@ -222,6 +229,84 @@ class Response:
             if len(data) > limit:
                 raise ProtocolError(f"response body exceeds {limit} bytes")
         return bytes(data)
+
+
+class BlockingBody:
+    """A direct-mode body received by a thread of the caller's own: blocking receives
+    (``poll`` then ``readv`` on the socket, which stays non-blocking for trio), each wait
+    for data bounded by the read timeout on the system's clock, errors named as the
+    event loop's receives name them. ``interrupt`` (from any thread: the event loop's
+    cancel) shuts the socket's receiving side down, so a receive waiting in ``poll``
+    returns at once; the receive that returns then raises ``Interrupted``."""
+
+    def __init__(self, connection: _Connection, fd: int) -> None:
+        self._connection = connection
+        self._fd = fd
+        self._interrupted = False
+
+    @property
+    def remaining(self) -> int:
+        """Body bytes not yet received."""
+        connection = self._connection
+        return len(connection._leftover) + (connection._direct or 0)
+
+    def receive_into(self, buffer: memoryview) -> int:
+        """Blocking: body bytes into ``buffer``; how many, or 0 at the end of the body."""
+        connection = self._connection
+        if connection._leftover:
+            count = min(len(buffer), len(connection._leftover))
+            buffer[:count] = connection._leftover[:count]
+            connection._leftover = connection._leftover[count:]
+            return count
+        left = connection._direct
+        assert left is not None
+        if left == 0 or not buffer:
+            return 0
+        view = buffer[: min(len(buffer), left)]
+        while True:
+            if self._interrupted:
+                raise Interrupted()
+            try:
+                count = os.readv(self._fd, [view])
+            except BlockingIOError:
+                self._wait()
+                continue
+            except OSError as exc:
+                if self._interrupted:
+                    raise Interrupted() from None
+                raise ProtocolError(
+                    f"connection to {connection.origin} broke: {_reason(exc)}"
+                ) from exc
+            if count == 0:
+                if self._interrupted:
+                    raise Interrupted()
+                done = connection._direct_total - left
+                raise ProtocolError(
+                    f"{connection.origin} closed the connection after {done} of "
+                    f"{connection._direct_total} body bytes"
+                )
+            connection._direct = left - count
+            connection.received_any = True
+            return count
+
+    def interrupt(self) -> None:
+        """Make the receive under way, and every later one, raise ``Interrupted``."""
+        self._interrupted = True
+        with contextlib.suppress(OSError):
+            self._connection._tcp.socket.shutdown(socket.SHUT_RD)
+
+    def _wait(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN | select.POLLRDHUP)
+        timeout = self._connection.read_timeout
+        if not poller.poll(timeout * 1000) and not self._interrupted:
+            raise ReadTimeout(
+                f"timed out after {timeout:g} s waiting for data from {self._connection.origin}"
+            )
+
+
+class Interrupted(HTTPError):
+    """A ``BlockingBody`` receive stopped by ``interrupt``."""
 
 
 class _BodyIterator:
@@ -402,6 +487,11 @@ class _Connection:
         buffer[:count] = view[:count]
         self._leftover = view[count:]
         return count
+
+    def blocking_body(self) -> BlockingBody | None:
+        if self._direct is None or self._socket is None:
+            return None
+        return BlockingBody(self, self._tcp.socket.fileno())
 
     @property
     def reusable(self) -> bool:
