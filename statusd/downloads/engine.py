@@ -1307,6 +1307,8 @@ class _Receiver:
             pass
         except Exception as exc:  # HTTPError, OSError, _Fail: the loop raises it
             self.error = exc
+        finally:
+            self._body.close()
 
     def _post(self) -> None:
         self._posted_at = time.monotonic()

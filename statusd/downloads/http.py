@@ -27,6 +27,7 @@ import os
 import select
 import socket
 import ssl
+import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -232,17 +233,22 @@ class Response:
 
 
 class BlockingBody:
-    """A direct-mode body received by a thread of the caller's own: blocking receives
-    (``poll`` then ``readv`` on the socket, which stays non-blocking for trio), each wait
-    for data bounded by the read timeout on the system's clock, errors named as the
-    event loop's receives name them. ``interrupt`` (from any thread: the event loop's
-    cancel) shuts the socket's receiving side down, so a receive waiting in ``poll``
-    returns at once; the receive that returns then raises ``Interrupted``."""
+    """A direct-mode body received by a thread of the caller's own. The socket is made
+    blocking for it (trio never reads it again: the connection is closed afterwards)
+    and each receive asks the kernel for the whole buffer (``MSG_WAITALL``), returning
+    at least every ``WAIT_SLICE`` seconds (``SO_RCVTIMEO``) with what came: a fast
+    body costs the thread one system call, and one taking of the GIL, per buffer rather
+    than per few hundred KB, and a slow one still shows its progress. A wait with no
+    data longer than the read timeout (on the system's clock) raises ``ReadTimeout``,
+    errors named as the event loop's receives name them. ``interrupt`` (from the event
+    loop: a cancel) shuts the socket's receiving side down, so a receive under way
+    returns at once; it then raises ``Interrupted``."""
 
-    def __init__(self, connection: _Connection, fd: int) -> None:
+    def __init__(self, connection: _Connection, sock: socket.socket) -> None:
         self._connection = connection
-        self._fd = fd
+        self._socket = sock
         self._interrupted = False
+        self._ready = False
 
     @property
     def remaining(self) -> int:
@@ -262,14 +268,22 @@ class BlockingBody:
         assert left is not None
         if left == 0 or not buffer:
             return 0
-        view = buffer[: min(len(buffer), left)]
+        if not self._ready:
+            self._block()
+        wanted = min(len(buffer), left)
+        idle = 0.0
         while True:
             if self._interrupted:
                 raise Interrupted()
             try:
-                count = os.readv(self._fd, [view])
-            except BlockingIOError:
-                self._wait()
+                count = self._socket.recv_into(buffer, wanted, socket.MSG_WAITALL)
+            except BlockingIOError:  # WAIT_SLICE without a byte
+                idle += WAIT_SLICE
+                if idle >= connection.read_timeout:
+                    raise ReadTimeout(
+                        f"timed out after {connection.read_timeout:g} s waiting for data "
+                        f"from {connection.origin}"
+                    ) from None
                 continue
             except OSError as exc:
                 if self._interrupted:
@@ -292,17 +306,28 @@ class BlockingBody:
     def interrupt(self) -> None:
         """Make the receive under way, and every later one, raise ``Interrupted``."""
         self._interrupted = True
+        # trio's handle, which stays open until the loop closes the connection; ours may
+        # be closed by the thread meanwhile.
         with contextlib.suppress(OSError):
             self._connection._tcp.socket.shutdown(socket.SHUT_RD)
 
-    def _wait(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN | select.POLLRDHUP)
-        timeout = self._connection.read_timeout
-        if not poller.poll(timeout * 1000) and not self._interrupted:
-            raise ReadTimeout(
-                f"timed out after {timeout:g} s waiting for data from {self._connection.origin}"
-            )
+    def close(self) -> None:
+        """Give the socket back to trio as it was (non-blocking) and drop our handle."""
+        with contextlib.suppress(OSError):
+            self._socket.setblocking(False)
+        self._socket.close()
+
+    def _block(self) -> None:
+        seconds = int(WAIT_SLICE)
+        slice_ = struct.pack("@ll", seconds, int((WAIT_SLICE - seconds) * 1_000_000))
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, slice_)
+        self._socket.setblocking(True)
+        self._ready = True
+
+
+# A blocking receive of a thread's body returns at least this often (seconds), with what
+# arrived meanwhile: for its progress reports and the read timeout.
+WAIT_SLICE = 0.1
 
 
 class Interrupted(HTTPError):
@@ -491,7 +516,10 @@ class _Connection:
     def blocking_body(self) -> BlockingBody | None:
         if self._direct is None or self._socket is None:
             return None
-        return BlockingBody(self, self._tcp.socket.fileno())
+        # A handle of our own on the same socket: the stdlib's blocking receive with
+        # flags; closing it leaves trio's.
+        fd = os.dup(self._tcp.socket.fileno())
+        return BlockingBody(self, socket.socket(fileno=fd))
 
     @property
     def reusable(self) -> bool:
