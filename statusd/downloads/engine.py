@@ -82,7 +82,11 @@ into buffers ``LARGE_BUFFER_FACTOR`` times as large, through a bounded pipeline
 (``_Writer``): a writer thread and, when a digest is wanted, a hasher thread take them from
 queues while the loop fills the next ones, up to ``PIPELINE_DEPTH`` ahead. Disk, hash and
 network overlap, and a busy event loop (a status stream to many subscribers) delays no
-write, nor a write a receive. A file that fits in one buffer costs one hand-off to a worker
+write, nor a write a receive. On plain HTTP with a Content-Length (``Response.blocking_body``)
+and no speed limit, the receives themselves leave the loop: a thread of the download's own
+(``_Receiver``) receives into those buffers and hands them to the writer, and the loop only
+supervises (progress, the stall rule, cancellation). Under speed limits and over TLS the
+loop receives, as before. A file that fits in one buffer costs one hand-off to a worker
 in all (create the part, write, fsync, link, unlink), and the workers share one directory
 fsync among the files they finish together. Blocking file work never runs on the event
 loop.
