@@ -120,13 +120,19 @@ class KeptRecord:
     ones. A many-file task's record is a 2,000-item result, and each compaction walked and
     encoded every finished task's again (docs/bench-daemon.md)."""
 
-    record: Any
+    record: Any  # None once encoded
     _line: bytes | None = None
 
     def line(self) -> bytes:
-        if self._line is None:
-            self._line = encode_record(self.record)
-        return self._line
+        # The record goes once its line is made: it is a copy of the task (unstructure
+        # copies a result's every item: about 200 bytes an item, besides the line's 125).
+        # Read before the line, as it is cleared after it: an encoding racing another (one
+        # on the loop, one in a compaction's thread) then finds either or both.
+        record, line = self.record, self._line
+        if line is None:
+            line = self._line = encode_record(record)
+            self.record = None
+        return line
 
 
 def _seal_line(size: int, crc: int) -> bytes:

@@ -1,7 +1,12 @@
-"""What a download task's spec costs while the task waits in the queue: an item with a url
-and nothing else is kept (and journalled) as the url string, not a one-key dict, which was
-two thirds of the 310 bytes an item of docs/bench-neighbours.md's row 8. Journals written
-before, with a dict per item, run as ever (tests/test_download_tasks.py makes such specs).
+"""What a large task costs in memory.
+
+Queued: its spec. An item with a url and nothing else is kept (and journalled) as the url
+string, not a one-key dict, which was two thirds of the 310 bytes an item of
+docs/bench-neighbours.md's row 8. Journals written before, with a dict per item, run as
+ever (tests/test_download_tasks.py makes such specs).
+
+Finished: its result, and for compaction the task's record encoded once
+(``store.KeptRecord``), which keeps the line and lets the record (a copy) go.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from statusd.daemon import Daemon
 from statusd.downloads import Downloads
 from statusd.downloads.job import entry_url, spec_entry
 from statusd.identity import Caller
-from statusd.protocol.codec import converter
-from statusd.store import load
+from statusd.protocol.codec import converter, unstructure
+from statusd.store import KeptRecord, encode_record, load
 from tests.conftest import make_config
 from tests.http_servers import HTTPTestServer, http_server, serve_data
 from tests.test_download_tasks import wait_for_end
@@ -98,3 +103,36 @@ def test_a_queued_task_holds_about_a_hundred_bytes_an_item(short_tmp: Path) -> N
     # And as a restart reads it back from the journal.
     journalled = json.dumps(planned())
     assert _held_per_item(lambda: json.loads(journalled)) < MOST_PER_ITEM
+
+
+def _finished_task() -> dict[str, Any]:
+    items = [
+        {
+            "url": f"http://127.0.0.1:45678/files/{n:06d}",
+            "path": f"/var/lib/statusd/downloads/f{n:06d}",
+            "bytes": 1000 + n,
+            "sha256": None,
+            "error": None,
+        }
+        for n in range(ITEMS)
+    ]
+    return {"id": "t1", "status": "completed", "result": {"items": items, "failed": 0}}
+
+
+def test_a_finished_tasks_compaction_record_keeps_its_line_alone() -> None:
+    task = _finished_task()
+    record = {"op": "create", "task": unstructure(task)}
+    kept = KeptRecord(record)
+    line = kept.line()
+    assert line == encode_record({"op": "create", "task": task})
+    assert kept.record is None
+    assert kept.line() is line
+
+    def compacted() -> KeptRecord:
+        # As tasks._snapshot makes it: unstructure copies every item of the result.
+        kept = KeptRecord({"op": "create", "task": unstructure(task)})
+        kept.line()
+        return kept
+
+    # The line's 125 bytes an item; with the copy kept beside it, 320.
+    assert _held_per_item(compacted) < 160
