@@ -33,6 +33,7 @@ from statusd.downloads import (
 from statusd.downloads import download_item as engine_download_item
 from statusd.downloads.http import DIRECT_MIN_BYTES, HTTPClient
 from statusd.downloads.throttle import RateLimit
+from statusd.state.bandwidth import BURST_SECONDS
 from tests import http_servers
 from tests.http_servers import (
     HTTPTestServer,
@@ -442,3 +443,71 @@ async def test_sigkill_mid_body_then_restart_resumes_from_what_is_on_disk(
     assert hashlib.sha256((dest / "k.bin").read_bytes()).digest() == hashlib.sha256(DATA).digest()
     assert sorted(path.name for path in dest.iterdir()) == ["k.bin"]
     await trio.aclose_forcefully(client.stream)
+
+
+async def test_limits_of_0_are_no_limit_and_keep_the_thread(
+    http_server: HTTPTestServer, client: HTTPClient, tmp_path: Path, receivers: list[Any]
+) -> None:
+    """A task's limit and the daemon's are always passed; 0 is none (the defaults)."""
+    url = http_server.route("/z.bin", serve_data(DATA))
+    result = await engine_download_item(
+        client,
+        DownloadItem(url),
+        tmp_path,
+        SETTINGS,
+        ItemState(),
+        owner=OWNER,
+        limits=(RateLimit(0), RateLimit(0)),
+    )
+    assert (result.error, result.bytes) == (None, len(DATA))
+    assert (tmp_path / "z.bin").read_bytes() == DATA
+    assert len(receivers) == 1
+
+
+async def test_a_limit_set_mid_body_takes_the_rest_back_to_the_loop(
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    client: HTTPClient,
+    tmp_path: Path,
+    receivers: list[Any],
+) -> None:
+    """tasks.set_rate while the thread receives: the thread stops at its next receive
+    (keeping the connection), and the loop receives the rest under the limit."""
+    mock_clock.autojump_threshold = 0.05
+    at = DIRECT_MIN_BYTES // 2
+    release = trio.Event()
+    url = http_server.route("/h.bin", held(DATA, at, release))
+    limit = RateLimit(0)
+    rate = 1 << 20
+    done: list[ItemResult] = []
+
+    async def download() -> None:
+        done.append(
+            await engine_download_item(
+                client,
+                DownloadItem(url),
+                tmp_path,
+                SETTINGS,
+                ItemState(),
+                owner=OWNER,
+                limits=(limit,),
+            )
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(download)
+        while not receivers or receivers[0].position < at:  # noqa: ASYNC110 - a thread's counter
+            await trio.sleep(0.001)
+        limit.configure(rate)
+        released = trio.current_time()
+        release.set()
+    result = done[0]
+    assert (result.error, result.bytes) == (None, len(DATA))
+    assert (tmp_path / "h.bin").read_bytes() == DATA
+    assert receivers[0].error is None
+    assert receivers[0].position < len(DATA)  # the thread handed the body back
+    assert len(http_server.requests_for("/h.bin")) == 1  # on the same connection
+    # What the thread took after the release (at most a buffer) was not paced; the rest
+    # was, less the bucket's starting burst.
+    paced = len(DATA) - receivers[0].position
+    assert trio.current_time() - released >= 0.95 * (paced / rate - BURST_SECONDS)

@@ -85,11 +85,12 @@ network overlap, and a busy event loop (a status stream to many subscribers) del
 write, nor a write a receive. On plain HTTP with a Content-Length (``Response.blocking_body``)
 and no speed limit, the receives themselves leave the loop: a thread of the download's own
 (``_Receiver``) receives into those buffers and hands them to the writer, and the loop only
-supervises (progress, the stall rule, cancellation). Under speed limits and over TLS the
-loop receives, as before. A file that fits in one buffer costs one hand-off to a worker
-in all (create the part, write, fsync, link, unlink), and the workers share one directory
-fsync among the files they finish together. Blocking file work never runs on the event
-loop.
+supervises (progress, the stall rule, cancellation). Under a speed limit and over TLS the
+loop receives, as before; a limit set while the thread receives takes the rest of the body
+back to the loop within ``http.WAIT_SLICE`` (0.1 s) or one buffer. A file that fits in one
+buffer costs one hand-off to a worker in all (create the part, write, fsync, link, unlink),
+and the workers share one directory fsync among the files they finish together. Blocking
+file work never runs on the event loop.
 
 Must not depend on the task manager, the journal or the RPC layer.
 """
@@ -963,7 +964,7 @@ class _Download:
         size = self.settings.chunk_size * LARGE_BUFFER_FACTOR
         # Under speed limits the receives wait for the limits' turns on the loop, as
         # small bodies do: a limited download is slow by request, its loop turns cheap.
-        body = None if self.limits else response.blocking_body()
+        body = None if self._limited() else response.blocking_body()
         try:
             writer.start()
             if body is not None:
@@ -971,6 +972,7 @@ class _Download:
                 self.buffer = writer.take(size)
                 self.filled = 0
                 await self._receive_in_thread(body, writer, size)
+                await self._fill(response)  # the rest, if a limit took it back to the loop
             while self.filled == len(self.buffer):
                 await writer.write(self.buffer)  # the writer owns it from here
                 self.buffer = writer.take(size)
@@ -1006,6 +1008,10 @@ class _Download:
                 self._report(position)
                 if stall is not None and stall.sample(trio.current_time(), position):
                     raise _Fail(stall.message)
+                if self._limited():
+                    # A limit set meanwhile (tasks.set_rate, a reload): the thread stops
+                    # at its next receive, within WAIT_SLICE, and the loop paces the rest.
+                    body.stop_soon()
         finally:
             if not receiver.finished:
                 body.interrupt()
@@ -1017,6 +1023,9 @@ class _Download:
             self._report(self.position)
         if receiver.error is not None:
             raise receiver.error
+
+    def _limited(self) -> bool:
+        return any(limit.rate for limit in self.limits)
 
     async def _ensure_part(self) -> Part:
         """The open part file, created (O_EXCL) if there is none yet. Data that outlives
@@ -1342,6 +1351,8 @@ class _Receiver:
                     self.position += count
                     if self._cap is not None and self.position > self._cap:
                         raise _Fail(_cap_message(self._cap), discard=True)
+                    if self._body.stopping:
+                        return
                     if time.monotonic() - self._posted_at >= PROGRESS_EVERY:
                         self._post()
                 if not self._body.remaining:

@@ -248,6 +248,7 @@ class BlockingBody:
         self._connection = connection
         self._socket = sock
         self._interrupted = False
+        self._stopping = False
         self._ready = False
 
     @property
@@ -278,6 +279,8 @@ class BlockingBody:
             try:
                 count = self._socket.recv_into(buffer, wanted, socket.MSG_WAITALL)
             except BlockingIOError:  # WAIT_SLICE without a byte
+                if self._stopping:
+                    raise Interrupted() from None
                 idle += WAIT_SLICE
                 if idle >= connection.read_timeout:
                     raise ReadTimeout(
@@ -302,6 +305,16 @@ class BlockingBody:
             connection._direct = left - count
             connection.received_any = True
             return count
+
+    def stop_soon(self) -> None:
+        """Make a receive that waits raise ``Interrupted`` within ``WAIT_SLICE`` seconds,
+        leaving the connection as it is: the loop may go on receiving the body once the
+        thread has stopped (and ``close``d this)."""
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or self._interrupted
 
     def interrupt(self) -> None:
         """Make the receive under way, and every later one, raise ``Interrupted``."""
