@@ -256,10 +256,13 @@ def start_statusd(
 # -- peers as servers --------------------------------------------------------------------------
 
 
-def start_minirpc(directory: Path) -> ServerProcess:
-    """bench/minirpc.py: the floor for a trivial call through a trio JSON-RPC server."""
+def start_minirpc(directory: Path, *, journal: bool = False) -> ServerProcess:
+    """bench/minirpc.py: the floor for a trivial call through a trio JSON-RPC server; with
+    ``journal``, also for a durable ``notifications.create`` (its file in ``directory``)."""
     path = directory / "minirpc.sock"
     argv = [sys.executable, str(REPO / "bench" / "minirpc.py"), "--socket", str(path)]
+    if journal:
+        argv += ["--journal", str(directory / "notifications.jsonl")]
     return start_process("minirpc", argv, os.environ, directory)
 
 

@@ -42,18 +42,22 @@ Rules (they are what makes an acknowledged write safe):
   and a crash could then leave good lines after a hole, which is indistinguishable from
   damage.
 
-Each batch's write and sync run on the store's own thread (``_Worker``), started with the
-first append and stopped on close: threads stuck elsewhere (DNS lookups on trio's default
-limiter) must never hold back a journal write, a store never needs more than one thread,
-and handing a job to a thread that waits for it is about a third cheaper than
-``trio.to_thread.run_sync`` (docs/bench-daemon.md), which is paid once per commit. Opening,
-compaction and close, rare, use ``trio.to_thread.run_sync`` on the store's limiter. This
+Each batch's write and sync, and the rarer compaction and close, run on the store's own
+thread (``_Worker``), started with the first of them and stopped on close, in the order
+they were asked for: threads stuck elsewhere (DNS lookups on trio's default limiter) must
+never hold back a journal write, a store never needs more than one thread, and handing a
+job to a thread that waits for it is about a third cheaper than ``trio.to_thread.run_sync``
+(docs/bench-daemon.md). The thread starts the next batch as soon as a sync ends, and
+wakes the waiters of the batch it synced with one call into the event loop, where they
+resume in the order they appended (docs/bench-daemon.md, "Change: the journal's thread
+commits back to back"). Opening uses ``trio.to_thread.run_sync`` on the store's limiter. This
 module knows nothing of what the records mean (tasks, notifications): it depends on trio
 (and its ``outcome``), attrs, the stdlib and ``statusd.errors`` only.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import json
@@ -378,50 +382,126 @@ class ChangeGate:
             self._resumed.set()
 
 
-_Job = tuple[Callable[[], None], trio.lowlevel.TrioToken, trio.lowlevel.Task]
+# An append (its lines' bytes and how many lines) or a job (a callable and 0), with the
+# task that waits for it and that task's run.
+_Item = tuple[bytes | Callable[[], Any], int, trio.lowlevel.TrioToken, trio.lowlevel.Task]
 
 
 class _Worker:
-    """One thread that runs a store's commits, one at a time, while the caller waits.
+    """One thread that writes a store's appends, and runs its rarer jobs (compaction,
+    close), one at a time in the order they were handed over, while the callers wait.
 
-    Callers wait without a cancellation point: a job handed over is always waited for
-    (the store's appends are shielded anyway), so nobody leaves while its batch is written.
+    Group commit happens here: whatever the thread finds queued when it is free, it takes
+    at once, and the appends among it are committed together (``commit``: one write, one
+    sync), so a batch starts as soon as the one before it is synced, without waiting for
+    the event loop. The thread hands each batch's results to the loop with one call, and
+    the callers resume one after another in the order they were queued, across batches,
+    each waking the next as it resumes: a caller that applies its change to memory before
+    its next checkpoint (the services do) applies it in journal order. Callers wait
+    without a cancellation point: whoever handed something over waits for it, so nobody
+    leaves while their batch is written.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, commit: Callable[[bytes, int], None]) -> None:
         self._name = name
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._commit = commit
+        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # The loop's side: callers whose work is done, to resume in order, and whether a
+        # resumed caller is yet to wake the next one.
+        self._done: collections.deque[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = (
+            collections.deque()
+        )
+        self._waking = False
 
-    async def run(self, job: Callable[[], None]) -> None:
+    async def append(self, data: bytes, lines: int) -> Exception | None:
+        """Commit ``data`` (``lines`` lines) with whatever else is queued; the error that
+        failed the batch, or None once it is durable."""
+        error: Exception | None = await self._wait((data, lines))
+        return error
+
+    async def run(self, job: Callable[[], Any]) -> Any:
+        """Run ``job`` in the thread after everything handed over before it."""
+        return await self._wait((job, 0))
+
+    async def _wait(self, work: tuple[bytes | Callable[[], Any], int]) -> Any:
         if self._thread is None:
             # A daemon thread: a store nobody closed must not keep the process alive.
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self._thread.start()
         token = trio.lowlevel.current_trio_token()
-        self._jobs.put((job, token, trio.lowlevel.current_task()))
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        self._items.put((*work, token, trio.lowlevel.current_task()))
+        try:
+            return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+        finally:
+            self._wake_next()
+
+    def _finished(self, results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]) -> None:
+        """On the loop: ``results`` are done, in order."""
+        self._done.extend(results)
+        if not self._waking:
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        if self._done:
+            self._waking = True
+            trio.lowlevel.reschedule(*self._done.popleft())
+        else:
+            self._waking = False
 
     def _serve(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, token, task = item
-            result = outcome.capture(job)
-            # A run cannot end under a waiting caller; should it, nobody is left to tell.
-            with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+        items = self._items
+        while True:
+            taken = [items.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    taken.append(items.get_nowait())
+            results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = []
+            batch: list[_Item] = []
+            token: trio.lowlevel.TrioToken | None = None
+            for item in taken:
+                if item is not None:
+                    token = item[2]
+                    if type(item[0]) is bytes:
+                        batch.append(item)
+                        continue
+                self._commit_batch(batch, results)
+                batch = []
+                if item is None:
+                    break
+                job, _, _, task = item
+                assert callable(job)
+                results.append((task, outcome.capture(job)))
+            self._commit_batch(batch, results)
+            if token is not None and results:
+                # A run cannot end under a waiting caller; should it, nobody is left to tell.
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(self._finished, results)
+            if taken[-1] is None:
+                return
+
+    def _commit_batch(
+        self, batch: list[_Item], results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]
+    ) -> None:
+        if not batch:
+            return
+        data = b"".join(item[0] for item in batch)  # type: ignore[misc]
+        error: Exception | None = None
+        try:
+            self._commit(data, sum(item[1] for item in batch))
+        except Exception as exc:  # whatever it is, it goes to the batch's callers
+            error = exc
+        results.extend((item[3], outcome.Value(error)) for item in batch)
 
     def stop(self) -> None:
         """Let the thread end once it has run what it was given (no wait)."""
         if self._thread is not None:
-            self._jobs.put(None)
+            self._items.put(None)
             self._thread = None
 
 
-@attrs.define
-class _Batch:
-    lines: list[bytes] = attrs.Factory(list)
-    done: bool = False
-    error: BaseException | None = None
+def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class JsonLinesStore:
@@ -434,14 +514,14 @@ class JsonLinesStore:
         self._size = loaded.size
         self._crc = loaded.crc
         self._sealed = loaded.sealed
-        self._lock = trio.Lock()  # FIFO: batches commit in arrival order
-        self._batch = _Batch()
         self._appends = 0
         self._syncs = 0
         self._compactions = 0
-        self._closed = False
+        self._closed = False  # no more appends are taken
+        self._closing: trio.Event | None = None
+        self._fd_closed = False
         self._broken: str | None = None
-        self._worker = _Worker(f"statusd-store-{path.name}")
+        self._worker = _Worker(f"statusd-store-{path.name}", self._write_and_sync)
 
     async def append(self, record: Any) -> None:
         """Return once ``record`` is on disk (fdatasync'd); raise ``StoreError`` if not."""
@@ -455,41 +535,16 @@ class JsonLinesStore:
             return
         if self._closed:
             raise StoreError(f"{self.path}: store is closed")
-        batch = self._batch
-        batch.lines.extend(lines)
-        # Shielded from the start: an appender whose lines are queued must not leave before
-        # they are written (or failed), else a later batch would write them unannounced.
-        with trio.CancelScope(shield=True):
-            async with self._lock:
-                if not batch.done:
-                    # First of this batch to get the lock: commit everything queued so far.
-                    # Later arrivals go to the next batch and share its sync.
-                    if self._batch is batch:
-                        self._batch = _Batch()
-                    await self._commit(batch)
-        if batch.error is not None:
-            raise StoreError(f"{self.path}: {batch.error}") from batch.error
+        data = lines[0] if len(lines) == 1 else b"".join(lines)
+        error = await self._worker.append(data, len(lines))
+        if error is not None:
+            raise StoreError(f"{self.path}: {error}") from error
 
-    async def _commit(self, batch: _Batch) -> None:
-        try:
-            if self._closed:
-                raise StoreError("store is closed")
-            if self._broken is not None:
-                raise StoreError(self._broken)
-            data = b"".join(batch.lines)
-            await self._worker.run(lambda: self._write_and_sync(data))
-        except (OSError, StoreError) as exc:
-            batch.error = exc
-        except BaseException as exc:
-            batch.error = exc
-            raise
-        else:
-            self._appends += len(batch.lines)
-            self._syncs += 1
-        finally:
-            batch.done = True
-
-    def _write_and_sync(self, data: bytes) -> None:
+    def _write_and_sync(self, data: bytes, lines: int) -> None:
+        if self._fd_closed:
+            raise StoreError("store is closed")
+        if self._broken is not None:
+            raise StoreError(self._broken)
         start = self._size
         size = start + len(data)
         crc = zlib.crc32(data, self._crc)
@@ -507,6 +562,8 @@ class JsonLinesStore:
             self._sealed = size + len(seal)
         self._size = size + len(seal)
         self._crc = crc
+        self._appends += lines
+        self._syncs += 1
 
     def _cut_back(self, size: int) -> None:
         """Never leave an unacknowledged record behind for the next open to find."""
@@ -533,28 +590,25 @@ class JsonLinesStore:
         data = b"" if encode_in_thread else _encode_all(items)
         if self._closed:
             raise StoreError(f"{self.path}: store is closed")
-        # Lines queued before this call are committed (by their appenders, ahead of us in
-        # the lock's queue) before the rewrite; later appenders start a new batch.
-        self._batch = _Batch()
-        with trio.CancelScope(shield=True):
-            async with self._lock:
-                if self._closed:
-                    raise StoreError(f"{self.path}: store is closed")
-                try:
-                    if encode_in_thread:
-                        await trio.to_thread.run_sync(
-                            self._encode_and_rewrite, items, limiter=self._limiter
-                        )
-                    else:
-                        await trio.to_thread.run_sync(self._rewrite, data, limiter=self._limiter)
-                except OSError as exc:
-                    raise StoreError(f"{self.path}: compaction failed: {exc}") from exc
+        # Appends handed over before this call are committed before the rewrite, later
+        # ones after it: the worker takes everything in order.
+        try:
+            if encode_in_thread:
+                await self._worker.run(lambda: self._encode_and_rewrite(items))
+            else:
+                await self._worker.run(lambda: self._rewrite(data))
+        except OSError as exc:
+            raise StoreError(f"{self.path}: compaction failed: {exc}") from exc
+        except StoreError as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
         self._compactions += 1
 
     def _encode_and_rewrite(self, records: list[Any]) -> None:
         self._rewrite(_encode_all(records))
 
     def _rewrite(self, data: bytes) -> None:
+        if self._fd_closed:
+            raise StoreError("store is closed")
         crc = zlib.crc32(data)
         data += _seal_line(len(data), crc)
         temp = self.path.with_name(f"{self.path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -587,16 +641,21 @@ class JsonLinesStore:
         return StoreStatistics(self.path, self._size, self._appends, self._syncs, self._compactions)
 
     async def aclose(self) -> None:
-        """Seal what was appended (so the next open is fast) and close the file."""
-        self._batch = _Batch()
-        with trio.CancelScope(shield=True):
-            async with self._lock:
-                if not self._closed:
-                    self._closed = True
-                    self._worker.stop()
-                    await trio.to_thread.run_sync(self._seal_and_close, limiter=self._limiter)
+        """Seal what was appended (so the next open is fast) and close the file, once
+        every append handed over before has been committed."""
+        if self._closing is not None:
+            await self._closing.wait()
+            return
+        self._closed = True
+        self._closing = trio.Event()
+        try:
+            await self._worker.run(self._seal_and_close)
+        finally:
+            self._worker.stop()
+            self._closing.set()
 
     def _seal_and_close(self) -> None:
+        self._fd_closed = True
         try:
             if self._broken is None and self._size > self._sealed:
                 try:
