@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import zlib
+from functools import partial
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,8 +81,9 @@ class Journal:
         body = ENCODER.encode(row).encode()
         line = b'["%08x",%s]\n' % (zlib.crc32(body), body)
         self._lines.put((line, trio.lowlevel.current_task()))
-        result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        assert result is None
+        error = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        if error is not None:
+            raise error
         return self._last_id
 
     def _commit_loop(self) -> None:
@@ -90,9 +92,12 @@ class Journal:
             with contextlib.suppress(queue.Empty):
                 while True:
                     batch.append(self._lines.get_nowait())
-            result = outcome.capture(self._write_and_sync, b"".join(line for line, _ in batch))
-            tasks = [task for _, task in batch]
-            self._token.run_sync_soon(_wake, tasks, result)
+            error: OSError | None = None
+            try:
+                self._write_and_sync(b"".join(line for line, _ in batch))
+            except OSError as exc:
+                error = exc
+            self._token.run_sync_soon(_wake, [task for _, task in batch], error)
 
     def _write_and_sync(self, data: bytes) -> None:
         view = memoryview(data)
@@ -101,9 +106,10 @@ class Journal:
         os.fdatasync(self._fd)
 
 
-def _wake(tasks: list[trio.lowlevel.Task], result: outcome.Outcome[None]) -> None:
+def _wake(tasks: list[trio.lowlevel.Task], error: OSError | None) -> None:
+    # The order does not matter here: a create's answer depends on nothing in memory.
     for task in tasks:
-        trio.lowlevel.reschedule(task, result)
+        trio.lowlevel.reschedule(task, outcome.Value(error))
 
 
 async def handle(stream: trio.SocketStream, journal: Journal | None) -> None:
@@ -135,7 +141,7 @@ async def serve(path: str, journal_path: str | None) -> None:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(1024)
-    await trio.serve_listeners(lambda stream: handle(stream, journal), [trio.SocketListener(sock)])
+    await trio.serve_listeners(partial(handle, journal=journal), [trio.SocketListener(sock)])
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ and ``--after``) run at the same time and are called alternately, in many short 
 whose order flips every round, so drift hits both sides alike. ``bench/minirpc.py`` takes
 its turn too, the floor: for ``create`` with its journal on the same disk. Prints each
 side's median and rounds, the ratio of the medians and in how many rounds ``after`` beat
-``before``. Clients as in
+``before``, and each daemon's CPU time per call (``/proc``), which is steadier than the
+rates when other work shares the cores. Clients as in
 ``bench/run.py``: processes of their own, each call awaited before the next.
 
 Usage::
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import _clients
-from _servers import ServerProcess, known_keys, start_minirpc, start_statusd
+from _servers import ServerProcess, cpu_seconds_of, known_keys, start_minirpc, start_statusd
 
 PARAMS = {"type": "info", "title": "bench title", "message": "bench message " * 8}
 
@@ -55,7 +56,7 @@ def main() -> None:
         servers["minirpc"] = start_minirpc(root / "minirpc", journal=args.workload == "create")
         for server in servers.values():
             server.wait_ready()
-        results = _rounds(servers, args)
+        results, cpu = _rounds(servers, args)
     finally:
         for server in servers.values():
             server.stop()
@@ -63,6 +64,7 @@ def main() -> None:
     for name, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{name:8} median {statistics.median(values):9,.0f}/s  rounds: {rounds}")
+        print(f"{name:8} CPU per call, median {statistics.median(cpu[name]):6.1f} us")
     before, after = (statistics.median(results[name]) for name in ("before", "after"))
     line = f"after/before {after / before:.2f}x"
     if "minirpc" in results:
@@ -73,8 +75,11 @@ def main() -> None:
     print(f"rounds where after > before: {wins}/{args.rounds}")
 
 
-def _rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict[str, list[float]]:
+def _rounds(
+    servers: dict[str, ServerProcess], args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     results: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
     extra = []
     if args.workload == "create":
         extra = ["--method", "notifications.create", "--params", json.dumps(PARAMS)]
@@ -84,9 +89,12 @@ def _rounds(servers: dict[str, ServerProcess], args: argparse.Namespace) -> dict
         for name in order:
             command = ["--socket", servers[name].socket, "--count", str(share), *extra]
             argvs = [_clients.command("calls", *command) for _ in range(args.clients)]
+            used = cpu_seconds_of(servers[name].process.pid)
             seconds, _ = _clients.run_gang(argvs)
+            used = cpu_seconds_of(servers[name].process.pid) - used
             results[name].append(share * args.clients / seconds)
-    return results
+            cpu[name].append(used / (share * args.clients) * 1e6)
+    return results, cpu
 
 
 if __name__ == "__main__":
