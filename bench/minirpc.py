@@ -32,8 +32,8 @@ import socket
 import threading
 import time
 import zlib
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import outcome
