@@ -58,7 +58,7 @@ from statusd.state.notifications import (
     read_record,
 )
 from statusd.state.tasks import TaskInfo, TaskStatus
-from statusd.store import ChangeGate, JsonLinesStore, StoreError, open_store
+from statusd.store import Change, ChangeGate, JsonLinesStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +236,11 @@ class NotificationService:
 
     # -- writing ---------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[None]:
+    def _writing(self) -> Change:
         """Hold off compaction while a change is checked, journalled and applied."""
-        async with self._gate.change():
-            yield
+        return self._gate.change(self._changed)
+
+    def _changed(self) -> None:
         if self._store is not None and self._journal_records >= max(
             self._compact_at, 2 * self._index.live_records
         ):
@@ -250,9 +250,9 @@ class NotificationService:
         if self._store is None:
             return
         try:
-            # Shielded: once the record may be on disk, memory must follow it.
-            with trio.CancelScope(shield=True):
-                await self._store.append(record)
+            # Once the record may be on disk, memory must follow it: the store's append is
+            # not interrupted by cancellation once called, so no shield is needed here.
+            await self._store.append(record)
         except StoreError as exc:
             self._failed_writes += 1
             log.error("notification change not stored: %s", exc)

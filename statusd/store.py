@@ -353,17 +353,11 @@ class ChangeGate:
     def compacting(self) -> bool:
         return self._compacting
 
-    @contextlib.asynccontextmanager
-    async def change(self) -> AsyncIterator[None]:
-        while self._compacting:
-            await self._resumed.wait()
-        self._changes += 1
-        try:
-            yield
-        finally:
-            self._changes -= 1
-            if not self._changes:
-                self._idle.set()
+    def change(self, after: Callable[[], None] | None = None) -> Change:
+        """``async with gate.change():`` around a change; no checkpoint unless a
+        compaction is in progress. ``after`` is called once a change has ended without
+        an exception."""
+        return Change(self, after)
 
     @contextlib.asynccontextmanager
     async def compaction(self) -> AsyncIterator[None]:
@@ -384,6 +378,31 @@ class ChangeGate:
 
 # An append (its lines' bytes and how many lines) or a job (a callable and 0), with the
 # task that waits for it and that task's run.
+class Change:
+    """A class rather than a generator: entered and left on every journalled change, and a
+    generator-based context manager costs several times as much."""
+
+    __slots__ = ("_after", "_gate")
+
+    def __init__(self, gate: ChangeGate, after: Callable[[], None] | None) -> None:
+        self._gate = gate
+        self._after = after
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        while gate._compacting:
+            await gate._resumed.wait()
+        gate._changes += 1
+
+    async def __aexit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        gate = self._gate
+        gate._changes -= 1
+        if not gate._changes:
+            gate._idle.set()
+        if error_type is None and self._after is not None:
+            self._after()
+
+
 _Item = tuple[bytes | Callable[[], Any], int, trio.lowlevel.TrioToken, trio.lowlevel.Task]
 
 
