@@ -17,7 +17,9 @@ Rows (``--rows`` picks some, by key):
 - ``big``: one 256 MiB file, ``tasks.download``, against curl;
 - ``creates-1``, ``creates-16``: ``notifications.create`` (answered = on disk) from 1 and 16
   client processes, against sqlite (WAL, ``synchronous=FULL``, a transaction per row) from
-  as many processes; both on the disk under ``--disk-dir``;
+  as many processes; both on the disk under ``--disk-dir``; and, as a breakdown line, the
+  same calls to bench/minirpc.py with its journal (the floor: a trio server that appends
+  each create's line and answers after its ``fdatasync``, group commit in a thread);
 - ``info-1``, ``info-16``: ``daemon.info`` from 1 and 16 client processes, each call awaited
   before the next, against bench/minirpc.py (a minimal trio JSON-RPC server);
 - ``fanout``: status fan-out to S = 100 subscribers in other processes, over the Unix socket
@@ -81,6 +83,7 @@ ROWS = (
     "fanout",
     "loaded",
 )
+FLOOR = "floor: bench/minirpc.py --journal"
 FANOUT_GOAL = 2_000_000
 P99_GOAL_MS = 5.0
 
@@ -369,22 +372,32 @@ def row_creates(bench: Bench, clients: int) -> list[Line]:
     total = bench.sizes.creates
     results: dict[str, list[float]] = {"statusd": []}
     row = f"creates-{clients}"
-    with bench.statusd(row, {}, on_disk=True) as server:
-        for number, name in _rotations(bench.contenders(row, ["statusd", "sqlite"]), bench.rounds):
-            if name == "statusd":
-                argvs = _create_clients(server.socket, total, clients)
-            else:
-                argvs = _sqlite_clients(bench.scratch(bench.disk, "sqlite"), total, clients)
-            seconds, _ = _clients.run_gang(argvs)
-            results.setdefault(name, []).append(total / seconds)
-            _say(f"  creates-{clients} round {number + 1}: {name:8} {total / seconds:9,.0f}/s")
-    what = (
-        f"`notifications.create`, {clients} client process{'es' if clients > 1 else ''}, "
-        "answered = on disk"
-    )
+    floor = start_minirpc(bench.scratch(bench.disk, "floor"), journal=True)
+    try:
+        floor.wait_ready()
+        with bench.statusd(row, {}, on_disk=True) as server:
+            contenders = bench.contenders(row, ["statusd", "sqlite", "floor"])
+            for number, name in _rotations(contenders, bench.rounds):
+                if name == "sqlite":
+                    argvs = _sqlite_clients(bench.scratch(bench.disk, "sqlite"), total, clients)
+                else:
+                    path = server.socket if name == "statusd" else floor.socket
+                    argvs = _create_clients(path, total, clients)
+                seconds, _ = _clients.run_gang(argvs)
+                results.setdefault(name, []).append(total / seconds)
+                _say(f"  {row} round {number + 1}: {name:8} {total / seconds:9,.0f}/s")
+            floor.check_alive()
+    finally:
+        floor.stop()
+    plural = "es" if clients > 1 else ""
+    what = f"`notifications.create`, {clients} client process{plural}, answered = on disk"
     goal = ">= 1.0x" if clients == 1 else ">= 10x"
-    peer = f"sqlite WAL FULL, txn per row, {clients} process{'es' if clients > 1 else ''}"
-    return _lines(what, "creates/s", results, [("sqlite", peer)], goal)
+    peer = f"sqlite WAL FULL, txn per row, {clients} process{plural}"
+    lines = _lines(what, "creates/s", results, [("sqlite", peer)], goal)
+    # The floor is a breakdown, not a peer: what any socket daemon pays at least for a
+    # durable create (the round trip, a thread, the append and its fdatasync).
+    (floor_line,) = _lines(what, "creates/s", results, [("floor", FLOOR)], "breakdown")
+    return [*lines, floor_line]
 
 
 def _create_clients(path: str, total: int, clients: int) -> list[list[str]]:

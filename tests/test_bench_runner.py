@@ -16,7 +16,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from _servers import config_toml, known_keys  # noqa: E402
+from _clients import LineClient  # noqa: E402
+from _servers import config_toml, known_keys, start_minirpc  # noqa: E402
+
+from statusd.store import load  # noqa: E402
 
 RUN_TIMEOUT = 60
 
@@ -82,3 +85,41 @@ def test_the_keys_this_statusd_knows_come_from_check_config_set_or_not(short_tmp
     assert {"max_connections", "downloads.parallel_items", "limits.max_batch_entries"} <= keys
     # Printed as comments when unset, under their table.
     assert {"socket_group", "websocket.listen"} <= keys
+
+
+def test_the_create_rows_print_sqlite_and_the_floor_beside_statusd(short_tmp: Path) -> None:
+    done = run_bench(
+        short_tmp, "--quick", "--rows", "creates-1", "--creates", "30", "--markdown"
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| `notifications")]
+    assert len(lines) == 2, done.stdout
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    (_, ours, sqlite, theirs, ratio, goal), (_, same, floor, floors, floor_ratio, what) = cells
+    assert re.fullmatch(r"[\d,]+ creates/s", ours)
+    assert same == ours
+    assert sqlite.startswith("sqlite WAL FULL")
+    assert (goal, what) == (">= 1.0x", "breakdown")
+    assert floor == "floor: bench/minirpc.py --journal"
+    for figure in (theirs, floors):
+        assert re.fullmatch(r"[\d,]+ creates/s", figure)
+    for figure in (ratio, floor_ratio):
+        assert re.fullmatch(r"\d+\.\d\dx", figure)
+    assert list(short_tmp.iterdir()) == []
+
+
+def test_the_floor_writes_a_journal_statusd_reads_and_answers_each_create(short_tmp: Path) -> None:
+    floor = start_minirpc(short_tmp, journal=True)
+    try:
+        floor.wait_ready()
+        client = LineClient(floor.socket)
+        ids = [
+            client.call("notifications.create", {"type": "info", "title": f"t{n}", "message": "m"})
+            for n in range(3)
+        ]
+        client.sock.close()
+    finally:
+        floor.stop()
+    assert ids == [{"notification_id": n} for n in (1, 2, 3)]
+    records = load(short_tmp / "notifications.jsonl").records
+    assert [(record[0], record[3]) for record in records] == [(1, "t0"), (2, "t1"), (3, "t2")]
