@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import threading
@@ -39,6 +40,8 @@ from tests.websocket_clients import TIMEOUT, RpcClient, close_of
 ANSWER_BOUND = 5.0  # seconds: root's call on its open connection while a reload closes others
 THIRD_UID = 65533  # no passwd entry
 WAIT = 10.0  # seconds a child waits for the daemon before it gives up
+HISTORY = 10_000  # status messages held, for an answer larger than a socket's buffers
+ANSWER_BYTES = 3_000_000  # about what status.recent's answer to all of them takes
 
 
 class LineClient:
@@ -207,6 +210,51 @@ def test_a_user_the_socket_no_longer_admits_is_closed_at_once(
     # New connections follow the same rule: the kernel refuses nobody now.
     assert _nobody_on_the_socket(socket_path) == "refused"
     assert "closing the connection of nobody" in process.stderr()
+
+
+@needs_root
+def test_a_client_that_reads_nothing_is_cut_off_after_the_grace(
+    daemon_process: Any, short_tmp: Path
+) -> None:
+    """Its answer does not fit in the socket: the daemon's writer waits for it to read,
+    and the error queued behind cannot go. The connection ends anyway (CLOSE_GRACE)."""
+    settings = f'socket_group = "{NOBODY_GROUP}"\nstatus_history = {HISTORY}\n'
+    process, config = _start(daemon_process, short_tmp, settings)
+    socket_path = process.socket
+    with LineClient(socket_path) as ours:
+        # A full history of long messages, for everyone: status.recent's answer is 3 MB.
+        message = {"level": "info", "message": "x" * 200, "audience": "all"}
+        batch = [jsonrpc.request("status.publish", message, n) for n in range(250)]
+        for _ in range(HISTORY // len(batch)):
+            ours.sock.sendall(jsonrpc.encode_line(batch))
+            answers: Any = next(ours.messages())  # a batch's answers: one list
+            assert all("result" in answer for answer in answers), answers[:1]
+
+        def stall(say: Callable[[str], None], hear: Callable[[], str]) -> Any:
+            client = LineClient(socket_path)
+            client.sock.sendall(jsonrpc.encode_line(jsonrpc.request("status.recent", {}, 1)))
+            waiting = select.poll()
+            waiting.register(client.sock, select.POLLIN)
+            assert waiting.poll(WAIT * 1000), "no answer began"
+            say("answer under way")  # and stuck: nothing is read
+            # Now only the daemon's hang-up (a changed mask for the same socket).
+            waiting.register(client.sock, select.POLLRDHUP)
+            events = waiting.poll(WAIT * 1000)
+            assert events, "the daemon did not hang up"
+            data = b"".join(iter(lambda: client.sock.recv(1 << 20), b""))
+            return len(data), data.count(b"\n")
+
+        child = Child(stall)
+        assert child.heard() == "answer under way"
+        config.write_text(f'socket_group = "{ROOT_GROUP}"\n')
+        process.signal(signal.SIGHUP)
+        received, lines = child.join()
+        # Cut off inside its answer: the rest of it, and the error, never came.
+        assert 0 < received < ANSWER_BYTES
+        assert lines == 0
+        started = time.monotonic()
+        assert ours.call("daemon.info")["user"] == "root"
+        assert time.monotonic() - started < ANSWER_BOUND
 
 
 @needs_root
