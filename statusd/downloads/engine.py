@@ -888,15 +888,12 @@ class _Download:
                 BUFFERS.give(self.buffer)
 
     async def _finish_in_memory(self) -> ItemResult:
-        """Write, link and report a small file whose whole body ``_stream`` holds. The
-        body is copied out of the receive buffer first, which goes back to the pool at
-        once: items being finished while others are received hold their own sizes, not a
-        ``chunk_size`` buffer each."""
-        body = bytearray(memoryview(self.buffer)[: self.filled])
-        BUFFERS.give(self.buffer)
-        self.buffer = body
+        """Write, link and report a small file whose whole body ``_stream`` holds."""
         self.on_received()
-        return await self._complete(on_mismatch=_Fail)
+        try:
+            return await self._complete(on_mismatch=_Fail)
+        finally:
+            BUFFERS.give(self.buffer)
 
     def _resume_watch(self, start: int) -> None:
         """Carry the stall rule over to this body, if it continues the last one's bytes;
