@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,15 +50,15 @@ DATA = {n: f"file {n}\n".encode() * (50 * (n + 1)) for n in range(4)}
 
 
 class HeldFinish:
-    """The engine's file-thread pool, holding the file hop (``files.finish``) of a file
-    named in ``held`` until the test releases it, uncancellably as a hop is;
-    ``entered(name)`` is set when a file's hop is asked for, ``finished(name)`` when it
-    has run."""
+    """``files.finish`` that, for a file named in ``held``, waits in its file thread until
+    the test releases it; ``entered(name)`` is set when a file's finish starts,
+    ``finished(name)`` when it has run."""
 
     def __init__(self, *held: str) -> None:
-        self._gates = {name: trio.Event() for name in held}
+        self._gates = {name: threading.Event() for name in held}
+        self.token = trio.lowlevel.current_trio_token()
         self._events: dict[tuple[str, str], trio.Event] = {}
-        self._pool = files.FILES
+        self._real = files.finish
 
     def _event(self, what: str, name: str) -> trio.Event:
         return self._events.setdefault((what, name), trio.Event())
@@ -73,32 +74,29 @@ class HeldFinish:
             if name in (None, held):
                 gate.set()
 
-    async def run(self, work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if work is not files.finish:
-            return await self._pool.run(work, *args, **kwargs)
+    def __call__(self, *args: Any) -> files.Finished:
         name = args[4]
-        self.entered(name).set()
+        self.token.run_sync_soon(self.entered(name).set)
         gate = self._gates.get(name)
         if gate is not None:
-            with trio.CancelScope(shield=True):
-                await gate.wait()
+            gate.wait()
         try:
-            return await self._pool.run(work, *args, **kwargs)
+            return self._real(*args)
         finally:
-            self.finished(name).set()
+            self.token.run_sync_soon(self.finished(name).set)
 
 
 @pytest.fixture
-def held_finish(monkeypatch: pytest.MonkeyPatch) -> HeldFinish:
+async def held_finish(monkeypatch: pytest.MonkeyPatch) -> HeldFinish:
     held = HeldFinish("f0.bin", "f1.bin")
-    monkeypatch.setattr("statusd.downloads.engine.FILES", held)
+    monkeypatch.setattr(files, "finish", held)
     return held
 
 
 @contextlib.contextmanager
 def releasing(held: HeldFinish) -> Iterator[None]:
-    """Whatever the test does, no hop is left held (the task's workers wait for it
-    uncancellably, and so would the test's teardown)."""
+    """Whatever the test does, no file thread is left waiting (the task's workers wait
+    for it uncancellably, and so would the test's teardown)."""
     try:
         yield
     finally:
