@@ -72,7 +72,7 @@ class DownloadsConfig:
     # The per-file cost is mostly waiting (the server, the journal's fsync, the file
     # threads), so more items in flight share those waits; 16 measured best of 4-32.
     batch_size: int = 100  # every batch ends in a barrier, a status message and a push
-    parallel_items: int = 16  # items of one task received at once (and as many finishing)
+    parallel_items: int = 16  # items of one task fetched at once
     max_attempts: int = 5  # per item, counting the first
     max_redirects: int = 20  # per attempt; wget's and aria2c's (curl's is 50)
     # A response's status line and headers; curl and aria2c take a 100 KB one, and real

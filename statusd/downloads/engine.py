@@ -357,10 +357,6 @@ def _ignore_retry(retrying: Retrying) -> None:
     pass
 
 
-def _ignore_received() -> None:
-    pass
-
-
 async def _ignore_state(state: ItemState) -> None:
     pass
 
@@ -376,7 +372,6 @@ async def download_item(
     on_bytes: Callable[[int, int | None], None] = _ignore_bytes,
     on_state: Callable[[ItemState], Awaitable[None]] = _ignore_state,
     on_retry: Callable[[Retrying], None] = _ignore_retry,
-    on_received: Callable[[], None] = _ignore_received,
     limits: Sequence[RateLimit] = (),
 ) -> ItemResult:
     """Download ``item`` into the directory ``dest`` (a Path is opened, and created if
@@ -388,10 +383,7 @@ async def download_item(
     ``owner`` names the item's part file (no dots; unique among everything that writes
     into ``dest``); without one a random owner is made. ``on_state`` is awaited, and
     nothing is written under a name, part or validator before it returns: a caller that
-    journals the state durably there can always resume. ``on_received`` is called when a
-    small file's whole body is in memory and its connection has gone back to the pool,
-    before anything of it is written: the caller may start its next request then. Never
-    raises for a failed
+    journals the state durably there can always resume. Never raises for a failed
     download (see ``ItemResult.error``); ``trio.Cancelled`` propagates at once, also while
     a server hangs.
     """
@@ -408,12 +400,10 @@ async def download_item(
                 on_bytes=on_bytes,
                 on_state=on_state,
                 on_retry=on_retry,
-                on_received=on_received,
                 limits=limits,
             )
     download = _Download(client, item, dest, settings, state, owner, on_bytes, on_state)
     download.on_retry = on_retry
-    download.on_received = on_received
     download.limits = limits
     try:
         return await download.run()
@@ -507,13 +497,6 @@ async def download_items(
 # --- the engine -------------------------------------------------------------------------
 
 
-class _InMemory:
-    """``_receive``'s answer for a small file received whole and not yet written."""
-
-
-_IN_MEMORY = _InMemory()
-
-
 class _Fail(Exception):
     """The item fails now, with this message; ``discard``: its part goes too (it is what
     failed, or can never complete), else a journalled item keeps it for ``tasks.retry``."""
@@ -590,7 +573,6 @@ class _Download:
         # journal nobody could resume it.
         self.keep_failed_part = on_state is not _ignore_state
         self.on_retry: Callable[[Retrying], None] = _ignore_retry
-        self.on_received: Callable[[], None] = _ignore_received
         self.limits: Sequence[RateLimit] = ()
 
     async def run(self) -> ItemResult:
@@ -691,20 +673,14 @@ class _Download:
                         url = _redirect_target(url, rules.location_text(location))
                         await _drain(response, self.settings.read_timeout)
                         continue
-                    failure: Exception | None = None
                     if 200 <= response.status < 300:
-                        received = await self._receive(response, offset)
-                        if received is not _IN_MEMORY:
-                            assert isinstance(received, ItemResult)
-                            return received
-                    elif response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
+                        return await self._receive(response, offset)
+                    if response.status == rules.RANGE_NOT_SATISFIABLE and offset > 0:
                         return await self._unsatisfiable(response, offset)
-                    else:
-                        failure = _status_error(response, self.settings.max_retry_after)
-                        await _drain(response, self.settings.read_timeout)
+                    failure = _status_error(response, self.settings.max_retry_after)
+                    await _drain(response, self.settings.read_timeout)
                 # Raised once out of the stream: an exception inside it closes the connection.
-                if failure is not None:
-                    raise failure
+                raise failure
             except HeadTooLarge as exc:
                 raise _Fail(f"{exc} (downloads.max_response_head_bytes)") from exc
             except TLSError as exc:
@@ -721,9 +697,6 @@ class _Download:
                 raise _Retry(str(exc)) from exc
             except HTTPError as exc:
                 raise _Retry(str(exc)) from exc
-            # The whole body is in memory and its connection back in the pool: the next
-            # request may use it while this file is written and journalled.
-            return await self._finish_in_memory()
         raise _Fail(
             f"too many redirects: more than {self.settings.max_redirects} (downloads.max_redirects)"
         )
@@ -779,7 +752,7 @@ class _Download:
                 self.part.close()
                 self.part = None
 
-    async def _receive(self, response: Response, offset: int) -> ItemResult | _InMemory:
+    async def _receive(self, response: Response, offset: int) -> ItemResult:
         decision = rules.body_decision(
             response.status, response.headers, offset, self.state.validator, self.state.length
         )
@@ -851,27 +824,20 @@ class _Download:
         except OSError as exc:
             raise self._part_failure(exc) from exc
 
-    async def _stream(self, response: Response, start: int) -> ItemResult | _InMemory:
+    async def _stream(self, response: Response, start: int) -> ItemResult:
         """Receive the body into pooled buffers of ``chunk_size`` bytes. The first one is
-        filled before any file work, so a file that fits costs one thread hop in all (and
-        is written after its connection is released); after that each full buffer goes to
-        the writer while the next one fills."""
+        filled before any file work, so a file that fits costs one thread hop in all;
+        after that each full buffer goes to the writer while the next one fills."""
         self.position = start
         self.buffer = BUFFERS.take(self.settings.chunk_size)
         self.filled = 0
         if self.settings.lowest_speed:
             self._resume_watch(start)
-        in_memory = False
         try:
             try:
                 await self._fill(response)
                 if self.filled == len(self.buffer):
                     await self._stream_large(response)
-                elif self.part is None:
-                    # A small file, nothing of it on disk yet: finished after the
-                    # connection is released (``_finish_in_memory``), with this buffer.
-                    in_memory = True
-                    return _IN_MEMORY
             except HTTPError:
                 self.body_ended = trio.current_time()
                 await self._keep()
@@ -882,15 +848,6 @@ class _Download:
                 with trio.CancelScope(shield=True), contextlib.suppress(_Fail):
                     await self._keep()
                 raise
-            return await self._complete(on_mismatch=_Fail)
-        finally:
-            if not in_memory:
-                BUFFERS.give(self.buffer)
-
-    async def _finish_in_memory(self) -> ItemResult:
-        """Write, link and report a small file whose whole body ``_stream`` holds."""
-        self.on_received()
-        try:
             return await self._complete(on_mismatch=_Fail)
         finally:
             BUFFERS.give(self.buffer)

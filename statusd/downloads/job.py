@@ -35,7 +35,7 @@ import math
 import netrc
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -465,16 +465,12 @@ class DownloadJob:
             if not indices:
                 continue
             reporter.status(Level.INFO, f"Processing batch {batch + 1} of {batches}")
-            # Workers take the batch's items in order: a task per item, parked on a
-            # limiter, cost a batch of 1,000 more in scheduling than it saved. Two workers
-            # per receiving slot: while a small file is written, linked and journalled
-            # (waiting, mostly: a file thread, the journal's commit), its worker's twin
-            # fetches the next item.
+            # ``parallel`` workers take the batch's items in order: a task per item, parked
+            # on a limiter, cost a batch of 1,000 more in scheduling than it saved.
             pending = iter(indices)
-            receiving = trio.Semaphore(parallel)
             async with trio.open_nursery() as nursery:
-                for _ in range(min(2 * parallel, len(indices))):
-                    nursery.start_soon(self._fetch_each, pending, receiving, directory, reporter)
+                for _ in range(min(parallel, len(indices))):
+                    nursery.start_soon(self._fetch_each, pending, directory, reporter)
             reporter.batch_update(batch + 1, batches)
         result = self._result()
         if result["failed"]:
@@ -541,29 +537,12 @@ class DownloadJob:
         self.sizes[index] = size
 
     async def _fetch_each(
-        self,
-        pending: Iterator[int],
-        receiving: trio.Semaphore,
-        directory: Directory,
-        reporter: Reporter,
+        self, pending: Iterator[int], directory: Directory, reporter: Reporter
     ) -> None:
-        """Fetch items from ``pending`` one after another, each holding one of the
-        ``receiving`` slots until its whole body is in memory (a small file) or it ends."""
-        while True:
-            await receiving.acquire()
-            index = next(pending, None)
-            if index is None:
-                receiving.release()
-                return
-            slot = _Slot(receiving)
-            try:
-                await self._fetch_one(index, directory, reporter, slot.release)
-            finally:
-                slot.release()
+        for index in pending:
+            await self._fetch(index, directory, reporter)
 
-    async def _fetch_one(
-        self, index: int, directory: Directory, reporter: Reporter, on_received: Callable[[], None]
-    ) -> None:
+    async def _fetch(self, index: int, directory: Directory, reporter: Reporter) -> None:
         item = self._with_netrc(self.items[index])
         shown = self.shown_url(index)
         reporter.update_progress(self._processed, shown)
@@ -574,8 +553,7 @@ class DownloadJob:
             record: dict[str, Any] = {"item": index, "state": unstructure(state)}
             if state.done:
                 # The result goes with "done": one journal write fewer per item.
-                result = self._done_result(index, shown, directory, state)
-                self._journalled[index] = result
+                result = self._journalled[index] = self._done_result(index, directory, state)
                 record |= {"result": unstructure(result), "settle": True}
             await self._checkpoint(reporter, record)
 
@@ -593,7 +571,6 @@ class DownloadJob:
             on_bytes=lambda delta, total: self._on_bytes(reporter, index, delta, total),
             on_state=on_state,
             on_retry=lambda retrying: self._on_retry(reporter, index, retrying),
-            on_received=on_received,
             limits=self.limits,
         )
         if result.url != shown:
@@ -634,15 +611,12 @@ class DownloadJob:
         failed = {"index": index, "url": url, "error": error}
         reporter.announce(f"{url}: failed: {error}", item_failed=failed)
 
-    def _done_result(
-        self, index: int, shown: str, directory: Directory, state: ItemState
-    ) -> ItemResult:
+    def _done_result(self, index: int, directory: Directory, state: ItemState) -> ItemResult:
         """What ``download_item`` returns for an item that reports ``done`` (the engine
-        has checked the item's sha256, if any, before it does); ``shown``: its URL as
-        ``shown_url`` gives it (made once per item: it parses the URL)."""
+        has checked the item's sha256, if any, before it does)."""
         item = self.items[index]
         path = directory.join(state.name or "")
-        return ItemResult(shown, path, self.held[index], item.sha256, None)
+        return ItemResult(self.shown_url(index), path, self.held[index], item.sha256, None)
 
     async def _checkpoint(self, reporter: Reporter, record: dict[str, Any]) -> None:
         if self._settled:
@@ -742,22 +716,6 @@ class DownloadJob:
             self._record_size(index, size)
             name = None if path is None else os.path.basename(path)
             self.states[index] = ItemState(name=name, done=True)
-
-
-class _Slot:
-    """A receiving slot a worker holds for one item, given back once: when the item's
-    body is in memory, or when it ends."""
-
-    __slots__ = ("_held", "_semaphore")
-
-    def __init__(self, semaphore: trio.Semaphore) -> None:
-        self._semaphore = semaphore
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._semaphore.release()
 
 
 def _sweep_strays(
