@@ -9,6 +9,7 @@ by threads on a loaded two-core machine (a 1.5 s retry measured 4 s).
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -65,6 +66,15 @@ http_server = http_servers.http_server  # the fixture (the lead's conftest may i
 @pytest.fixture
 async def client() -> AsyncIterator[HTTPClient]:
     async with HTTPClient() as client:
+        yield client
+
+
+@pytest.fixture
+async def still_client() -> AsyncIterator[HTTPClient]:
+    """A client whose idle connections never expire, for MockClock's autojump: a small
+    file's connection is idle while its file is written in a thread, and the clock would
+    jump to the idle sweep's deadline meanwhile."""
+    async with HTTPClient(idle_timeout=math.inf) as client:
         yield client
 
 
@@ -433,60 +443,75 @@ async def test_item_validation() -> None:
 
 
 async def test_5xx_then_success_backs_off(
-    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    still_client: HTTPClient,
+    dest: Path,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/flaky.bin", sequence(status(503), status(500), serve_data(DATA)))
     settings = DownloadSettings(backoff_initial=0.5, backoff_max=30)
     started = trio.current_time()
-    result = await fetch(client, url, dest, settings)
+    result = await fetch(still_client, url, dest, settings)
     assert result.error is None
     assert trio.current_time() - started == pytest.approx(0.5 + 1.0, abs=0.01)
     assert len(http_server.requests_for("/flaky.bin")) == 3
 
 
 async def test_backoff_is_capped_and_attempts_are_limited(
-    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    still_client: HTTPClient,
+    dest: Path,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/down", status(502))
     settings = DownloadSettings(backoff_initial=1, backoff_max=3, max_attempts=5)
     started = trio.current_time()
-    result = await fetch(client, url, dest, settings)
+    result = await fetch(still_client, url, dest, settings)
     assert result.error == "http 502 bad gateway (gave up after 5 attempts)"
     assert trio.current_time() - started == pytest.approx(1 + 2 + 3 + 3, abs=0.01)
 
 
 async def test_429_honours_retry_after_seconds(
-    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    still_client: HTTPClient,
+    dest: Path,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/busy", sequence(status(429, retry_after="7"), serve_data(DATA)))
     started = trio.current_time()
-    result = await fetch(client, url, dest, DownloadSettings(backoff_initial=0.5))
+    result = await fetch(still_client, url, dest, DownloadSettings(backoff_initial=0.5))
     assert result.error is None
     assert trio.current_time() - started == pytest.approx(7, abs=0.01)
 
 
 async def test_503_honours_retry_after_date(
-    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    still_client: HTTPClient,
+    dest: Path,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     when = formatdate(time.time() + 20, usegmt=True)
     url = http_server.route("/later", sequence(status(503, retry_after=when), serve_data(DATA)))
     started = trio.current_time()
-    result = await fetch(client, url, dest, DownloadSettings(backoff_initial=0.5))
+    result = await fetch(still_client, url, dest, DownloadSettings(backoff_initial=0.5))
     assert result.error is None
     assert 18 <= trio.current_time() - started <= 21
 
 
 async def test_retry_after_is_capped(
-    mock_clock: trio.testing.MockClock, http_server: HTTPTestServer, client: HTTPClient, dest: Path
+    mock_clock: trio.testing.MockClock,
+    http_server: HTTPTestServer,
+    still_client: HTTPClient,
+    dest: Path,
 ) -> None:
     mock_clock.autojump_threshold = JUMP
     url = http_server.route("/never", sequence(status(429, retry_after="86400"), serve_data(DATA)))
     started = trio.current_time()
-    result = await fetch(client, url, dest, DownloadSettings(max_retry_after=60))
+    result = await fetch(still_client, url, dest, DownloadSettings(max_retry_after=60))
     assert result.error is None
     assert trio.current_time() - started == pytest.approx(60, abs=0.01)
 
