@@ -239,8 +239,9 @@ async def test_a_byte_per_connection_is_held_to_lowest_speed(
     window of stall_timeout, having asked a bounded number of times."""
     # Each part file opens in a worker thread; on a loaded machine one that outlasts the
     # threshold lets the clock jump to the next deadline, which while the stall watch is
-    # held between attempts is this test's own limit: 50 ms keeps that out of reach.
-    mock_clock.autojump_threshold = 0.05
+    # held between attempts is this test's own limit. 50 ms was not enough with six busy
+    # loops on two cores; 200 ms is (about 20 jumps: some 4 s of real time).
+    mock_clock.autojump_threshold = 0.2
     url = http_server.route("/drip.bin", cut_every(FILE, 1))
     settings = DownloadSettings(
         backoff_initial=0.5, lowest_speed=1024, stall_timeout=10, max_attempts=2
