@@ -42,22 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=run.FULL.fanout_subscribers)
     args = parser.parse_args(argv)
     sides = {"base": args.base.resolve(), "other": args.other.resolve()}
-    opts = fanout.Options(
-        messages=args.messages,
-        baseline_deliveries=0,
-        subscribers=(args.subscribers,),
-        rate=run.FULL.rate,
-        duration=run.FULL.fanout_seconds,
-        repeats=1,
-        window=128,
-        history=fanout.DEFAULT_HISTORY,
-        latency_history=100,
-        lag_limit=fanout.DEFAULT_HISTORY - 128 - 16,
-        client_processes=2,
-        timeout=120.0,
-        statusd_source=REPO,
-        servers=("statusd", "statusd-ws"),
-        phases=("throughput", "latency"),
+    opts = run.fanout_options(
+        args.messages, args.subscribers, run.FULL.rate, run.FULL.fanout_seconds, 1
     )
     count = args.subscribers
     transports = {"unix": False, "ws": True}

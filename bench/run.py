@@ -459,15 +459,18 @@ def row_info(bench: Bench, clients: int) -> list[Line]:
 # -- status fan-out, and a download under it -------------------------------------------------
 
 
-def _fanout_options(bench: Bench) -> fanout.Options:
-    sizes = bench.sizes
+def fanout_options(
+    messages: int, subscribers: int, rate: float, duration: float, repeats: int
+) -> fanout.Options:
+    """The fan-out row's workload: S subscribers in 2 processes, both transports, the
+    burst and the steady-rate phases (bench/ab_fanout.py runs the same)."""
     return fanout.Options(
-        messages=sizes.fanout_messages,
+        messages=messages,
         baseline_deliveries=0,
-        subscribers=(sizes.fanout_subscribers,),
-        rate=sizes.rate,
-        duration=sizes.fanout_seconds,
-        repeats=bench.rounds,
+        subscribers=(subscribers,),
+        rate=rate,
+        duration=duration,
+        repeats=repeats,
         window=128,
         history=fanout.DEFAULT_HISTORY,
         latency_history=100,
@@ -477,6 +480,17 @@ def _fanout_options(bench: Bench) -> fanout.Options:
         statusd_source=REPO,
         servers=("statusd", "statusd-ws"),
         phases=("throughput", "latency"),
+    )
+
+
+def _fanout_options(bench: Bench) -> fanout.Options:
+    sizes = bench.sizes
+    return fanout_options(
+        sizes.fanout_messages,
+        sizes.fanout_subscribers,
+        sizes.rate,
+        sizes.fanout_seconds,
+        bench.rounds,
     )
 
 
