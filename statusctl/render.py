@@ -432,8 +432,11 @@ def task_fraction(task: Mapping[str, Any]) -> float:
     in its last push) says completed, and one without a result holding no bytes got
     nowhere.
 
-    The dashboard keeps the same rule in ``taskFraction`` (statusd/web/dashboard.js);
-    tests/test_progress_rule.py holds both to one table."""
+    The daemon's ``progress`` field follows the same rule (``progress_of`` in
+    statusd/state/tasks.py); it is applied here too, so that a bar moves by the byte rather
+    than by the field's hundredths and a daemon from before that rule (which gave a failed
+    task 100) reads the same. The dashboard keeps it in ``taskFraction``
+    (statusd/web/dashboard.js); tests/test_progress_rule.py holds all three to one table."""
     status = task.get("task_status", task.get("status"))
     if status == "completed":
         return 1.0

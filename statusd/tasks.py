@@ -932,6 +932,8 @@ class TaskManager:
         ):
             task = entry.task
             if task.status.finished:
+                # A journal from before progress_of's rule holds 100 for a failed task.
+                task.measure()
                 entry.done.set()
                 continue
             if task.status is TaskStatus.RUNNING:

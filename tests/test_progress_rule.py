@@ -1,17 +1,21 @@
-"""One rule for how far a task is, kept twice: ``render.task_fraction`` in statusctl and
-``taskFraction`` in the dashboard. Both are held to the same table here (the JavaScript
+"""One rule for how far a task is: the daemon's TaskInfo ``progress`` (``progress_of`` in
+statusd/state/tasks.py), and the same rule in its displays, ``render.task_fraction`` in
+statusctl and ``taskFraction`` in the dashboard (for what they are sent, rounded values
+and older daemons included). All three are held to the same table here (the JavaScript
 one in headless Chromium), and a task that failed with nothing saved shows 0% in both
 ``statusctl tasks`` and the dashboard's bar, never a full red one."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from statusctl import render
 from statusd.daemon import Daemon
+from statusd.state.tasks import TaskInfo, TaskStatus, progress_of
 from tests.cdp import Chromium, chromium, open_page
 from tests.http_servers import HTTPTestServer, http_server, serve_data, status
 from tests.test_dashboard_browser import open_dashboard, rpc, wait_task
@@ -21,6 +25,7 @@ from tests.websocket_clients import ws_daemon
 __all__ = ["chromium", "http_server", "ws_daemon"]
 
 MiB = 1 << 20
+T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 # (what the case is, TaskInfo fields, the fraction both sides must give)
 CASES: list[tuple[str, dict[str, Any], float]] = [
@@ -81,7 +86,13 @@ CASES: list[tuple[str, dict[str, Any], float]] = [
     ("cancelled before a byte", {"status": "cancelled", "progress": 50.0}, 0.0),
     (
         "failed, bytes but no result yet",
-        {"status": "failed", "progress": 50.0, "bytes_done": 10, "total_items": 2},
+        {
+            "status": "failed",
+            "progress": 50.0,
+            "bytes_done": 10,
+            "total_items": 2,
+            "processed_items": 1,
+        },
         0.5,
     ),
     ("no numbers at all", {"status": "pending"}, 0.0),
@@ -95,6 +106,15 @@ CASES: list[tuple[str, dict[str, Any], float]] = [
 )
 def test_statusctl_rule(info: dict[str, Any], expected: float) -> None:
     assert render.task_fraction(info) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("info", "expected"), [case[1:] for case in CASES], ids=[c[0] for c in CASES]
+)
+def test_the_daemons_field_follows_the_same_rule(info: dict[str, Any], expected: float) -> None:
+    fields = {name: value for name, value in info.items() if name != "status"}
+    task = TaskInfo("t1", "n", "download", "alice", TaskStatus(info["status"]), T0, **fields)
+    assert progress_of(task) / 100 == pytest.approx(expected)
 
 
 async def test_dashboard_rule_matches_the_same_table(chromium: Chromium, ws_daemon: Daemon) -> None:

@@ -113,39 +113,71 @@ class TaskInfo:
         elif new.finished:
             self.completed_at = at
             self.current_item = None
-            if new is TaskStatus.COMPLETED:
-                self.progress = 100.0
+        # A finished task's progress says what it achieved; a retried one's, how far its
+        # new run is (its failed items are to be fetched again).
+        self.measure()
 
     def update_progress(self, processed: int, current: str | None = None) -> None:
         """The seed's progress callback: items done so far and the one being worked on."""
         self.processed_items = processed
         self.current_item = current
-        self._measure()
+        self.measure()
 
     def set_bytes(self, done: int, total: int | None) -> None:
         """What the task's items hold now, and their total size once every one is known."""
         self.bytes_done = done
         self.bytes_total = total
-        self._measure()
+        self.measure()
 
     def set_speed(self, bytes_per_second: float, eta_s: float | None) -> None:
         self.bytes_per_second = round(bytes_per_second, 1)
         self.eta_s = eta_s
 
-    def _measure(self) -> None:
-        # By bytes when their total is known: a single 500 MB file showed 0% until it
-        # ended when progress counted whole items.
-        if self.status is TaskStatus.COMPLETED:
-            return
-        if self.bytes_total:
-            done = min(self.bytes_done, self.bytes_total)
-            self.progress = round(done / self.bytes_total * 100, 2)
-        elif self.total_items > 0:
-            done = min(self.processed_items, self.total_items)
-            self.progress = round(done / self.total_items * 100, 2)
+    def measure(self) -> None:
+        """``progress`` again from the task's counts (``progress_of``): after every change
+        to them, and after a journal written before the rule was replayed."""
+        self.progress = progress_of(self)
 
     def visible_to(self, username: str, admin: bool) -> bool:
         return admin or self.owner == username
+
+
+def progress_of(task: TaskInfo) -> float:
+    """How far ``task`` is, 0 to 100 (CONTRACT.md, TaskInfo ``progress``; docs/protocol.md,
+    "Tasks"). While it runs: by bytes once their total is known (a single 500 MB file
+    showed 0% until it ended when progress counted whole items), else by items processed,
+    a failed item counting as processed. Once it ended: 100 when completed; when it failed
+    or was cancelled, the share of its items its result says completed, since a failed
+    item's size (none, or a part kept for a retry) says nothing of what was saved; without
+    such a result, nothing held is 0 and otherwise the running rule stands.
+
+    statusctl (``render.task_fraction``) and the dashboard (``taskFraction``) apply the
+    same rule to what they are sent; tests/test_progress_rule.py holds all three to one
+    table."""
+    status = task.status
+    if status is TaskStatus.COMPLETED:
+        return 100.0
+    if status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+        completed = _count((task.result or {}).get("completed"))
+        if completed is not None and task.total_items > 0:
+            return _percent(completed, task.total_items)
+        if task.bytes_done <= 0:
+            return 0.0
+    if task.bytes_total:
+        return _percent(task.bytes_done, task.bytes_total)
+    if task.total_items > 0:
+        return _percent(task.processed_items, task.total_items)
+    return task.progress
+
+
+def _count(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return None
+
+
+def _percent(done: float, total: float) -> float:
+    return round(min(max(done, 0), total) / total * 100, 2)
 
 
 JOB_UPDATE_STATUSES = ("progress", "batch_update", "completed", "error", "cancelled")

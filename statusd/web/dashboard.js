@@ -403,8 +403,9 @@ const ACTIONS = {
 // How far a task is, 0 to 1: by bytes when their total is known, else by items. A failed
 // item is not progress, and its size (none, or a part kept for a retry) says nothing of what
 // was saved: a failed or cancelled task counts the items its result says completed, and one
-// without a result holding no bytes got nowhere. statusctl keeps the same rule in
-// render.task_fraction; tests/test_progress_rule.py holds both to one table.
+// without a result holding no bytes got nowhere. The daemon's `progress` field follows the
+// same rule (progress_of in statusd/state/tasks.py), and statusctl keeps it in
+// render.task_fraction; tests/test_progress_rule.py holds all three to one table.
 function taskFraction(info) {
   const number = (value) => (typeof value === "number" && Number.isFinite(value) ? value : 0);
   const clamp = (fraction) => Math.max(0, Math.min(1, fraction));
