@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from statusd.errors import ConfigError
-from statusd.proxy import ProxyEnvironment, hide_password, parse_proxy, proxy_rules
+from statusd.proxy import NoProxy, ProxyEnvironment, hide_password, parse_proxy, proxy_rules
 from statusd.state.bandwidth import MAX_RATE, parse_rate
 from statusd.state.ring import MAX_CAPACITY
 
@@ -376,9 +376,13 @@ def _proxy_url(value: object, context: _Context) -> str:
 
 def _no_proxy(value: object, context: _Context) -> str:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return ",".join(item.strip() for item in value if item.strip())
+        value = ",".join(item.strip() for item in value if item.strip())
     if not isinstance(value, str):
         raise _BadValue(f"must be a string of comma-separated hosts, not {_show(value)}")
+    try:
+        NoProxy.parse(value)
+    except ValueError as exc:
+        raise _BadValue(str(exc)) from None
     return value
 
 

@@ -7,16 +7,18 @@ proxy URL when it is read. ``ProxyRules.for_url`` is all the HTTP client asks.
 A proxy is an ``http://`` URL (curl's rules: no scheme means ``http://``, no port means
 1080); ``user:password@`` in it becomes a ``Proxy-Authorization: Basic`` header, which
 ``Proxy`` keeps out of its repr and ``str`` so that no log line, status message or error
-can carry it. ``no_proxy`` is what the stdlib's ``proxy_bypass_environment`` understands:
-comma-separated host names or domain suffixes (a leading dot is optional), ``host:port``,
-or ``*`` for every host.
+can carry it. ``no_proxy`` (``NoProxy``) is comma-separated entries, as curl and the
+stdlib's ``urllib`` read them: host names, each covering the names below it (a leading dot
+is optional), ``host:port`` for that port only, IP addresses (``10.1.2.3``, ``::1``,
+``[::1]:8080``) and CIDR blocks (``10.0.0.0/8``, ``fd00::/8``) matched against a URL whose
+host is an IP address (no name is resolved to match one), and ``*`` for every host.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 
 import attrs
@@ -112,24 +114,110 @@ def hide_password(url: str) -> str:
     return f"{scheme}{separator}{user}:***@{host}"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class NoProxy:
+    """``no_proxy`` read once (a request asks it for every connection): its host names
+    and its IP networks (an address is a network of one), each with the port it is
+    limited to (None: every port)."""
+
+    everything: bool = False
+    names: tuple[tuple[str, int | None], ...] = ()
+    networks: tuple[tuple[Network, int | None], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> NoProxy:
+        """Raises ValueError naming an entry with a ``/`` that is not an IP network
+        (``10.0.0.0/33``): a block meant to bypass the proxy must not silently not."""
+        everything = False
+        names: list[tuple[str, int | None]] = []
+        networks: list[tuple[Network, int | None]] = []
+        for raw in text.split(","):
+            entry = raw.strip().lower()
+            if not entry:
+                continue
+            if entry == "*":
+                everything = True
+            elif "/" in entry:
+                networks.append((_network(entry), None))
+            else:
+                host, port = _split_port(entry)
+                address = _address(host)
+                if address is not None:
+                    networks.append((ipaddress.ip_network(address), port))
+                else:
+                    names.append((host.lstrip("."), port))
+        return cls(everything, tuple(names), tuple(networks))
+
+    def bypasses(self, host: str, port: int) -> bool:
+        """Whether a connection to ``host`` (a name, or an IP address, IPv6 without
+        brackets) on ``port`` goes without the proxy."""
+        if self.everything:
+            return True
+        host = host.lower()
+        address = _address(host)
+        if address is None:
+            return any(
+                (host == name or host.endswith("." + name)) and wanted in (None, port)
+                for name, wanted in self.names
+            )
+        # An IPv4 peer written as IPv6 (::ffff:10.1.2.3) is in the IPv4 blocks too.
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        return any(
+            (address in network or (mapped is not None and mapped in network))
+            and wanted in (None, port)
+            for network, wanted in self.networks
+        )
+
+
+def _network(entry: str) -> Network:
+    try:
+        # Host bits set (10.1.2.3/8) mean the block they are in, as curl reads them.
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"entry '{entry}' must be an IP network such as 10.0.0.0/8 or fd00::/8"
+        ) from None
+
+
+def _split_port(entry: str) -> tuple[str, int | None]:
+    """``host:port`` (``[v6]:port``) into its parts; a bare IPv6 address has no port."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return host, int(port) if port.isdigit() else None
+    host, colon, port = entry.rpartition(":")
+    if colon and port.isdigit() and ":" not in host:
+        return host, int(port)
+    return entry, None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 @attrs.frozen
 class ProxyRules:
-    """Which proxy each URL goes through; ``no_proxy`` as the stdlib reads it."""
+    """Which proxy each URL goes through, and which hosts bypass it (``no_proxy``)."""
 
     http: Proxy | None = None
     https: Proxy | None = None
     no_proxy: str | None = None
+    _bypass: NoProxy = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_bypass", NoProxy.parse(self.no_proxy or ""))
 
     def for_url(self, scheme: str, host: str, port: int) -> Proxy | None:
         proxy = self.https if scheme == "https" else self.http
-        if proxy is None or not self.no_proxy:
-            return proxy
-        # "host:port" so that an entry with a port matches that port only; an IPv6 host
-        # without brackets, as the stdlib splits the port off at the last colon.
-        bypass = urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
-            f"{host}:{port}", {"no": self.no_proxy}
-        )  # typeshed leaves it out; it is the rule urllib's own openers apply
-        return None if bypass else proxy
+        if proxy is None or self._bypass.bypasses(host, port):
+            return None
+        return proxy
 
 
 def proxy_rules(
@@ -144,7 +232,11 @@ def proxy_rules(
     else:
         http = _parsed(environment.http, "http_proxy")
         https = _parsed(environment.https, "https_proxy")
-    return ProxyRules(http, https, environment.no if no_proxy is None else no_proxy)
+    where = "no_proxy" if no_proxy is None else "downloads.no_proxy"
+    try:
+        return ProxyRules(http, https, environment.no if no_proxy is None else no_proxy)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _parsed(url: str | None, where: str) -> Proxy | None:
