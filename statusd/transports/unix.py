@@ -8,7 +8,8 @@ reported, and its reader pauses while its replies are unsent (see ``statusd.sess
 
 Open connections follow a reload's access rules (``recheck``): one whose user the socket
 file no longer admits is told why and closed; one whose user is no longer an admin is
-served as a user from then on.
+served as a user from then on, and at most ``limits.max_connections_per_user`` of its
+connections stay.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket as stdlib_socket
 import stat
 import struct
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -277,13 +279,16 @@ class UnixServer:
         the socket file (``access``, as it is now; None: unreadable, not judged) no longer
         admits gets a -32002 error with ``"id": null`` saying why, and the connection
         closes; an admin who no longer is one keeps the connection with a user's rights
-        and is told by an ``access_changed`` notification. Rights given are not added to
-        open connections: they come with the next one. Look-ups are fresh only if
+        and is told by an ``access_changed`` notification, and of an ex-admin's
+        connections the newest beyond ``limits.max_connections_per_user`` (from which
+        admins are exempt) are closed too (``_trim``). Rights given are not added to open
+        connections: they come with the next one. Look-ups are fresh only if
         ``lookups.forget()`` came first."""
         self._reloads += 1
         if access is not None:
             self._access = access
         admin_group = self._config.admin_group
+        demoted: set[int] = set()
         for session, held in list(self._sessions.items()):
             before = session.caller
             now = await self.lookups.caller_for_uid(before.uid, admin_group, pid=before.pid)
@@ -295,6 +300,35 @@ class UnixServer:
                 self._drop(session, held, self._not_admitted(before, access))
             elif before.admin and not now.admin:
                 self._demote(session, admin_group)
+                demoted.add(before.uid)
+        for uid in demoted:
+            self._trim(uid)
+
+    def _trim(self, uid: int) -> None:
+        """An ex-admin keeps what a user may hold: it was let in past the per-user cap as
+        an admin, and a user's connections beyond it would outlast the rule until they
+        end. The newest go, as the next one would have been refused."""
+        most = self._admitted.limits.per_user
+        # In the order they were admitted (a dict keeps it).
+        held = [
+            (session, kept)
+            for session, kept in self._sessions.items()
+            if session.caller.uid == uid and not session.closing
+        ]
+        for session, kept in held[most:]:
+            caller = session.caller
+            message = (
+                f"uid {uid} ({caller.username}) is no longer an admin after a configuration "
+                f"reload and held {len(held)} connections, more than a user may "
+                f"(limits.max_connections_per_user = {most}); its newest "
+                f"{len(held) - most} are closed, this one among them"
+            )
+            data = {
+                "reason": "connections",
+                "limit": most,
+                "key": "limits.max_connections_per_user",
+            }
+            self._drop(session, kept, message, data)
 
     async def _admits(self, access: SocketAccess, caller: Caller, held: _Held) -> bool:
         groups: frozenset[int] = frozenset()
@@ -302,9 +336,11 @@ class UnixServer:
             groups = await self.lookups.groups_for(caller.uid, caller.username)
         return access.permits(caller.uid, groups | {held.gid})
 
-    def _drop(self, session: Session, held: _Held, message: str) -> None:
+    def _drop(
+        self, session: Session, held: _Held, message: str, data: dict[str, Any] | None = None
+    ) -> None:
         log.info("closing the connection of %s: %s", session.caller.username, message)
-        error = Forbidden(message, {"reason": "access"})
+        error = Forbidden(message, data or {"reason": "access"})
         session.add_reply(jsonrpc.encode_line(jsonrpc.error_response(None, error)))
         # The writer sends what is queued, then the connection ends; one that cannot send
         # (its client reads nothing) is cut off after the grace.
