@@ -104,6 +104,9 @@ class _Link:
     # it connected to: a reload's allowed_origins is checked against them again.
     origin: str | None = None
     own_origin: str | None = None
+    # Reloads before its handshake was checked: one since, which could not see it (not
+    # yet among the links), is applied when it joins them (``_serve``).
+    checked_under: int = 0
 
     def close_with(self, code: int, reason: str) -> None:
         if self.close_code == NORMAL:
@@ -198,6 +201,7 @@ class WebSocketServer:
         self.addresses: list[str] = []
         self._frames = rules.FrameCache()
         self._files: dict[str, bytes] = {}  # the dashboard's, read when serving starts
+        self._reloads = 0  # ``recheck``s so far
         # A token's user is looked up in passwd and groups, which can block for seconds
         # (LDAP, SSSD): in threads, cached briefly, never on the event loop.
         self.lookups = CallerLookups()
@@ -287,27 +291,32 @@ class WebSocketServer:
         no longer an admin; their next handshake follows the new rules. ``access`` None
         (the socket file could not be read) keeps the last one known. Look-ups are fresh
         only if ``lookups.forget()`` came first."""
+        # Counted with the rule's change, before any wait: a handshake checked before
+        # it and accepted after it is held to it when it joins the links.
+        self._reloads += 1
         if access is not None:
             self.socket_access = access
-        config = self._config()
-        admin_group = config.admin_group
         for link in list(self._links):
-            before = link.session.caller
-            now = await self.lookups.caller_for_username(before.username, admin_group)
-            reason = None
-            origins = [*config.websocket.allowed_origins, *filter(None, [link.own_origin])]
-            if rules.check_origin(link.origin, origins) is not None:
-                reason = "the page's origin is no longer in websocket.allowed_origins"
-            elif now is None:
-                reason = "the token's user no longer exists"
-            elif await self._socket_refusal(now) is not None:
-                reason = "the token's user may no longer connect to the control socket"
-            elif before.admin and not now.admin:
-                reason = "the token's user is no longer an admin"
-            if reason is not None:
-                log.info("closing WebSocket connection of %s: %s", before.username, reason)
-                link.close_with(POLICY_VIOLATION, reason)
-                link.scope.cancel()
+            await self._recheck_link(link)
+
+    async def _recheck_link(self, link: _Link) -> None:
+        config = self._config()
+        before = link.session.caller
+        now = await self.lookups.caller_for_username(before.username, config.admin_group)
+        reason = None
+        origins = [*config.websocket.allowed_origins, *filter(None, [link.own_origin])]
+        if rules.check_origin(link.origin, origins) is not None:
+            reason = "the page's origin is no longer in websocket.allowed_origins"
+        elif now is None:
+            reason = "the token's user no longer exists"
+        elif await self._socket_refusal(now) is not None:
+            reason = "the token's user may no longer connect to the control socket"
+        elif before.admin and not now.admin:
+            reason = "the token's user is no longer an admin"
+        if reason is not None:
+            log.info("closing WebSocket connection of %s: %s", before.username, reason)
+            link.close_with(POLICY_VIOLATION, reason)
+            link.scope.cancel()
 
     def _revoked(self, token_id: str) -> None:
         self._close_token(token_id, "token revoked")
@@ -436,6 +445,7 @@ class WebSocketServer:
         return record, caller, target
 
     async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
+        checked_under = self._reloads
         checked = await self._check(request, stream)
         # Decided: from here the connection counts against max_connections, or is gone.
         self._handshaking.discard(stream)
@@ -473,6 +483,7 @@ class WebSocketServer:
             stream,
             origin=origin.decode("latin-1") if origin is not None else None,
             own_origin=web.page_origin(request._event.host),
+            checked_under=checked_under,
         )
         try:
             await self._serve(connection, link, target)
@@ -485,6 +496,8 @@ class WebSocketServer:
         session = link.session
         self._links.add(link)
         try:
+            if link.checked_under != self._reloads:
+                await self._recheck_link(link)  # closes it (the scope) if the rules now do
             with link.scope:
                 if target.kind == "rpc":
                     await self._run(connection, link, target, self._read_rpc)
