@@ -156,6 +156,8 @@ class NoProxy:
         brackets) on ``port`` goes without the proxy."""
         if self.everything:
             return True
+        if not self.names and not self.networks:
+            return False
         host = host.lower()
         address = _address(host)
         if address is None:
