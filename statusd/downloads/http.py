@@ -29,7 +29,7 @@ import socket
 import ssl
 import struct
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -77,6 +77,12 @@ _R = TypeVar("_R")
 # used for another (the proxy may route, and log in, per origin).
 _Route = tuple["Origin", Proxy | None]
 USER_AGENT = f"statusd/{__version__}"
+# A request's headers as h11 made and checked them (``HTTPClient.request_headers``); h11
+# takes them back as they are.
+RequestHeaders = Any
+# Sets of request headers kept made (a task's items share one; a resume's Range makes one
+# of its own), the least recently used dropped beyond this.
+REQUEST_HEADS_KEPT = 64
 
 
 class HTTPError(Exception):
@@ -389,6 +395,7 @@ class _Connection:
         self._buffer = receive_buffer
         # Plain TCP reads straight into the shared buffer; TLS has to go through SSLStream.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._fd = -1 if self._socket is None else self._socket.fileno()
         self._leftover = memoryview(b"")  # body bytes h11 gave us that the caller has not
         self._direct: int | None = None  # body bytes still to read past h11, in direct mode
         self._direct_total = 0
@@ -397,7 +404,9 @@ class _Connection:
         self._max_head = max_header_bytes
         self.received_any = False
 
-    async def send_request(self, method: str, target: str, headers: list[tuple[str, str]]) -> None:
+    async def send_request(self, method: str, target: str, headers: RequestHeaders) -> None:
+        """Send a request without a body. ``headers``: pairs, or the ``RequestHeaders`` of
+        ``HTTPClient.request_headers`` (checked by h11 once, when they were made)."""
         data = self._h11.send(h11.Request(method=method, target=target, headers=headers))
         end = self._h11.send(h11.EndOfMessage())
         assert data is not None
@@ -405,12 +414,21 @@ class _Connection:
         data += end
         try:
             if self._socket is not None and len(data) <= SMALL_SEND:
-                # An idle connection's send buffer is empty, so this never waits: spare
-                # the timeout's cancel scope, a visible cost per small file.
+                # An idle connection's send buffer is empty, so one write takes it all:
+                # no timeout's cancel scope, nor trio's send around it.
+                try:
+                    sent = os.write(self._fd, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    # One scheduler turn, as trio's send would take: the other requests
+                    # go out meanwhile, and the answer is more often there when this one
+                    # looks (no wait to register with epoll).
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+                data = data[sent:]
+            with trio.fail_after(self.read_timeout):
                 await self.stream.send_all(data)
-            else:
-                with trio.fail_after(self.read_timeout):
-                    await self.stream.send_all(data)
         except trio.TooSlowError:
             raise ReadTimeout(
                 f"timed out after {self.read_timeout:g} s sending the request to {self.origin}"
@@ -429,7 +447,7 @@ class _Connection:
                     raise HeadTooLarge(
                         f"response head from {self.origin} exceeds {self._max_head} bytes"
                     )
-                data = await self._receive(self._max_head + 1 - received)
+                data = await self._receive(self._max_head + 1 - received, head=True)
                 if not data:
                     # h11 would say "can't handle event type ConnectionClosed ...": its
                     # internals, not what happened.
@@ -571,27 +589,59 @@ class _Connection:
             data = await self._receive(len(self._buffer))
             self._h11.receive_data(data)  # type: ignore[arg-type]  # any bytes-like will do
 
-    async def _receive(self, limit: int) -> bytes | bytearray | memoryview:
+    async def _receive(self, limit: int, *, head: bool = False) -> bytes | bytearray | memoryview:
         size = min(len(self._buffer), limit)
         if self._socket is not None:
             view = self._buffer[:size]
+            if head:
+                return view[: await self._receive_head_bytes(view)]
             return view[: await self._read_timeout(self._socket.recv_into(view))]
         return await self._read_timeout(self.stream.receive_some(min(size, TLS_READ_SIZE)))
+
+    async def _receive_head_bytes(self, view: memoryview) -> int:
+        """Receive into ``view`` on plain TCP: at once if bytes are there (then one
+        scheduler turn, as trio's receive takes), else after waiting for them, within
+        the read timeout. Trio's receive does the same with more around it: a cancel
+        scope per receive, and its socket wrapper's, were a visible part of a small
+        file's cost."""
+        try:
+            try:
+                count = os.readv(self._fd, (view,))
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            except BlockingIOError:
+                with trio.move_on_after(self.read_timeout) as scope:
+                    while True:
+                        await trio.lowlevel.wait_readable(self._fd)
+                        try:
+                            count = os.readv(self._fd, (view,))
+                            break
+                        except BlockingIOError:
+                            continue
+                if scope.cancelled_caught:
+                    raise self._timed_out() from None
+        except OSError as exc:
+            raise ProtocolError(f"connection to {self.origin} broke: {_reason(exc)}") from exc
+        if count:
+            self.received_any = True
+        return count
 
     async def _read_timeout(self, receive: Awaitable[_R]) -> _R:
         """``await receive``, bounded by the read timeout, with errors made ours."""
         try:
-            with trio.fail_after(self.read_timeout):
+            with trio.move_on_after(self.read_timeout) as scope:
                 data = await receive
-        except trio.TooSlowError:
-            raise ReadTimeout(
-                f"timed out after {self.read_timeout:g} s waiting for data from {self.origin}"
-            ) from None
         except (trio.BrokenResourceError, OSError) as exc:
             raise ProtocolError(f"connection to {self.origin} broke: {_reason(exc)}") from exc
+        if scope.cancelled_caught:
+            raise self._timed_out()
         if data:
             self.received_any = True
         return data
+
+    def _timed_out(self) -> ReadTimeout:
+        return ReadTimeout(
+            f"timed out after {self.read_timeout:g} s waiting for data from {self.origin}"
+        )
 
 
 @attrs.frozen
@@ -743,8 +793,9 @@ class _HostSlots:
         entry = self._limiters.get(host)
         return 0 if entry is None else entry[0].borrowed_tokens
 
-    @contextlib.asynccontextmanager
-    async def hold(self, host: str) -> AsyncIterator[None]:
+    async def acquire(self, host: str) -> object:
+        """Take one of ``host``'s slots (waiting behind those who wait already); the
+        token to give back to ``release``."""
         limiter, users = self._limiters.get(host) or (trio.CapacityLimiter(self.per_host), 0)
         if limiter.total_tokens != self.per_host:
             limiter.total_tokens = self.per_host  # a reload: the next release admits by it
@@ -752,16 +803,112 @@ class _HostSlots:
         borrower = object()  # not the trio task: one task may hold slots of two requests
         try:
             await limiter.acquire_on_behalf_of(borrower)
+        except BaseException:
+            self._leave(host)
+            raise
+        return borrower
+
+    def release(self, host: str, borrower: object) -> None:
+        self._limiters[host][0].release_on_behalf_of(borrower)
+        self._leave(host)
+
+    def _leave(self, host: str) -> None:
+        limiter, users = self._limiters[host]
+        if users == 1:
+            del self._limiters[host]
+        else:
+            self._limiters[host] = (limiter, users - 1)
+
+
+class _Exchange:
+    """One request and its response, as ``HTTPClient.stream`` hands it out: a host slot,
+    a connection (pooled or new), the request sent and the response head received on
+    entry; on exit the connection goes back to the pool (a body read to its end, both
+    sides keeping it alive) or is closed (anything else, an exception included), then
+    the slot is given back. A class rather than nested generator-based context managers:
+    three of those per request were a visible part of a small file's cost."""
+
+    __slots__ = (
+        "_client",
+        "_connect_timeout",
+        "_connection",
+        "_headers",
+        "_method",
+        "_read_timeout",
+        "_route",
+        "_slot",
+        "_target",
+        "_url",
+    )
+
+    def __init__(
+        self,
+        client: HTTPClient,
+        route: _Route,
+        url: str,
+        method: str,
+        target: str,
+        headers: RequestHeaders,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self._client = client
+        self._route = route
+        self._url = url
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._connection: _Connection | None = None
+        self._slot: object | None = None
+
+    async def __aenter__(self) -> Response:
+        # No other checkpoint may come before the file work when the answer is there
+        # at once: a cancel already asked for takes effect here.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        client, host = self._client, self._route[0].host
+        self._slot = await client._hosts.acquire(host)
+        try:
+            connection, head = await client._send(
+                self._route,
+                self._method,
+                self._target,
+                self._headers,
+                self._connect_timeout,
+                self._read_timeout,
+            )
             try:
-                yield
-            finally:
-                limiter.release_on_behalf_of(borrower)
+                response_headers = Headers(
+                    tuple(
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in head.headers  # names in lower case
+                    )
+                )
+                connection.enter_direct_mode(head.status_code, response_headers, self._method)
+            except BaseException:
+                await trio.aclose_forcefully(connection.stream)
+                raise
+        except BaseException:
+            slot, self._slot = self._slot, None
+            client._hosts.release(host, slot)
+            raise
+        self._connection = connection
+        reason = head.reason.decode("latin-1")
+        return Response(connection, self._url, head.status_code, reason, response_headers)
+
+    async def __aexit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        connection, self._connection = self._connection, None
+        slot, self._slot = self._slot, None
+        try:
+            if connection is not None:
+                if exc_type is None:
+                    await self._client._release(connection)
+                else:
+                    await trio.aclose_forcefully(connection.stream)
         finally:
-            limiter, users = self._limiters[host]
-            if users == 1:
-                del self._limiters[host]
-            else:
-                self._limiters[host] = (limiter, users - 1)
+            if slot is not None:
+                self._client._hosts.release(self._route[0].host, slot)
 
 
 class HTTPClient:
@@ -836,6 +983,9 @@ class HTTPClient:
             max_total=max_idle_total,
         )
         self._hosts = _HostSlots(max_per_host)
+        self._request_heads: dict[
+            tuple[Origin, str, tuple[tuple[str, str], ...]], RequestHeaders
+        ] = {}
         self._sweeper: trio.CancelScope | None = None
         self._opened = 0
         self._reused = 0
@@ -876,6 +1026,7 @@ class HTTPClient:
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close when their stream ends."""
         self._closed = True
+        self._request_heads.clear()
         self._pool.close_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -897,8 +1048,7 @@ class HTTPClient:
             closed_by_peer=pool.closed_by_peer,
         )
 
-    @contextlib.asynccontextmanager
-    async def stream(
+    def stream(
         self,
         method: str,
         url: str,
@@ -906,7 +1056,7 @@ class HTTPClient:
         *,
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
-    ) -> AsyncIterator[Response]:
+    ) -> contextlib.AbstractAsyncContextManager[Response]:
         """Send a request and yield the response once its head has arrived.
 
         ``connect_timeout`` and ``read_timeout`` override the client's for this request.
@@ -918,59 +1068,41 @@ class HTTPClient:
         if self._closed:
             raise RuntimeError("the http client is closed")
         origin, target = split_url(url)
-        request_headers = self._request_headers(origin, headers)
         proxy = self.proxies.for_url(origin.scheme, origin.host, origin.port)
+        extra = tuple(headers)
         if proxy is not None and origin.scheme == "http":
             # A plain-http request goes to the proxy whole: absolute-form target, and the
             # proxy's credentials beside the origin's headers.
             target = f"http://{_authority(origin)}{target}"
-            request_headers += proxy.headers()
-        async with (
-            self._hosts.hold(origin.host),
-            self._exchange(
-                origin, proxy, url, method, target, request_headers, connect_timeout, read_timeout
-            ) as response,
-        ):
-            yield response
-
-    @contextlib.asynccontextmanager
-    async def _exchange(
-        self,
-        origin: Origin,
-        proxy: Proxy | None,
-        url: str,
-        method: str,
-        target: str,
-        request_headers: list[tuple[str, str]],
-        connect_timeout: float | None,
-        read_timeout: float | None,
-    ) -> AsyncIterator[Response]:
-        connection, head = await self._send(
+            extra += tuple(proxy.headers())
+        return _Exchange(
+            self,
             (origin, proxy),
+            url,
             method,
             target,
-            request_headers,
+            self.request_headers(origin, extra),
             self.connect_timeout if connect_timeout is None else connect_timeout,
             self.read_timeout if read_timeout is None else read_timeout,
         )
-        try:
-            response_headers = Headers(
-                tuple(
-                    (name.lower().decode("latin-1"), value.decode("latin-1"))
-                    for name, value in head.headers.raw_items()
-                )
-            )
-            connection.enter_direct_mode(head.status_code, response_headers, method)
-            response = Response(
-                connection, url, head.status_code, head.reason.decode("latin-1"), response_headers
-            )
-            yield response
-        except BaseException:
-            await trio.aclose_forcefully(connection.stream)
-            raise
-        await self._release(connection)
 
-    def _request_headers(
+    def request_headers(self, origin: Origin, extra: tuple[tuple[str, str], ...]) -> RequestHeaders:
+        """The headers of a request to ``origin``: ours (Host, User-Agent, Accept,
+        Accept-Encoding), each replaced by one of ``extra`` of the same name, then the rest
+        of ``extra``, in order. Made and checked by h11 once per set, then reused: the
+        items of a task ask with the same headers, and h11 checking every name and value
+        again was a visible part of a small file's request."""
+        key = (origin, self.user_agent, extra)
+        found = self._request_heads.pop(key, None)
+        if found is None:
+            pairs = self._header_pairs(origin, extra)
+            found = h11.Request(method="GET", target="/", headers=pairs).headers
+            if len(self._request_heads) >= REQUEST_HEADS_KEPT:
+                del self._request_heads[next(iter(self._request_heads))]
+        self._request_heads[key] = found  # the most recently used last
+        return found
+
+    def _header_pairs(
         self, origin: Origin, extra: Iterable[tuple[str, str]]
     ) -> list[tuple[str, str]]:
         # identity: the bytes on the wire are the file; nothing here decodes gzip.
@@ -992,7 +1124,7 @@ class HTTPClient:
         route: _Route,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: RequestHeaders,
         connect_timeout: float,
         read_timeout: float,
     ) -> tuple[_Connection, h11.Response]:
