@@ -395,7 +395,6 @@ class _Connection:
         self._buffer = receive_buffer
         # Plain TCP reads straight into the shared buffer; TLS has to go through SSLStream.
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._fd = -1 if self._socket is None else self._socket.fileno()
         self._leftover = memoryview(b"")  # body bytes h11 gave us that the caller has not
         self._direct: int | None = None  # body bytes still to read past h11, in direct mode
         self._direct_total = 0
@@ -417,7 +416,10 @@ class _Connection:
                 # An idle connection's send buffer is empty, so one write takes it all:
                 # no timeout's cancel scope, nor trio's send around it.
                 try:
-                    sent = os.write(self._fd, data)
+                    # The socket's descriptor as trio has it now (-1 once closed: EBADF),
+                    # never a number kept from before, which a closed socket may have
+                    # handed on to another file.
+                    sent = os.write(self._socket.fileno(), data)
                 except BlockingIOError:
                     sent = 0
                 if sent == len(data):
@@ -604,16 +606,18 @@ class _Connection:
         the read timeout. Trio's receive does the same with more around it: a cancel
         scope per receive, and its socket wrapper's, were a visible part of a small
         file's cost."""
+        assert self._socket is not None
+        fd = self._socket.fileno()  # as trio has it now: see send_request
         try:
             try:
-                count = os.readv(self._fd, (view,))
+                count = os.readv(fd, (view,))
                 await trio.lowlevel.cancel_shielded_checkpoint()
             except BlockingIOError:
                 with trio.move_on_after(self.read_timeout) as scope:
                     while True:
-                        await trio.lowlevel.wait_readable(self._fd)
+                        await trio.lowlevel.wait_readable(self._socket)
                         try:
-                            count = os.readv(self._fd, (view,))
+                            count = os.readv(fd, (view,))
                             break
                         except BlockingIOError:
                             continue
