@@ -55,6 +55,10 @@ class RawServer:
         self.heads: list[list[str]] = []
         self.port = 0
         self.connections = 0
+        # path -> the bytes to answer with instead (then the connection closes if
+        # ``close`` names the path): a server that lies.
+        self.answers: dict[str, bytes] = {}
+        self.close: set[str] = set()
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -78,6 +82,12 @@ class RawServer:
                 head, buffer = buffer.split(b"\r\n\r\n", 1)
                 lines = head.decode("latin-1").split("\r\n")
                 self.heads.append(lines)
+                path = lines[0].split(" ")[1]
+                if path in self.answers:
+                    await stream.send_all(self.answers[path])
+                    if path in self.close:
+                        return
+                    continue
                 wanted = [line for line in lines if line.lower().startswith("range:")]
                 match = _RANGE.match(wanted[0].partition(":")[2].strip()) if wanted else None
                 start = int(match.group(1)) if match else 0
@@ -309,3 +319,58 @@ async def test_host_slots_are_taken_first_come_first_served(
             release.set()
         assert order == ["first", "second", "third"]
         assert client.requests_in_flight("127.0.0.1") == 0
+
+
+def answer(body: bytes, *, length: int | None = None) -> bytes:
+    length = len(body) if length is None else length
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n".encode() + body
+
+
+async def test_a_body_shorter_than_its_content_length_is_not_a_file(
+    raw: RawServer, tmp_path: Path
+) -> None:
+    # Head and the short body in one write, then the connection closes: all of it
+    # arrives with the head's receive.
+    raw.answers["/short"] = answer(BODY[:10_000], length=len(BODY))
+    raw.close.add("/short")
+    async with HTTPClient() as client:
+        result = await download_item(
+            client, DownloadItem(raw.url("/short")), tmp_path, FAST, ItemState()
+        )
+        assert result.error is not None
+        assert "without sending complete message body" in result.error
+        await fetch(client, DownloadItem(raw.url("/next")), tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["next"]
+    assert (tmp_path / "next").read_bytes() == BODY
+
+
+async def test_bytes_past_the_content_length_are_neither_the_file_nor_the_next_answer(
+    raw: RawServer, tmp_path: Path
+) -> None:
+    # What follows the body looks like an answer to the next request: it must not be
+    # taken as one.
+    forged = answer(b"forged" * 100)
+    raw.answers["/long"] = answer(BODY) + forged
+    async with HTTPClient() as client:
+        await fetch(client, DownloadItem(raw.url("/long")), tmp_path)
+        await fetch(client, DownloadItem(raw.url("/next")), tmp_path)
+    assert (tmp_path / "long").read_bytes() == BODY
+    assert (tmp_path / "next").read_bytes() == BODY
+    assert [head[0] for head in raw.heads] == ["GET /long HTTP/1.1", "GET /next HTTP/1.1"]
+    assert raw.connections == 2  # the liar's connection was not kept
+
+
+async def test_a_small_chunked_body_is_whole_and_its_connection_kept(
+    raw: RawServer, tmp_path: Path
+) -> None:
+    chunks = b"".join(
+        f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+        for piece in (BODY[:5000], BODY[5000:5001], BODY[5001:])
+    )
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    raw.answers["/chunked"] = head + chunks + b"0\r\n\r\n"
+    async with HTTPClient() as client:
+        await fetch(client, DownloadItem(raw.url("/chunked")), tmp_path)
+        await fetch(client, DownloadItem(raw.url("/next")), tmp_path)
+        assert client.statistics().connections_opened == 1
+    assert (tmp_path / "chunked").read_bytes() == BODY

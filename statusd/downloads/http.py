@@ -560,6 +560,9 @@ class _Connection:
             self._direct is None
             and self._h11.our_state is h11.DONE
             and self._h11.their_state is h11.DONE
+            # Bytes past the end of the answer, before we asked again: a server that lies
+            # about its body's length. They are no answer to the next request.
+            and not self._h11.trailing_data[0]
         )
 
     def fileno(self) -> int:
