@@ -871,9 +871,6 @@ class _Exchange:
         self._slot: object | None = None
 
     async def __aenter__(self) -> Response:
-        # No other checkpoint may come before the file work when the answer is there
-        # at once: a cancel already asked for takes effect here.
-        await trio.lowlevel.checkpoint_if_cancelled()
         client, host = self._client, self._route[0].host
         self._slot = await client._hosts.acquire(host)
         try:
