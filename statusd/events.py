@@ -84,6 +84,8 @@ class NotificationFeed:
         """``notification`` (a stored record, without ``read``) was just created."""
         owner = notification["username"]
         if owner is None:
+            if not self._sessions:
+                return  # nobody to tell: the push would be encoded for no one
             users = list(self._sessions.items())
         elif owner in self._sessions:
             users = [(owner, self._sessions[owner])]

@@ -376,8 +376,6 @@ class ChangeGate:
             self._resumed.set()
 
 
-# An append (its lines' bytes and how many lines) or a job (a callable and 0), with the
-# task that waits for it and that task's run.
 class Change:
     """A class rather than a generator: entered and left on every journalled change, and a
     generator-based context manager costs several times as much."""
@@ -403,7 +401,13 @@ class Change:
             self._after()
 
 
-_Item = tuple[bytes | Callable[[], Any], int, trio.lowlevel.TrioToken, trio.lowlevel.Task]
+# An append (its lines' bytes and how many lines) or a job (a callable and 0), and the
+# task that waits for it.
+_Item = tuple[bytes | Callable[[], Any], int, trio.lowlevel.Task]
+# What the loop hands the thread at once: the items of one pass of its scheduler, and the
+# run to wake their tasks in.
+_HandOver = tuple[trio.lowlevel.TrioToken, list[_Item]]
+_Results = list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]
 
 
 class _Worker:
@@ -413,21 +417,28 @@ class _Worker:
     Group commit happens here: whatever the thread finds queued when it is free, it takes
     at once, and the appends among it are committed together (``commit``: one write, one
     sync), so a batch starts as soon as the one before it is synced, without waiting for
-    the event loop. The thread hands each batch's results to the loop with one call, and
-    the callers resume one after another in the order they were queued, across batches,
-    each waking the next as it resumes: a caller that applies its change to memory before
-    its next checkpoint (the services do) applies it in journal order. Callers wait
-    without a cancellation point: whoever handed something over waits for it, so nobody
-    leaves while their batch is written.
+    the event loop. The loop hands over what its tasks appended in one pass of its
+    scheduler together, just before it next waits for I/O (``_PassEnd``): a thread that
+    is idle would otherwise wake at the first append of a pass, sync it alone, and leave
+    the rest of the pass to wait for that sync (docs/bench-daemon.md, "Change: a journal
+    batch formed per pass of the loop"). The thread hands each batch's results to the loop
+    with one call, and the callers resume one after another in the order they were
+    queued, across batches, each waking the next as it resumes: a caller that applies its
+    change to memory before its next checkpoint (the services do) applies it in journal
+    order. Callers wait without a cancellation point: whoever handed something over waits
+    for it, so nobody leaves while their batch is written.
     """
 
     def __init__(self, name: str, commit: Callable[[bytes, int], None]) -> None:
         self._name = name
         self._commit = commit
-        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[_HandOver | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        # The loop's side: callers whose work is done, to resume in order, and whether a
-        # resumed caller is yet to wake the next one.
+        # The loop's side: what this pass of the scheduler handed over, the run whose
+        # passes hand it to the thread, callers whose work is done, to resume in order, and
+        # whether a resumed caller is yet to wake the next one.
+        self._passing: list[_Item] = []
+        self._pass_end: _PassEnd | None = None
         self._done: collections.deque[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = (
             collections.deque()
         )
@@ -449,13 +460,22 @@ class _Worker:
             self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
             self._thread.start()
         token = trio.lowlevel.current_trio_token()
-        self._items.put((*work, token, trio.lowlevel.current_task()))
+        if self._pass_end is None or self._pass_end.token is not token:
+            self._pass_end = _PassEnd(self, token)
+            trio.lowlevel.add_instrument(self._pass_end)
+        self._passing.append((*work, trio.lowlevel.current_task()))
         try:
             return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
         finally:
             self._wake_next()
 
-    def _finished(self, results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]) -> None:
+    def hand_over(self, token: trio.lowlevel.TrioToken) -> None:
+        """On the loop, between two passes: give the thread what this pass appended."""
+        if self._passing:
+            self._items.put((token, self._passing))
+            self._passing = []
+
+    def _finished(self, results: _Results) -> None:
         """On the loop: ``results`` are done, in order."""
         self._done.extend(results)
         if not self._waking:
@@ -475,33 +495,33 @@ class _Worker:
             with contextlib.suppress(queue.Empty):
                 while True:
                     taken.append(items.get_nowait())
-            results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = []
+            results: _Results = []
             batch: list[_Item] = []
             token: trio.lowlevel.TrioToken | None = None
-            for item in taken:
-                if item is not None:
-                    token = item[2]
+            stop = False
+            for handed in taken:
+                if handed is None:
+                    stop = True
+                    break
+                token, handed_items = handed
+                for item in handed_items:
                     if type(item[0]) is bytes:
                         batch.append(item)
                         continue
-                self._commit_batch(batch, results)
-                batch = []
-                if item is None:
-                    break
-                job, _, _, task = item
-                assert callable(job)
-                results.append((task, outcome.capture(job)))
+                    self._commit_batch(batch, results)
+                    batch = []
+                    job, _, task = item
+                    assert callable(job)
+                    results.append((task, outcome.capture(job)))
             self._commit_batch(batch, results)
             if token is not None and results:
                 # A run cannot end under a waiting caller; should it, nobody is left to tell.
                 with contextlib.suppress(trio.RunFinishedError):
                     token.run_sync_soon(self._finished, results)
-            if taken[-1] is None:
+            if stop:
                 return
 
-    def _commit_batch(
-        self, batch: list[_Item], results: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]]
-    ) -> None:
+    def _commit_batch(self, batch: list[_Item], results: _Results) -> None:
         if not batch:
             return
         data = b"".join(item[0] for item in batch)  # type: ignore[misc]
@@ -510,13 +530,32 @@ class _Worker:
             self._commit(data, sum(item[1] for item in batch))
         except Exception as exc:  # whatever it is, it goes to the batch's callers
             error = exc
-        results.extend((item[3], outcome.Value(error)) for item in batch)
+        results.extend((item[2], outcome.Value(error)) for item in batch)
 
     def stop(self) -> None:
         """Let the thread end once it has run what it was given (no wait)."""
+        pass_end, self._pass_end = self._pass_end, None
+        if pass_end is not None and pass_end.token is not None:
+            self.hand_over(pass_end.token)  # nothing is left unsaid before the thread ends
+            pass_end.token = None
+            with contextlib.suppress(KeyError, RuntimeError):  # another run, or none
+                trio.lowlevel.remove_instrument(pass_end)
         if self._thread is not None:
             self._items.put(None)
             self._thread = None
+
+
+class _PassEnd(trio.abc.Instrument):
+    """Calls ``hand_over`` of a store's worker before each wait of the loop for I/O (so
+    after each pass of its scheduler), in the run it was added to."""
+
+    def __init__(self, worker: _Worker, token: trio.lowlevel.TrioToken) -> None:
+        self._worker = worker
+        self.token: trio.lowlevel.TrioToken | None = token
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.token is not None:
+            self._worker.hand_over(self.token)
 
 
 def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
