@@ -147,10 +147,15 @@ class NotificationService:
                 "created_at": format_timestamp(self._now()),
             }
             row = create_record(record, key)
-            await self._append(row)
-            self._index.add_row(row)
+
+            def stored() -> None:
+                self._index.add_row(row)
+                # Here rather than after the append returns: a batch's creators resume in
+                # any order, and subscribers see new notifications in journal order.
+                self._feed.publish_new(record, self._index.unread_count)
+
+            await self._append(row, stored)
         log.info("notification %d created for %s", record["id"], username or "everyone")
-        self._feed.publish_new(record, self._index.unread_count)
         return record["id"]
 
     def get_user_notifications(
@@ -246,13 +251,20 @@ class NotificationService:
         ):
             self._compact_wanted.set()
 
-    async def _append(self, record: dict[str, Any] | Row) -> None:
+    async def _append(
+        self, record: dict[str, Any] | Row, then: Callable[[], None] | None = None
+    ) -> None:
+        """Journal ``record``; ``then``, the change it stands for, is applied to memory
+        once the record is durable, in journal order (the store calls it), or right away
+        with no journal."""
         if self._store is None:
+            if then is not None:
+                then()
             return
         try:
             # Once the record may be on disk, memory must follow it: the store's append is
             # not interrupted by cancellation once called, so no shield is needed here.
-            await self._store.append(record)
+            await self._store.append(record, then)
         except StoreError as exc:
             self._failed_writes += 1
             log.error("notification change not stored: %s", exc)
