@@ -427,8 +427,9 @@ class _Worker:
     a caller that applies its change to memory before its next checkpoint applies it in
     journal order. A caller that gave ``then`` (its change to memory) has it applied on the
     loop as soon as every earlier caller's change is, and is woken without waiting for
-    anyone to resume; a caller without one is woken alone, and wakes the next as it
-    resumes (trio runs tasks woken together in either order). So a batch whose callers all
+    anyone to resume; a caller without one is woken alone, and the next are woken once it
+    has resumed (trio runs tasks woken together in either order), those with a change
+    once it has run to its next checkpoint. So a batch whose callers all
     gave ``then`` is applied in order and answered in one pass of the scheduler, instead
     of one pass per caller. Callers wait without a cancellation point: whoever handed
     something over waits for it, so nobody leaves while their batch is written.
@@ -475,10 +476,18 @@ class _Worker:
         try:
             return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
         finally:
-            self._wake_next()
+            if then is None:  # this caller was woken alone: the next are this one's to wake
+                done = self._done
+                if done and done[0][2] is not None:
+                    # Their changes may be applied only after this caller's own, which it
+                    # applies before its next checkpoint: from another task, so later.
+                    token.run_sync_soon(self._wake_next)
+                else:
+                    self._wake_next()
 
     def hand_over(self, token: trio.lowlevel.TrioToken) -> None:
-        """On the loop, between two passes: give the thread what this pass appended."""
+        """On the loop, between two passes of its scheduler: give the thread what this
+        pass appended."""
         if self._passing:
             self._items.put((token, self._passing))
             self._passing = []
@@ -490,6 +499,8 @@ class _Worker:
             self._wake_next()
 
     def _wake_next(self) -> None:
+        """Wake callers in order, up to and including the next one woken alone; only
+        while none woken alone is yet to run to its next checkpoint."""
         done = self._done
         while done:
             task, result, then = done.popleft()

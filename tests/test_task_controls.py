@@ -4,7 +4,7 @@ journal failures (nothing moves that is not journalled), shutdown and compaction
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,14 @@ class FullDisk:
         self.refused = 0
         real = store.append_many
 
-        async def append_many(records: Iterable[Any]) -> None:
+        async def append_many(
+            records: Iterable[Any], then: Callable[[], None] | None = None
+        ) -> None:
             if self.full:
                 self.refused += 1
                 cause = OSError(errno.ENOSPC, "No space left on device")
                 raise StoreError(f"{store.path}: {cause}") from cause
-            await real(records)
+            await real(records, then)
 
         store.append_many = append_many  # type: ignore[method-assign]
 
