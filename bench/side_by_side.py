@@ -7,7 +7,9 @@ whose order flips every round, so drift hits both sides alike. ``bench/minirpc.p
 its turn too, the floor: for ``create`` with its journal on the same disk. Prints each
 side's median and rounds, the ratio of the medians and in how many rounds ``after`` beat
 ``before``, and each daemon's CPU time per call (``/proc``), which is steadier than the
-rates when other work shares the cores. Clients as in
+rates when other work shares the cores; for ``create``, also how many records each side's
+journal thread committed per ``write`` + ``fdatasync`` (the write system calls of the
+threads other than the event loop's, from ``/proc/PID/task/*/io``). Clients as in
 ``bench/run.py``: processes of their own, each call awaited before the next.
 
 Usage::
@@ -20,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -56,7 +59,7 @@ def main() -> None:
         servers["minirpc"] = start_minirpc(root / "minirpc", journal=args.workload == "create")
         for server in servers.values():
             server.wait_ready()
-        results, cpu = _rounds(servers, args)
+        results, cpu, batches = _rounds(servers, args)
     finally:
         for server in servers.values():
             server.stop()
@@ -65,6 +68,10 @@ def main() -> None:
         rounds = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{name:8} median {statistics.median(values):9,.0f}/s  rounds: {rounds}")
         print(f"{name:8} CPU per call, median {statistics.median(cpu[name]):6.1f} us")
+        if batches[name]:
+            per_sync = ", ".join(f"{v:.1f}" for v in batches[name])
+            median = statistics.median(batches[name])
+            print(f"{name:8} records per sync, median {median:.1f}: {per_sync}")
     before, after = (statistics.median(results[name]) for name in ("before", "after"))
     line = f"after/before {after / before:.2f}x"
     if "minirpc" in results:
@@ -77,9 +84,10 @@ def main() -> None:
 
 def _rounds(
     servers: dict[str, ServerProcess], args: argparse.Namespace
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
     results: dict[str, list[float]] = {name: [] for name in servers}
     cpu: dict[str, list[float]] = {name: [] for name in servers}
+    batches: dict[str, list[float]] = {name: [] for name in servers}
     extra = []
     if args.workload == "create":
         extra = ["--method", "notifications.create", "--params", json.dumps(PARAMS)]
@@ -89,12 +97,30 @@ def _rounds(
         for name in order:
             command = ["--socket", servers[name].socket, "--count", str(share), *extra]
             argvs = [_clients.command("calls", *command) for _ in range(args.clients)]
-            used = cpu_seconds_of(servers[name].process.pid)
+            pid = servers[name].process.pid
+            used, writes = cpu_seconds_of(pid), _writes_off_the_loop(pid)
             seconds, _ = _clients.run_gang(argvs)
-            used = cpu_seconds_of(servers[name].process.pid) - used
+            used = cpu_seconds_of(pid) - used
+            writes = _writes_off_the_loop(pid) - writes
             results[name].append(share * args.clients / seconds)
             cpu[name].append(used / (share * args.clients) * 1e6)
-    return results, cpu
+            if args.workload == "create" and writes > 0:
+                batches[name].append(share * args.clients / writes)
+    return results, cpu, batches
+
+
+def _writes_off_the_loop(pid: int) -> int:
+    """Write system calls so far by ``pid``'s threads other than its first (the event
+    loop's): in a create workload, the journal thread's one ``write`` per commit."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            for line in (task / "io").read_text().splitlines():
+                if line.startswith("syscw:"):
+                    total += int(line.split()[1])
+    return total
 
 
 if __name__ == "__main__":

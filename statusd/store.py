@@ -47,10 +47,12 @@ thread (``_Worker``), started with the first of them and stopped on close, in th
 they were asked for: threads stuck elsewhere (DNS lookups on trio's default limiter) must
 never hold back a journal write, a store never needs more than one thread, and handing a
 job to a thread that waits for it is about a third cheaper than ``trio.to_thread.run_sync``
-(docs/bench-daemon.md). The thread starts the next batch as soon as a sync ends, and
-wakes the waiters of the batch it synced with one call into the event loop, where they
-resume in the order they appended (docs/bench-daemon.md, "Change: the journal's thread
-commits back to back"). Opening uses ``trio.to_thread.run_sync`` on the store's limiter. This
+(docs/bench-daemon.md). The loop hands over what one pass of its scheduler appended at
+once. The thread starts the next batch as soon as a sync ends, and wakes the waiters of
+the batch it synced with one call into the event loop, where their changes are applied
+in the order they appended (docs/bench-daemon.md, "Change: the journal's thread commits
+back to back" and "Change: a journal batch per pass of the loop, its changes applied in
+one pass"). Opening uses ``trio.to_thread.run_sync`` on the store's limiter. This
 module knows nothing of what the records mean (tasks, notifications): it depends on trio
 (and its ``outcome``), attrs, the stdlib and ``statusd.errors`` only.
 """
@@ -415,24 +417,23 @@ class _Worker:
     """One thread that writes a store's appends, and runs its rarer jobs (compaction,
     close), one at a time in the order they were handed over, while the callers wait.
 
-    Group commit happens here: whatever the thread finds queued when it is free, it takes
-    at once, and the appends among it are committed together (``commit``: one write, one
-    sync), so a batch starts as soon as the one before it is synced, without waiting for
-    the event loop. The loop hands over what its tasks appended in one pass of its
-    scheduler together, just before it next waits for I/O (``_PassEnd``): a thread that
-    is idle would otherwise wake at the first append of a pass, sync it alone, and leave
-    the rest of the pass to wait for that sync (docs/bench-daemon.md, "Change: a journal
-    batch formed per pass of the loop"). The thread hands each batch's results to the loop
-    with one call, and the callers resume in the order they were queued, across batches:
-    a caller that applies its change to memory before its next checkpoint applies it in
-    journal order. A caller that gave ``then`` (its change to memory) has it applied on the
-    loop as soon as every earlier caller's change is, and is woken without waiting for
-    anyone to resume; a caller without one is woken alone, and the next are woken once it
-    has resumed (trio runs tasks woken together in either order), those with a change
-    once it has run to its next checkpoint. So a batch whose callers all
-    gave ``then`` is applied in order and answered in one pass of the scheduler, instead
-    of one pass per caller. Callers wait without a cancellation point: whoever handed
-    something over waits for it, so nobody leaves while their batch is written.
+    Group commit happens here: whatever the thread finds queued when it is free, it takes at
+    once, and the appends among it are committed together (``commit``: one write, one sync),
+    so a batch starts as soon as the one before it is synced, without waiting for the event
+    loop. The loop hands over what its tasks appended in one pass of its scheduler together,
+    just before it next waits for I/O (``_PassEnd``): a thread that is idle would otherwise
+    wake at the first append of a pass, sync it alone, and leave the rest of the pass to
+    wait for that sync. The thread hands each batch's results to the loop with one call, and
+    the callers resume in the order they were queued, across batches: a caller that applies
+    its change to memory before its next checkpoint applies it in journal order. A caller
+    that gave ``then`` (its change to memory) has it applied on the loop as soon as every
+    earlier caller's change is, and is woken without waiting for anyone to resume; a caller
+    without one is woken alone, and the next are woken once it has resumed (trio runs tasks
+    woken together in either order), those with a change once it has run to its next
+    checkpoint. So a batch whose callers all gave ``then`` is applied in order and answered
+    in one pass of the scheduler, instead of one pass per caller. Callers wait without a
+    cancellation point: whoever handed something over waits for it, so nobody leaves while
+    their batch is written.
     """
 
     def __init__(self, name: str, commit: Callable[[bytes, int], None]) -> None:
