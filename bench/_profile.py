@@ -1,6 +1,7 @@
 """Where a daemon's time went, from py-spy's raw output (``--idle --threads``, folded stacks).
 
-Imported by bench/run.py, or ``python bench/_profile.py FILE`` for a file recorded before.
+Imported by bench/run.py, or ``python bench/_profile.py FILE...`` for files recorded before
+(several: one summary of their samples together, e.g. one daemon per round of a row).
 The event loop is the thread named MainThread; it is idle while it waits in epoll. The
 other threads are grouped by name with their numbers dropped (``Trio thread 3`` ->
 ``Trio thread``).
@@ -37,13 +38,14 @@ def _name(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
-def summarize(path: Path) -> str:
+def summarize(*paths: Path) -> str:
     loop_total = loop_idle = 0
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     threads_busy: Counter[str] = Counter()
-    for line in path.read_text().splitlines():
+    text = "\n".join(path.read_text() for path in paths)
+    for line in text.splitlines():
         if not line.strip():
             continue
         name, frames, count = _frames(line)
@@ -63,7 +65,7 @@ def summarize(path: Path) -> str:
         for frame in ours:
             inclusive[frame] += count
     if not loop_total:
-        return f"{path}: no samples of the event loop"
+        return f"{', '.join(map(str, paths))}: no samples of the event loop"
     busy = loop_total - loop_idle
     lines = [
         f"event loop (MainThread): {loop_total:,} samples, idle in epoll "
@@ -85,4 +87,4 @@ def summarize(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    print(summarize(Path(sys.argv[1])))
+    print(summarize(*map(Path, sys.argv[1:])))

@@ -134,7 +134,10 @@ class Bench:
     disk: Path  # a real disk: the create rows' daemons and sqlite
     known: set[str]
     profile: str | None
-    profiles: dict[str, Path] = attrs.Factory(dict)
+    # Each profiled daemon's own file, under a label saying which daemons it shares a
+    # summary with: the row, and in the fan-out row the transport and phase (one summary
+    # mixing the Unix socket's daemons with the WebSocket's says nothing about either).
+    profiles: dict[str, list[Path]] = attrs.Factory(dict)
     runs: int = 0
 
     def scratch(self, under: Path, name: str) -> Path:
@@ -145,7 +148,13 @@ class Bench:
 
     @contextlib.contextmanager
     def statusd(
-        self, row: str, settings: dict[str, Any], *, on_disk: bool = False, websocket: bool = False
+        self,
+        row: str,
+        settings: dict[str, Any],
+        *,
+        on_disk: bool = False,
+        websocket: bool = False,
+        part: str | None = None,
     ) -> Iterator[ServerProcess]:
         directory = self.scratch(self.disk if on_disk else self.shm, f"statusd-{row}")
         settings = {"download_dir": str(directory / "downloads"), **settings}
@@ -156,7 +165,7 @@ class Bench:
             if websocket:
                 server.mint_token()
             if self.profile == row:
-                spy = self._start_profile(row, server)
+                spy = self._start_profile(row if part is None else f"{row} {part}", server)
             yield server
             server.check_alive()
         finally:
@@ -165,14 +174,16 @@ class Bench:
                 spy.wait(30)
             server.stop()
 
-    def _start_profile(self, row: str, server: ServerProcess) -> subprocess.Popen[bytes] | None:
+    def _start_profile(self, label: str, server: ServerProcess) -> subprocess.Popen[bytes] | None:
         here = str(Path(sys.executable).parent)
         spy = shutil.which("py-spy") or shutil.which("py-spy", path=here)
         if spy is None:
             _say("py-spy not found (pip install '.[bench]'): no profile")
             return None
-        out = Path(tempfile.gettempdir()) / f"statusd-profile-{row}.txt"
-        self.profiles[row] = out
+        files = self.profiles.setdefault(label, [])
+        name = f"statusd-profile-{label.replace(' ', '-')}-{len(files) + 1}.txt"
+        out = Path(tempfile.gettempdir()) / name
+        files.append(out)
         argv = [spy, "record", "-p", str(server.process.pid), "-r", "250", "-f", "raw",
                 "--idle", "--threads", "-o", str(out), "--nonblocking"]  # fmt: skip
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -502,9 +513,12 @@ def row_fanout(bench: Bench) -> list[Line]:
     for number, name in _rotations(["unix", "websocket"], bench.rounds):
         websocket = name == "websocket"
         settings = {"status_history": opts.history}
-        with bench.statusd("fanout", settings, websocket=websocket) as server:
+        with bench.statusd("fanout", settings, websocket=websocket, part=f"{name} burst") as server:
             burst = fanout.run_throughput(server, count, opts.messages, opts)
-        with bench.statusd("fanout", {"status_history": 100}, websocket=websocket) as server:
+        steady_settings = {"status_history": 100}
+        with bench.statusd(
+            "fanout", steady_settings, websocket=websocket, part=f"{name} 1k msg/s"
+        ) as server:
             steady = fanout.run_latency(server, count, opts)
         if not (burst.complete and steady.complete):
             _say(f"  fanout {name}: a run timed out; its figures are what arrived in time")
@@ -733,9 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print("every round (statusd first):")
         print(runs_list(lines))
-        for row, path in bench.profiles.items():
-            print(f"\nprofile of statusd in row {row} (py-spy raw output, folded stacks: {path}):")
-            print(_profile.summarize(path))
+        for label, paths in bench.profiles.items():
+            shown = ", ".join(str(path) for path in paths)
+            print(f"\nprofile of statusd in {label} (py-spy raw output, folded stacks: {shown}):")
+            print(_profile.summarize(*paths))
     except KeyboardInterrupt:
         _say("interrupted: every process this benchmark started has been stopped")
         return 130
