@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -181,7 +182,8 @@ class Bench:
             _say("py-spy not found (pip install '.[bench]'): no profile")
             return None
         files = self.profiles.setdefault(label, [])
-        name = f"statusd-profile-{label.replace(' ', '-')}-{len(files) + 1}.txt"
+        stem = re.sub(r"\W+", "-", label)
+        name = f"statusd-profile-{stem}-{len(files) + 1}.txt"
         out = Path(tempfile.gettempdir()) / name
         files.append(out)
         argv = [spy, "record", "-p", str(server.process.pid), "-r", "250", "-f", "raw",
@@ -517,7 +519,7 @@ def row_fanout(bench: Bench) -> list[Line]:
             burst = fanout.run_throughput(server, count, opts.messages, opts)
         steady_settings = {"status_history": 100}
         with bench.statusd(
-            "fanout", steady_settings, websocket=websocket, part=f"{name} 1k msg/s"
+            "fanout", steady_settings, websocket=websocket, part=f"{name} steady"
         ) as server:
             steady = fanout.run_latency(server, count, opts)
         if not (burst.complete and steady.complete):
