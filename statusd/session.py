@@ -13,12 +13,22 @@ outgoing buffer is bounded two ways:
   notice: status messages come straight from the channel's ring (a cursor per session,
   no copies; only those the session's user may read), other streams through a
   per-session deque of ``max_pushes``.
+
+Status messages to idle sessions go out through their transport's ``Fanout``, not their
+writers: a publish queues every idle session that may read it on the one fan-out task,
+which, once the publisher's turn is over, writes to each of them what it has pending
+without blocking (the session's ``send_directly``), so a message to 100 idle subscribers
+costs 100 writes in one task and no wake-up of 100 writer tasks. A session whose socket
+takes only part of it, or that is not idle (its writer is sending a backlog, or about
+to), is left to its writer, with the rules above.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -30,6 +40,8 @@ from statusd.protocol import jsonrpc
 from statusd.state.status import Reader
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import Scope
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PUSHES = 1000
 DEFAULT_MAX_PENDING_REPLIES = 256
@@ -64,6 +76,34 @@ class SessionStatistics:
     pending_pushes: int
     dropped: dict[str, int]
     subscriptions: int
+
+
+class Fanout:
+    """One task that sends status messages to a transport's idle sessions.
+
+    ``add`` is what a session's channel watcher calls when the session is idle: it queues
+    the session and wakes the task (once for every session a publish, or a whole batch of
+    publishes in one turn, queues). The task then asks each queued session to
+    ``deliver``: whatever the session has pending goes out in one non-blocking write,
+    so the messages of one turn still go out together, as a writer would send them.
+    """
+
+    def __init__(self) -> None:
+        self._queued: list[Session] = []
+        self._ready = trio.Event()
+
+    def add(self, session: Session) -> None:
+        if not self._queued:
+            self._ready.set()
+        self._queued.append(session)
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            queued, self._queued = self._queued, []
+            for session in queued:
+                session.deliver()
 
 
 class Session:
@@ -103,6 +143,16 @@ class Session:
         self._status_cursor: int | None = None
         self._work = trio.Event()
         self._room = trio.Event()
+        # The wire bytes of a write the socket took only part of: sent before anything
+        # else, by the writer.
+        self._unsent: bytes | memoryview | None = None
+        # True while the writer waits for work with nothing to send: the one time the
+        # fan-out may send for it.
+        self._parked = False
+        # The transport's fan-out and its non-blocking send of everything pending (which
+        # hands what the socket did not take to ``put_back``); None: the writer sends all.
+        self.fanout: Fanout | None = None
+        self.send_directly: Callable[[], None] | None = None
         self.closing = False
         # False when the transport's reader sends its own replies once it has answered
         # what it read (the Unix socket): a reply then costs no wake-up of the writer.
@@ -115,11 +165,16 @@ class Session:
         if self.replies_wake_writer:
             self._work.set()
 
-    def put_back(self, data: bytes) -> None:
-        """Queue the unsent rest of what ``take_pending`` gave, ahead of everything else,
-        and wake the writer to send it."""
-        self._replies.appendleft(data)
+    def put_back(self, data: bytes | memoryview) -> None:
+        """Hold the unsent rest of a write (bytes as they go on the wire), to be sent
+        before anything else, and wake the writer to send it (``take_unsent``)."""
+        assert self._unsent is None, "a write started while an earlier one was unsent"
+        self._unsent = data
         self._work.set()
+
+    def take_unsent(self) -> bytes | memoryview | None:
+        data, self._unsent = self._unsent, None
+        return data
 
     def wake_writer(self) -> None:
         self._work.set()
@@ -248,6 +303,7 @@ class Session:
     def has_pending(self) -> bool:
         return bool(
             self._replies
+            or self._unsent is not None
             or self._pushes
             or self._unreported
             or (
@@ -262,10 +318,41 @@ class Session:
             self._work = trio.Event()
             if self._status_cursor is not None:
                 self._channel.watch(self._wake, self.reader)
-            await self._work.wait()
+            self._parked = True
+            try:
+                await self._work.wait()
+            finally:
+                self._parked = False
 
     def _wake(self) -> None:
-        self._work.set()
+        if self.fanout is not None and self._idle():
+            self.fanout.add(self)
+        else:
+            self._work.set()
+
+    def _idle(self) -> bool:
+        # Parked and not yet woken: nothing of this session's is on its way to the socket
+        # (a writer that was woken may already hold the rest of a write).
+        return self._parked and not self._work.is_set() and not self.closing
+
+    def deliver(self) -> None:
+        """The fan-out's turn: send what is pending now if the session is still idle
+        (else its writer, awake, sends it), and watch the channel again."""
+        if not self._idle():
+            return
+        assert self.send_directly is not None
+        try:
+            self.send_directly()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close()  # the client went away; its reader finds out too
+            return
+        except Exception:
+            # As a failing writer would: the connection ends, the fan-out goes on.
+            log.exception("sending to a %s client failed; closing its connection", self.transport)
+            self.close()
+            return
+        if self._idle() and self._status_cursor is not None:
+            self._channel.watch(self._wake, self.reader)
 
     def close(self) -> None:
         """Stop receiving pushes and wake the writer so it can finish."""

@@ -36,7 +36,7 @@ from statusd.events import Streams
 from statusd.identity import Caller, CallerLookups
 from statusd.protocol import jsonrpc
 from statusd.protocol.framing import LineDecoder, LineTooLong
-from statusd.session import Session
+from statusd.session import Fanout, Session
 from statusd.state.connections import Connections, Refusal
 from statusd.transports.accept import connection_limits, serve_listeners
 from statusd.transports.answer import answer
@@ -189,6 +189,7 @@ class UnixServer:
         # still being admitted when a reload comes is held to it (``_admission``).
         self._reloads = 0
         self._access: SocketAccess | None = None
+        self._fanout = Fanout()
 
     @property
     def connections(self) -> int:
@@ -222,6 +223,7 @@ class UnixServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._fanout.run)
                 nursery.start_soon(self._accept, listener)
                 task_status.started(self)
         finally:
@@ -446,6 +448,8 @@ class UnixServer:
 
     async def _run_session(self, stream: trio.SocketStream, session: Session) -> None:
         sender = _Sender(stream, session)
+        session.fanout = self._fanout
+        session.send_directly = sender.send_now
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._read_loop, stream, session, sender)
             # A client that went away has nothing left to be told.
@@ -511,13 +515,14 @@ async def _receive(fd: int) -> bytes:
 
 
 class _Sender:
-    """Sends one connection's output, in order, from whichever of its two tasks has it.
+    """Sends one connection's output, in order, from whichever task has it.
 
     The reader sends its replies itself as soon as it has answered what it read: a reply
     then costs one write and no wake-up of the writer task, which a trivial call would
-    otherwise pay in scheduling as much as in answering. The writer sends pushes, and
-    whatever did not fit into the socket; while it waits for room, the reader leaves
-    everything to it, so the bytes on the wire keep their order.
+    otherwise pay in scheduling as much as in answering. The server's fan-out sends
+    status messages the same way while the writer is idle. The writer sends the other
+    pushes, and whatever did not fit into the socket; while it waits for room, the others
+    leave everything to it, so the bytes on the wire keep their order.
     """
 
     def __init__(self, stream: trio.SocketStream, session: Session) -> None:
@@ -557,6 +562,10 @@ class _Sender:
         session = self._session
         while True:
             await session.wait_pending()
+            rest = session.take_unsent()
+            if rest is not None:
+                # ``_blocked`` is set: nobody else sends until this is out.
+                await self._stream.send_all(rest)
             pending = session.take_pending()
             if pending:
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
@@ -566,6 +575,8 @@ class _Sender:
                     await self._stream.send_all(memoryview(data)[sent:])
                 # Sent whole: the reader may send again. Whatever it queued meanwhile is
                 # taken next, with no checkpoint in between for it to get ahead.
+                self._blocked = False
+            elif rest is not None:
                 self._blocked = False
             elif session.closing:
                 return

@@ -63,7 +63,7 @@ from statusd.logs import EveryInterval
 from statusd.protocol import jsonrpc, web
 from statusd.protocol import websocket as rules
 from statusd.protocol.codec import format_timestamp, unstructure
-from statusd.session import Session
+from statusd.session import Fanout, Session
 from statusd.state.connections import Connections, Refusal
 from statusd.state.tasks import TaskInfo
 from statusd.tokens import TokenRecord, TokenStore
@@ -96,6 +96,7 @@ class _Link:
     session: Session
     token_id: str
     stream: trio.SocketStream
+    ordered: _Ordered
     scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     close_code: int = NORMAL
     close_reason: str | None = None
@@ -115,6 +116,48 @@ class _Link:
 
 def _now() -> str:
     return format_timestamp(datetime.now(UTC))
+
+
+class _Ordered(trio.abc.Stream):
+    """The connection as trio-websocket writes to it: its own frames (pongs, pings, the
+    close) wait here while a frame of the daemon's is partly written.
+
+    The daemon's frames go straight to the socket, under trio-websocket's send lock when
+    the writer sends them; the fan-out cannot wait for that lock (nor hand it on), so it
+    writes only while the lock is free, and when the socket takes part of its write it
+    ``hold``s this gate until the writer has sent the rest (``release``).
+    """
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self._sent: trio.Event | None = None
+
+    @property
+    def half_written(self) -> bool:
+        return self._sent is not None
+
+    def hold(self) -> None:
+        self._sent = trio.Event()
+
+    def release(self) -> None:
+        if self._sent is not None:
+            self._sent.set()
+            self._sent = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        while self._sent is not None:
+            await self._sent.wait()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        self.release()
+        await self.inner.aclose()
 
 
 def _address(sockname: Any) -> str:
@@ -200,6 +243,7 @@ class WebSocketServer:
         self._connections_changed = trio.lowlevel.ParkingLot()
         self.addresses: list[str] = []
         self._frames = rules.FrameCache()
+        self._fanout = Fanout()
         self._files: dict[str, bytes] = {}  # the dashboard's, read when serving starts
         self._reloads = 0  # ``recheck``s so far
         # A token's user is looked up in passwd and groups, which can block for seconds
@@ -246,6 +290,7 @@ class WebSocketServer:
         _warn_unless_loopback(listeners)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._fanout.run)
             nursery.start_soon(self._accept, listeners)
             task_status.started(self)
 
@@ -370,10 +415,10 @@ class WebSocketServer:
                     if head.request is not None and not web.is_upgrade(head.request):
                         await self._answer_page(stream, head.request)
                         return
-                    replayed = front.Replayed(stream, head.data)
-                    request = await wrap_server_stream(nursery, replayed, max_message_size=most)
+                    ordered = _Ordered(front.Replayed(stream, head.data))
+                    request = await wrap_server_stream(nursery, ordered, max_message_size=most)
                 if request is not None:
-                    await self._handle_request(request, stream)
+                    await self._handle_request(request, stream, ordered)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # trio-websocket's reader fails on some malformed handshakes (a Host that is
@@ -444,7 +489,9 @@ class WebSocketServer:
             return target
         return record, caller, target
 
-    async def _handle_request(self, request: WebSocketRequest, stream: trio.SocketStream) -> None:
+    async def _handle_request(
+        self, request: WebSocketRequest, stream: trio.SocketStream, ordered: _Ordered
+    ) -> None:
         checked_under = self._reloads
         checked = await self._check(request, stream)
         # Decided: from here the connection counts against max_connections, or is gone.
@@ -481,6 +528,7 @@ class WebSocketServer:
             ),
             record.id,
             stream,
+            ordered,
             origin=origin.decode("latin-1") if origin is not None else None,
             own_origin=web.page_origin(request._event.host),
             checked_under=checked_under,
@@ -535,67 +583,20 @@ class WebSocketServer:
         target: rules.Route,
         reader: Callable[[WebSocketConnection, Session, rules.Route], Any],
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader, connection, link.session, target)
-            nursery.start_soon(self._keepalive, connection, link)
-            with contextlib.suppress(ConnectionClosed):
-                await self._write_loop(connection, link.stream, link.session, target.coalesce)
-            nursery.cancel_scope.cancel()
-
-    async def _write_loop(
-        self,
-        connection: WebSocketConnection,
-        stream: trio.SocketStream,
-        session: Session,
-        coalesce: bool,
-    ) -> None:
-        """Send whatever is pending as text frames, in one write when the socket takes it.
-
-        Frames are built here from the session's shared lines rather than one
-        ``send_message`` per message: that costs a wsproto encode and three trips through
-        the scheduler per message and per client, and at 100 clients the daemon spends
-        its time there (docs/bench-fanout.md). trio-websocket's own frames (pongs, pings,
-        the close) are serialized by its stream lock; these writes take the same lock.
-        Only this task ever waits on this client's socket: publish never does.
-        """
-        lock = connection._stream_lock
-        fd = stream.socket.fileno()
-        while True:
-            await session.wait_pending()
-            pending = session.take_pending()
-            if not pending:
-                if session.closing:
-                    return
-                continue
-            data = rules.encode_frames(pending, coalesce, self._frames)
-            if not lock.locked() and connection.closed is None:
-                # The lock is free and there is no checkpoint before the write, so no
-                # other frame can get in between: one non-blocking write, which nearly
-                # always takes everything, and the lock only if the rest must wait.
-                try:
-                    sent = os.write(fd, data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
-                if sent < len(data):
-                    lock.acquire_nowait()
-                    try:
-                        await self._send_rest(stream, memoryview(data)[sent:])
-                    finally:
-                        lock.release()
-                continue
-            async with lock:
-                if connection.closed is not None:
-                    raise ConnectionClosed(connection.closed)
-                await self._send_rest(stream, memoryview(data))
-
-    @staticmethod
-    async def _send_rest(stream: trio.SocketStream, data: memoryview) -> None:
+        sender = _FrameSender(connection, link, target.coalesce, self._frames)
+        link.session.fanout = self._fanout
+        link.session.send_directly = sender.send_now
         try:
-            await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader, connection, link.session, target)
+                nursery.start_soon(self._keepalive, connection, link)
+                with contextlib.suppress(ConnectionClosed):
+                    await sender.write_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            # A frame left half-written (the writer was cancelled) must not hold the
+            # close frame back: it goes as it would have after a cancelled send.
+            link.ordered.release()
 
     async def _keepalive(self, connection: WebSocketConnection, link: _Link) -> None:
         while True:
@@ -745,3 +746,112 @@ class WebSocketServer:
                         task=unstructure(task),
                     )
         session.add_reply(jsonrpc.encode_line(reply))
+
+
+class _FrameSender:
+    """Sends one connection's pending lines as text frames, in one write when the socket
+    takes it, from the writer task or, while the writer is idle, the server's fan-out.
+
+    Frames are built from the session's shared lines rather than one ``send_message`` per
+    message: that costs a wsproto encode and three trips through the scheduler per
+    message and per client, and at 100 clients the daemon spends its time there
+    (docs/bench-fanout.md). trio-websocket's own frames (pongs, pings, the close) are
+    serialized by its stream lock: the writer's writes take the same lock when they must
+    wait, and nobody writes while it is held; a frame the fan-out could not finish holds
+    trio-websocket's frames back at ``_Ordered`` instead. Only the writer ever waits on
+    this client's socket: publish and the fan-out never do.
+    """
+
+    def __init__(
+        self, connection: WebSocketConnection, link: _Link, coalesce: bool, frames: rules.FrameCache
+    ) -> None:
+        self._connection = connection
+        self._lock = connection._stream_lock
+        self._stream = link.stream
+        self._ordered = link.ordered
+        self._session = link.session
+        self._coalesce = coalesce
+        self._frames = frames
+
+    def _free(self) -> bool:
+        """Whether a frame may start now: none is being written, by trio-websocket or
+        by the fan-out, and the connection is open."""
+        return (
+            not self._lock.locked()
+            and not self._ordered.half_written
+            and self._connection.closed is None
+        )
+
+    def _write(self, data: bytes) -> int:
+        # The descriptor is asked for each time: once trio-websocket has closed the
+        # socket it is -1, never a number another connection has since been given.
+        fd = self._stream.socket.fileno()
+        if fd < 0:
+            raise ConnectionClosed(CloseReason(ABNORMAL, "the socket is closed"))
+        try:
+            return os.write(fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
+
+    def send_now(self) -> None:
+        """The fan-out's send: everything pending in one non-blocking write; what the
+        socket does not take goes to the writer (``Session.put_back``)."""
+        session = self._session
+        if not self._free():
+            session.wake_writer()
+            return
+        pending = session.take_pending()
+        if not pending:
+            return
+        data = rules.encode_frames(pending, self._coalesce, self._frames)
+        try:
+            sent = self._write(data)
+        except ConnectionClosed as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
+        if sent < len(data):
+            self._ordered.hold()
+            session.put_back(memoryview(data)[sent:])
+
+    async def write_loop(self) -> None:
+        session = self._session
+        lock = self._lock
+        while True:
+            await session.wait_pending()
+            rest = session.take_unsent()
+            if rest is not None:
+                # The fan-out's half-written frame: trio-websocket's wait at the gate.
+                try:
+                    await self._send_rest(rest)
+                finally:
+                    self._ordered.release()
+                continue
+            pending = session.take_pending()
+            if not pending:
+                if session.closing:
+                    return
+                continue
+            data = rules.encode_frames(pending, self._coalesce, self._frames)
+            if self._free():
+                # The lock is free and there is no checkpoint before the write, so no
+                # other frame can get in between: one non-blocking write, which nearly
+                # always takes everything, and the lock only if the rest must wait.
+                sent = self._write(data)
+                if sent < len(data):
+                    lock.acquire_nowait()
+                    try:
+                        await self._send_rest(memoryview(data)[sent:])
+                    finally:
+                        lock.release()
+                continue
+            async with lock:
+                if self._connection.closed is not None:
+                    raise ConnectionClosed(self._connection.closed)
+                await self._send_rest(memoryview(data))
+
+    async def _send_rest(self, data: bytes | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(CloseReason(ABNORMAL, str(exc))) from None
