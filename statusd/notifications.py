@@ -155,7 +155,7 @@ class NotificationService:
                 self._feed.publish_new(record, self._index.unread_count)
 
             await self._append(row, stored)
-        log.info("notification %d created for %s", record["id"], username or "everyone")
+        log.debug("notification %d created for %s", record["id"], username or "everyone")
         return record["id"]
 
     def get_user_notifications(
