@@ -253,6 +253,59 @@ class _Entry:
     # A finished task's snapshot record, made by the first compaction after its end and
     # kept until a retry changes it (see ``_snapshot``).
     kept: KeptRecord | None = None
+    # The task's checkpoints being journalled, and those made meanwhile, which wait to be
+    # journalled together next (``journal_checkpoint``).
+    checkpoints_writing: _Checkpoints | None = None
+    checkpoints_next: _Checkpoints | None = None
+
+
+@attrs.define(eq=False)
+class _Checkpoints:
+    """A task's checkpoints journalled in one append: those made while its earlier ones
+    were being written. With 16 small files finishing at a time, a hand-off to the
+    journal's thread and a wake-up from it per checkpoint cost the loop more than the
+    checkpoints' own work (docs/bench-daemon.md)."""
+
+    records: list[dict[str, Any]] = attrs.Factory(list)
+    data: list[dict[str, Any]] = attrs.Factory(list)
+    # Their callers but the one writing them, parked until the write ends.
+    waiting: list[trio.lowlevel.Task] = attrs.Factory(list)
+    written: bool = False
+    # Where they went when a failed write found newer checkpoints waiting (they go first).
+    joined: _Checkpoints | None = None
+
+    def add(self, record: dict[str, Any], data: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.data.append(data)
+
+    def withdraw(self, record: dict[str, Any]) -> None:
+        at = next(i for i, mine in enumerate(self.records) if mine is record)
+        del self.records[at], self.data[at]
+
+    def current(self) -> _Checkpoints:
+        checkpoints = self
+        while checkpoints.joined is not None:
+            checkpoints = checkpoints.joined
+        return checkpoints
+
+    async def park(self) -> None:
+        """Wait, not as a cancellation point (the record may be in the journal's hands),
+        until ``wake`` (the write ended) or ``wake_first`` (a turn to write)."""
+        self.waiting.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
+
+    def wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for task in waiting:
+            trio.lowlevel.reschedule(task)
+
+    def wake_first(self) -> None:
+        if self.waiting:
+            trio.lowlevel.reschedule(self.waiting.pop(0))
+
+
+def _cannot_abort(_: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class TaskManager:
@@ -883,7 +936,13 @@ class TaskManager:
 
     async def journal_checkpoint(self, task: TaskInfo, data: dict[str, Any]) -> None:
         """Journal job-specific progress; returns once it is durable (see
-        ``_record_retrying``: a full disk holds the job here, it does not lose the record)."""
+        ``_record_retrying``: a full disk holds the job here, it does not lose the record).
+
+        A task's checkpoints made while its earlier ones are being written wait, and go to
+        the journal together once those are durable, in the order they were made; whoever
+        comes first writes them for all. As with an append, a caller whose record went to
+        the journal waits for it whatever happens; a cancel takes effect while its caller
+        writes and the journal refuses (the record is then taken back)."""
         entry = self._entries[task.id]
         progress = {
             "processed_items": task.processed_items,
@@ -891,9 +950,51 @@ class TaskManager:
             "bytes_total": task.bytes_total,
         }
         record = {"op": "checkpoint", "id": task.id, "data": data, "set": progress}
-        await self._record_retrying(
-            task, [record], lambda: entry.checkpoints.append(data), "a checkpoint"
-        )
+        mine = entry.checkpoints_next
+        if mine is None:
+            mine = entry.checkpoints_next = _Checkpoints()
+        mine.add(record, data)
+        while True:
+            mine = mine.current()
+            if mine.written:
+                return
+            if entry.checkpoints_writing is None:
+                await self._write_checkpoints(entry, record)
+                return
+            await mine.park()
+
+    async def _write_checkpoints(self, entry: _Entry, record: dict[str, Any]) -> None:
+        """Write the task's waiting checkpoints, ``record`` among them; then wake their
+        callers, and one of the next ones' to write those."""
+        writing = entry.checkpoints_next
+        assert writing is not None
+        entry.checkpoints_next, entry.checkpoints_writing = None, writing
+        try:
+            await self._record_retrying(
+                entry.task,
+                writing.records,
+                lambda: entry.checkpoints.extend(writing.data),
+                "a checkpoint",
+            )
+            writing.written = True
+            writing.wake()
+        except BaseException:
+            # Not written (cancelled while the journal refused): the others' wait again,
+            # ahead of any made since, and take the record back.
+            writing.withdraw(record)
+            later = entry.checkpoints_next
+            if later is not None:
+                writing.records += later.records
+                writing.data += later.data
+                writing.waiting += later.waiting
+                later.waiting = []
+                later.joined = writing
+            entry.checkpoints_next = writing if writing.records else None
+            raise
+        finally:
+            entry.checkpoints_writing = None
+            if entry.checkpoints_next is not None:
+                entry.checkpoints_next.wake_first()
 
     def _replay(self, records: list[Any]) -> None:
         for record in records:
