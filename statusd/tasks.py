@@ -253,26 +253,24 @@ class _Entry:
     # A finished task's snapshot record, made by the first compaction after its end and
     # kept until a retry changes it (see ``_snapshot``).
     kept: KeptRecord | None = None
-    # The task's checkpoints being journalled, and those made meanwhile, which wait to be
-    # journalled together next (``journal_checkpoint``).
-    checkpoints_writing: _Checkpoints | None = None
+    # The task's checkpoints of this turn of the scheduler, journalled together once it
+    # is over (``journal_checkpoint``).
     checkpoints_next: _Checkpoints | None = None
 
 
 @attrs.define(eq=False)
 class _Checkpoints:
-    """A task's checkpoints journalled in one append: those made while its earlier ones
-    were being written. With 16 small files finishing at a time, a hand-off to the
-    journal's thread and a wake-up from it per checkpoint cost the loop more than the
-    checkpoints' own work (docs/bench-daemon.md)."""
+    """A task's checkpoints journalled in one append: those made in one turn of the
+    scheduler (the file threads wake the items they finished together). With 16 small
+    files at a time, a hand-off to the journal's thread and a wake-up from it per
+    checkpoint cost the loop more than the checkpoints' own work (docs/bench-daemon.md)."""
 
     records: list[dict[str, Any]] = attrs.Factory(list)
     data: list[dict[str, Any]] = attrs.Factory(list)
     # Their callers but the one writing them, parked until the write ends.
     waiting: list[trio.lowlevel.Task] = attrs.Factory(list)
+    writing: bool = False
     written: bool = False
-    # Where they went when a failed write found newer checkpoints waiting (they go first).
-    joined: _Checkpoints | None = None
 
     def add(self, record: dict[str, Any], data: dict[str, Any]) -> None:
         self.records.append(record)
@@ -282,15 +280,9 @@ class _Checkpoints:
         at = next(i for i, mine in enumerate(self.records) if mine is record)
         del self.records[at], self.data[at]
 
-    def current(self) -> _Checkpoints:
-        checkpoints = self
-        while checkpoints.joined is not None:
-            checkpoints = checkpoints.joined
-        return checkpoints
-
     async def park(self) -> None:
         """Wait, not as a cancellation point (the record may be in the journal's hands),
-        until ``wake`` (the write ended) or ``wake_first`` (a turn to write)."""
+        until the write ends (``wake``) or its writer gave up (``wake_first``)."""
         self.waiting.append(trio.lowlevel.current_task())
         await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
@@ -938,11 +930,12 @@ class TaskManager:
         """Journal job-specific progress; returns once it is durable (see
         ``_record_retrying``: a full disk holds the job here, it does not lose the record).
 
-        A task's checkpoints made while its earlier ones are being written wait, and go to
-        the journal together once those are durable, in the order they were made; whoever
-        comes first writes them for all. As with an append, a caller whose record went to
-        the journal waits for it whatever happens; a cancel takes effect while its caller
-        writes and the journal refuses (the record is then taken back)."""
+        A task's checkpoints made in one turn of the scheduler go to the journal in one
+        append, in the order they were made, written by the first of them. As with an
+        append of its own, no caller is answered before its record is durable, and none
+        leaves while it may be in the journal's hands; a cancel takes effect while the
+        journal refuses, for the caller writing them (its record is taken back, and one
+        of the others writes theirs) as for the others."""
         entry = self._entries[task.id]
         progress = {
             "processed_items": task.processed_items,
@@ -953,48 +946,52 @@ class TaskManager:
         mine = entry.checkpoints_next
         if mine is None:
             mine = entry.checkpoints_next = _Checkpoints()
+            mine.add(record, data)
+            # The others of this turn join, up to the moment this caller runs again.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if entry.checkpoints_next is mine:
+                entry.checkpoints_next = None
+            await self._write_checkpoints(entry, mine, record)
+            return
         mine.add(record, data)
-        while True:
-            mine = mine.current()
-            if mine.written:
-                return
-            if entry.checkpoints_writing is None:
-                await self._write_checkpoints(entry, record)
+        await mine.park()
+        while not mine.written:
+            if not mine.writing:
+                # Its writer was cancelled while the journal refused: this caller writes
+                # them now, unless it was cancelled too.
+                try:
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    mine.withdraw(record)
+                    mine.wake_first()
+                    raise
+                await self._write_checkpoints(entry, mine, record)
                 return
             await mine.park()
 
-    async def _write_checkpoints(self, entry: _Entry, record: dict[str, Any]) -> None:
-        """Write the task's waiting checkpoints, ``record`` among them; then wake their
-        callers, and one of the next ones' to write those."""
-        writing = entry.checkpoints_next
-        assert writing is not None
-        entry.checkpoints_next, entry.checkpoints_writing = None, writing
+    async def _write_checkpoints(
+        self, entry: _Entry, checkpoints: _Checkpoints, record: dict[str, Any]
+    ) -> None:
+        """Write ``checkpoints``, ``record`` among them, and wake their callers; if this
+        caller is cancelled before they are durable, take ``record`` back and hand the
+        others to one of their callers."""
+        checkpoints.writing = True
         try:
             await self._record_retrying(
                 entry.task,
-                writing.records,
-                lambda: entry.checkpoints.extend(writing.data),
+                checkpoints.records,
+                lambda: entry.checkpoints.extend(checkpoints.data),
                 "a checkpoint",
             )
-            writing.written = True
-            writing.wake()
+            checkpoints.written = True
+            checkpoints.wake()
         except BaseException:
-            # Not written (cancelled while the journal refused): the others' wait again,
-            # ahead of any made since, and take the record back.
-            writing.withdraw(record)
-            later = entry.checkpoints_next
-            if later is not None:
-                writing.records += later.records
-                writing.data += later.data
-                writing.waiting += later.waiting
-                later.waiting = []
-                later.joined = writing
-            entry.checkpoints_next = writing if writing.records else None
+            checkpoints.withdraw(record)
             raise
         finally:
-            entry.checkpoints_writing = None
-            if entry.checkpoints_next is not None:
-                entry.checkpoints_next.wake_first()
+            checkpoints.writing = False
+            if not checkpoints.written:
+                checkpoints.wake_first()
 
     def _replay(self, records: list[Any]) -> None:
         for record in records:
