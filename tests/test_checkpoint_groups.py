@@ -6,6 +6,7 @@ while the journal refuses takes back that caller's record alone."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ class RefusedCheckpoints:
         self.refused = 0
         real = store.append_many
 
-        async def append_many(records: Any) -> None:
+        async def append_many(records: Any, then: Callable[[], None] | None = None) -> None:
             records = list(records)
             if self.full and any(record["op"] == "checkpoint" for record in records):
                 self.refused += 1
                 cause = OSError(errno.ENOSPC, "No space left on device")
                 raise StoreError(f"{store.path}: {cause}") from cause
-            await real(records)
+            await real(records, then)
 
         store.append_many = append_many  # type: ignore[method-assign]
 
@@ -90,10 +91,10 @@ async def test_checkpoints_made_together_are_journalled_in_order_in_fewer_writes
     appends: list[int] = []
     real = store.append_many
 
-    async def append_many(records: Any) -> None:
+    async def append_many(records: Any, then: Callable[[], None] | None = None) -> None:
         records = list(records)
         appends.append(len(records))
-        await real(records)
+        await real(records, then)
 
     store.append_many = append_many  # type: ignore[method-assign]
     job = ManyAtOnce(path, 20)
