@@ -13,6 +13,10 @@ What the seed lacked:
   state. ``cancel_task`` records the user's request and waits for that path; a task that
   is not running (queued or paused) is handed to a run that only finishes it. Every change
   to one task happens under that task's lock, so no two paths can finish it twice;
+- a running task is shown paused by its run too, once its job has stopped: ``pause_task``
+  journals the pause and cancels the scope, and ``_run`` moves the task (``_settle_pause``)
+  after ``Job.run`` has returned, so ``paused``, like ``cancelled``, is never said while the
+  job's threads may still write (a download's part is then what a resume continues from);
 - nothing is acknowledged that is not durable: every task and state change is journalled
   to ``tasks.jsonl`` before memory changes and before it is answered or published. A change
   that a caller asks for and that cannot be journalled is refused (``InternalError``) and
@@ -245,6 +249,9 @@ class _Entry:
     cancel_requested: bool = False
     # The job has ended and its run is recording the outcome: too late to cancel or pause.
     finishing: bool = False
+    # A pause journalled (at this time) that its run has not made yet: the job is stopping,
+    # and the task is shown paused once it has (``_settle_pause``).
+    pausing: datetime | None = None
     checkpoints: list[dict[str, Any]] = attrs.Factory(list)
     done: trio.Event = attrs.Factory(trio.Event)
     # Set when the task's latest run has exited and given its slot back.
@@ -486,23 +493,38 @@ class TaskManager:
         return entry.task.status is TaskStatus.CANCELLED and entry.cancel_requested
 
     async def pause_task(self, task_id: str) -> None:
-        """Pause a pending or running task: it leaves the queue or gives up its slot at
-        once, keeping its part files. Raises ``Conflict`` in any other state."""
+        """Pause a pending or running task: it leaves the queue, or its job is stopped at
+        once, keeping its part files. Returns once the task is paused: a running one when
+        its job has stopped and its slot is free. Raises ``Conflict`` in any other state."""
         entry = self._entries[task_id]
         async with entry.lock:
             task = entry.task
-            if task.status not in (TaskStatus.PENDING, TaskStatus.RUNNING) or (
-                entry.cancel_requested or entry.finishing
-            ):
-                raise _conflict(entry, "paused")
-            await self._record_status(entry, TaskStatus.PAUSED)
-            self._unqueue(task_id)
-            exited = entry.run_exited if entry.scope is not None else None
-            if entry.scope is not None:
-                entry.scope.cancel()
-        self.push(task, "progress", "Task paused")
+            exited = entry.run_exited
+            if entry.pausing is None:
+                if task.status not in (TaskStatus.PENDING, TaskStatus.RUNNING) or (
+                    entry.cancel_requested or entry.finishing
+                ):
+                    raise _conflict(entry, "paused")
+                # Journalled now: a restart finds the task paused, even one whose job is
+                # still stopping.
+                at = self._now()
+                async with self._gate.change():
+                    await self._append_or_refuse([_update_record(task, TaskStatus.PAUSED, at)])
+                    entry.pausing = at
+                self._unqueue(task_id)
+                if task.status is TaskStatus.RUNNING and entry.scope is not None:
+                    entry.scope.cancel()  # its run pauses it once the job's writes stopped
+                else:
+                    # No job runs: queued, or dispatched and not yet started (that run
+                    # ends at once, seeing it paused).
+                    self._settle_pause(entry)
+                    if entry.scope is None:
+                        exited = None
+            # else a pause under way: this call waits for it too.
         if exited is not None:
             await exited.wait()  # the slot is free (and the next task started) on return
+            if task.status.finished:
+                raise _conflict(entry, "paused")  # a cancel overtook the pause
 
     async def resume_task(self, task_id: str) -> None:
         """Queue a paused task again (at the end); it continues where it stopped."""
@@ -667,13 +689,18 @@ class TaskManager:
                     return
                 await self._start(entry)
             outcome = await self._work(entry, scope)
-            entry.finishing = outcome is not None and not entry.cancel_requested
+            entry.finishing = (
+                outcome is not None and not entry.cancel_requested and entry.pausing is None
+            )
             async with entry.lock:
                 if entry.cancel_requested:
                     await self._finish_cancelled(entry)
+                elif entry.pausing is not None:
+                    # The job has stopped (an outcome that raced the pause is dropped: a
+                    # resume's job finds what it did); the part files stay for the resume.
+                    self._settle_pause(entry)
                 elif outcome is not None and entry.task.status is TaskStatus.RUNNING:
                     await self._finish(entry, *outcome)
-                # else paused: the pause recorded it; the part files stay for the resume.
         except trio.Cancelled:
             # Only the daemon's stop cancels a run from outside its own scope. The task
             # stays "running" (or "pending") in the journal and resumes on the next start.
@@ -681,6 +708,7 @@ class TaskManager:
             raise
         finally:
             entry.finishing = False
+            entry.pausing = None  # made, overtaken by a cancel, or (a stop) left to the journal
             if entry.scope is scope:
                 entry.scope = None
             if entry.task.status is not TaskStatus.RUNNING:
@@ -734,6 +762,14 @@ class TaskManager:
             finally:
                 reporter.close()
         return outcome
+
+    def _settle_pause(self, entry: _Entry) -> None:
+        """Show the task paused: its pause is journalled and no job of it runs any more.
+        The one place a task becomes paused."""
+        assert entry.pausing is not None
+        entry.task.move_to(TaskStatus.PAUSED, entry.pausing)
+        entry.pausing = None
+        self.push(entry.task, "progress", "Task paused")
 
     async def _finish_cancelled(self, entry: _Entry) -> None:
         job = entry.job if entry.job is not None else self._job_or_none(entry)
@@ -813,8 +849,10 @@ class TaskManager:
     async def _run_exited(self, entry: _Entry, *states: TaskStatus) -> None:
         """Wait until the last run of a task in one of ``states`` has exited: a paused or
         cancelled run may still be unwinding, and its successor must not share the job's
-        files with it. (In any other state the caller refuses, without waiting.)"""
-        if entry.task.status in states and entry.run_exited is not None:
+        files with it; so may a running one being paused. (In any other state the caller
+        refuses, without waiting.)"""
+        pausing = entry.pausing is not None
+        if (entry.task.status in states or pausing) and entry.run_exited is not None:
             await entry.run_exited.wait()
 
     def _job_or_none(self, entry: _Entry) -> Job | None:
@@ -1117,7 +1155,12 @@ def _snapshot(entry: _Entry) -> Any:
 
 def _snapshot_record(entry: _Entry) -> dict[str, Any]:
     """A task as compaction writes it: what a finished task no longer has is left out."""
-    record: dict[str, Any] = {"op": "create", "task": unstructure(entry.task)}
+    task = unstructure(entry.task)
+    if entry.pausing is not None:
+        # The pause is journalled and the job still stopping: the task as a replay of the
+        # records it replaces would have it.
+        task |= _update_record(entry.task, TaskStatus.PAUSED, entry.pausing)["set"]
+    record: dict[str, Any] = {"op": "create", "task": task}
     if entry.spec is not None:
         record["spec"] = entry.spec
     if entry.checkpoints:
