@@ -1155,11 +1155,18 @@ def _snapshot(entry: _Entry) -> Any:
 
 def _snapshot_record(entry: _Entry) -> dict[str, Any]:
     """A task as compaction writes it: what a finished task no longer has is left out."""
-    task = unstructure(entry.task)
+    info = entry.task
+    if info.result is None:
+        task = unstructure(info)
+    else:
+        # A result is plain JSON already (``Job.run``): a 2,000-item download's, walked by
+        # the converter, cost the loop 11 ms at the compaction after its end.
+        task = unstructure(attrs.evolve(info, result=None))
+        task["result"] = info.result
     if entry.pausing is not None:
         # The pause is journalled and the job still stopping: the task as a replay of the
         # records it replaces would have it.
-        task |= _update_record(entry.task, TaskStatus.PAUSED, entry.pausing)["set"]
+        task |= _update_record(info, TaskStatus.PAUSED, entry.pausing)["set"]
     record: dict[str, Any] = {"op": "create", "task": task}
     if entry.spec is not None:
         record["spec"] = entry.spec
