@@ -224,14 +224,14 @@ def test_shared_answers_count_drops_per_view() -> None:
 # -- through a real daemon: WebSocket and Unix subscribers of two users ----------------------
 
 
-def _client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
     mask = os.urandom(4)
     masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
     assert len(payload) < 126
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
 
 
-def _subscribe(since: int) -> bytes:
+def subscribe_line(since: int) -> bytes:
     params = {"status": True, "since": since}
     return json.dumps({"jsonrpc": "2.0", "method": "subscribe", "params": params, "id": 1}).encode()
 
@@ -246,7 +246,7 @@ def _raw_ws_reader(
     with sock:
         assert head.startswith(b"HTTP/1.1 101"), head
         rest = head.partition(b"\r\n\r\n")[2]
-        sock.sendall(_client_frame(_subscribe(since)))
+        sock.sendall(client_frame(subscribe_line(since)))
         got: list[Any] = []
         while not any(v.get("params", {}).get("message") == until for v in got[-3:]):
             frames, rest = decode(rest)
@@ -262,11 +262,11 @@ def _raw_ws_reader(
         return got
 
 
-def _unix_reader(path: str, since: int, until: str) -> list[Any]:
+def unix_reader(path: str, since: int, until: str) -> list[Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(TIMEOUT)
         sock.connect(path)
-        sock.sendall(_subscribe(since) + b"\n")
+        sock.sendall(subscribe_line(since) + b"\n")
         got: list[Any] = []
         data = b""
         while not any(v.get("params", {}).get("message") == until for v in got[-3:]):
@@ -280,7 +280,7 @@ def _unix_reader(path: str, since: int, until: str) -> list[Any]:
 
 def _ws_reader(daemon: Daemon, token: str, query: str, since: int, until: str) -> list[Any]:
     with open_ws(daemon, token, "/ws" + query, max_size=None) as ws:
-        ws.send(_subscribe(since).decode())
+        ws.send(subscribe_line(since).decode())
         got: list[Any] = []
         while not any(v.get("params", {}).get("message") == until for v in got[-3:]):
             got.extend(frame_values(ws.recv(TIMEOUT)))
@@ -329,10 +329,10 @@ async def test_subscribers_of_two_users_on_both_transports_get_their_view_in_ord
     readers = {
         "admin raw ws": lambda: _raw_ws_reader(ws_port, admin_token, since, "END live", codes),
         "admin ws, a frame each": lambda: _ws_reader(daemon, admin_token, "", since, "END live"),
-        "admin unix": lambda: _unix_reader(path, since, "END live"),
+        "admin unix": lambda: unix_reader(path, since, "END live"),
         "b ws 1": lambda: _ws_reader(daemon, b_token, "?coalesce=1", since, "END live"),
         "b ws 2": lambda: _ws_reader(daemon, b_token, "?coalesce=1", since, "END live"),
-        "b unix": lambda: run_as_nobody(lambda: _unix_reader(path, since, "END live")),
+        "b unix": lambda: run_as_nobody(lambda: unix_reader(path, since, "END live")),
     }
     results: dict[str, list[Any]] = {}
 
@@ -377,7 +377,7 @@ async def test_a_closed_connection_is_sent_nothing_while_others_are_served(
     with sock:
         assert head.startswith(b"HTTP/1.1 101"), head
         rest = head.partition(b"\r\n\r\n")[2]
-        sock.sendall(_client_frame(_subscribe(since)))
+        sock.sendall(client_frame(subscribe_line(since)))
 
         def read_until_close() -> tuple[list[Frame], bytes]:
             nonlocal rest
@@ -394,7 +394,7 @@ async def test_a_closed_connection_is_sent_nothing_while_others_are_served(
         # The subscription's answer, then the client closes.
         first = await trio.to_thread.run_sync(sock.recv, 1 << 16)
         rest += first
-        sock.sendall(_client_frame(struct.pack("!H", 1000), opcode=0x8))
+        sock.sendall(client_frame(struct.pack("!H", 1000), opcode=0x8))
         seen, rest = await trio.to_thread.run_sync(read_until_close)
         closes = [frame for frame in seen if frame.opcode == 0x8]
         assert seen[-1] is closes[0]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from statusd.identity import Caller
 from statusd.session import Fanout, Session
 from statusd.state.status import Audience, Level
 from tests.conftest import NOBODY_GID, make_config, needs_root, run_as_nobody
-from tests.test_fanout_frames import Frame, decode
+from tests.test_fanout_frames import Frame, client_frame, decode, subscribe_line, unix_reader
 from tests.websocket_clients import TIMEOUT, make_token, port, ws_config
 
 B = "nobody"
@@ -71,12 +70,6 @@ def by_fanout(taken: list[tuple[Session, str]], session: Session) -> bool:
 
 def by_others(taken: list[tuple[Session, str]], session: Session) -> bool:
     return any(s is session and not name.endswith(FANOUT_TASK) for s, name in taken)
-
-
-def subscribe_line(since: int) -> bytes:
-    params = {"status": True, "since": since}
-    request = {"jsonrpc": "2.0", "method": "subscribe", "params": params, "id": 1}
-    return json.dumps(request).encode()
 
 
 def publish(channel: StatusChannel, count: int, tag: str) -> list[int]:
@@ -202,13 +195,6 @@ async def test_a_subscriber_that_stops_reading_is_told_what_it_lost_and_costs_ot
 # -- the WebSocket: a frame half-written by the fan-out ---------------------------------------
 
 
-def masked_frame(payload: bytes, opcode: int) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-    assert len(payload) < 126
-    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
-
-
 class WsSubscriber:
     """A hand-made /ws?coalesce=1 client on a trio socket with a small receive buffer, so
     the daemon's writes to it stop short soon; frames read through the RFC decoder."""
@@ -241,7 +227,7 @@ class WsSubscriber:
                 subscriber._data += await sock.recv(4096)
         head, _, subscriber._data = subscriber._data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head
-        await sock.send(masked_frame(subscribe_line(since), 0x1))
+        await sock.send(client_frame(subscribe_line(since), 0x1))
         await subscriber.read_until(lambda v: v.get("id") == 1)
         (session,) = {link.session for link in daemon.websocket._links} - before
         return subscriber, session
@@ -291,7 +277,7 @@ async def test_a_pong_waits_for_the_rest_of_a_frame_the_fanout_left_half_written
     await trio.testing.wait_all_tasks_blocked()
     assert by_fanout(senders, session)
     assert link.ordered.half_written  # the writer is sending the rest
-    await client.sock.send(masked_frame(b"p1", 0x9))
+    await client.sock.send(client_frame(b"p1", 0x9))
     await trio.testing.wait_all_tasks_blocked()
     published += publish(channel, 1, "END")
     await client.read_until(lambda v: v.get("params", {}).get("seq") == published[-1])
@@ -441,22 +427,6 @@ async def test_a_woken_writer_keeps_the_session_from_the_fanout(nursery: trio.Nu
 # -- two users ------------------------------------------------------------------------------
 
 
-def unix_reader_as_user(path: str, since: int, until: str) -> list[Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(TIMEOUT)
-        sock.connect(path)
-        sock.sendall(subscribe_line(since) + b"\n")
-        got: list[Any] = []
-        data = b""
-        while not any(v.get("params", {}).get("message") == until for v in got[-3:]):
-            chunk = sock.recv(1 << 20)
-            assert chunk, "the daemon closed the connection"
-            data += chunk
-            *lines, data = data.split(b"\n")
-            got.extend(json.loads(line) for line in lines)
-        return got
-
-
 @needs_root
 async def test_two_users_each_get_their_own_view_from_the_fanout(
     nursery: trio.Nursery,
@@ -484,7 +454,7 @@ async def test_two_users_each_get_their_own_view_from_the_fanout(
 
     async def read_as_nobody() -> None:
         got = await trio.to_thread.run_sync(
-            lambda: run_as_nobody(lambda: unix_reader_as_user(path, since, "END"))
+            lambda: run_as_nobody(lambda: unix_reader(path, since, "END"))
         )
         b_unix.extend(got)
 
