@@ -424,8 +424,16 @@ async def test_set_rate_changes_a_running_task_at_once_and_is_journalled(
     params = {"urls": [url], "rate_limit": 20 * KiB}  # 30 s for the file
     task_id = (await client.call("tasks.download", params))["task_id"]
     assert (await task_of(client, task_id))["rate_limit"] == 20 * KiB
+
+    async def running() -> bool:
+        status: str = (await task_of(client, task_id))["status"]
+        return status == "running"
+
+    # Its start is journalled in a worker thread: waited for here, not within a sleep
+    # that a slow hop of that thread would let the clock jump past.
+    await until(running)
     await trio.sleep(3)
-    assert (await task_of(client, task_id))["status"] == "running"
+    assert await running()  # held back by its limit
     # From here the rest needs no waits of its own, only the daemon's file and journal
     # work in worker threads: a hop of one that outlasts the threshold on a loaded machine
     # let the clock jump to the next deadline left, the hourly cleanup's (3,600 s).
