@@ -31,8 +31,8 @@ import run  # noqa: E402
 from _common import ABTally  # noqa: E402
 from _servers import ServerProcess, cpu_seconds_of, known_keys, start_statusd  # noqa: E402
 
-# bench/run.py's rows: the tuned one raises max_per_host with parallel_items, else only 4
-# of its 16 items would be in flight.
+# bench/run.py's rows: the tuned one raises max_per_host with parallel_items, else only 6
+# (the default) of its 16 items would be in flight.
 ROWS: dict[str, dict[str, Any]] = {
     "files": {
         "downloads.parallel_items": 16,

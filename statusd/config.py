@@ -98,7 +98,7 @@ class DownloadsConfig:
     # A task's own rate_limit applies beneath it.
     max_rate: int = 0
     # Requests in flight to one host at once, over all tasks (statusd.downloads.http).
-    max_per_host: int = 4
+    max_per_host: int = 6
 
 
 @attrs.frozen

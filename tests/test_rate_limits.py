@@ -482,22 +482,23 @@ async def test_max_rate_and_max_per_host_change_on_reload(
     assert counting.peak == 2
 
 
-async def test_the_default_cap_holds_a_task_of_many_items_to_4_requests(
+async def test_the_default_cap_holds_a_task_of_many_items_to_6_requests(
     daemon: Daemon, connect: Any, http_server: HTTPTestServer
 ) -> None:
     assert daemon.config.downloads.parallel_items == 16
+    assert daemon.config.downloads.max_per_host == 6
     counting = Counting(b"z" * 100)
     urls = [http_server.route(f"/m{n}.bin", counting) for n in range(12)]
     client = await connect()
     await client.call("subscribe", {"tasks": "all"})
     task_id = (await client.call("tasks.download", {"urls": urls}))["task_id"]
     with trio.fail_after(SERVED_WITHIN):
-        await counting.until_in_flight(4)
+        await counting.until_in_flight(6)
     await trio.sleep(0.2)
-    assert counting.peak == 4
+    assert counting.peak == 6
     counting.release.set()
     task, _ = await wait_end(client, task_id)
-    assert (task["status"], task["result"]["completed"], counting.peak) == ("completed", 12, 4)
+    assert (task["status"], task["result"]["completed"], counting.peak) == ("completed", 12, 6)
 
 
 @pytest.mark.parametrize(
@@ -567,10 +568,10 @@ def load(environ: Mapping[str, str], text: str = "", **flags: Any) -> DownloadsC
 
 def test_the_defaults(environ: dict[str, str]) -> None:
     downloads = load(environ)
-    assert (downloads.max_rate, downloads.max_per_host) == (0, 4)
+    assert (downloads.max_rate, downloads.max_per_host) == (0, 6)
     service = Downloads(load_config({}, environ, 1000))
     assert service.max_rate.rate == 0
-    assert service.client.max_per_host == 4
+    assert service.client.max_per_host == 6
 
 
 def test_the_keys_come_from_the_file_the_environment_and_flags(environ: dict[str, str]) -> None:

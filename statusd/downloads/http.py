@@ -49,7 +49,7 @@ DEFAULT_MAX_IDLE_TOTAL = 100
 # Requests in flight to one host at once, over every task: a task of 10,000 items from one
 # site must not hammer it with parallel_items connections (aria2c's -x defaults to 1, per
 # download; browsers allow 6 per host).
-DEFAULT_MAX_PER_HOST = 4
+DEFAULT_MAX_PER_HOST = 6
 # Below the keep-alive timeouts of common servers (Apache 5 s, lighttpd 5 s, nginx 75 s), so
 # that we, not the server, close an idle connection: a request sent just as the server
 # closes fails. Items of one task follow each other within milliseconds, so a short
