@@ -384,6 +384,19 @@ class Api:
             return jsonrpc.encode_line(
                 jsonrpc.error_response(None, _batch_too_long(len(incoming.entries), limits))
             )
+        if not incoming.batch:
+            # One request, as nearly every client sends: its answer is the line, with no
+            # batch bookkeeping around it.
+            entry = incoming.entries[0]
+            response = await self._answer(session, entry)
+            if response is None:
+                return None
+            line = jsonrpc.encode_line(response)
+            if len(line) + _Reply.FRAME <= limits.max_reply_bytes:
+                return line
+            reply = _Reply(limits.max_reply_bytes)
+            reply.refuse(entry, ran=True)
+            return reply.line(batch=False)
         reply = _Reply(limits.max_reply_bytes)
         for index, entry in enumerate(incoming.entries):
             if index:
@@ -793,11 +806,15 @@ class _Reply:
     can be is bounded by the batch limit and the 1 MiB request line.
     """
 
+    # What a reply's size is counted with besides its answers' lines (each with its "\n"
+    # standing for the "," between them): the "[" and "]" of a batch.
+    FRAME = 2
+
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.full = False
         self._parts: list[bytes] = []
-        self._size = 2  # "[" and "]"
+        self._size = self.FRAME
 
     def add(self, entry: jsonrpc.Entry, response: dict[str, Any]) -> None:
         part = jsonrpc.encode_line(response)[:-1]
