@@ -475,8 +475,10 @@ async def test_a_limit_set_mid_body_takes_the_rest_back_to_the_loop(
     tmp_path: Path,
     receivers: list[Any],
 ) -> None:
-    """tasks.set_rate while the thread receives: the thread stops at its next receive
-    (keeping the connection), and the loop receives the rest under the limit."""
+    """tasks.set_rate while the thread receives and the server is silent: the limit wakes
+    the loop, the thread stops within one receive slice (keeping the connection), and the
+    loop receives the rest under the limit. (With bytes flowing, the thread stops at its
+    next report, after at most a buffer.)"""
     mock_clock.autojump_threshold = 0.05
     at = DIRECT_MIN_BYTES // 2
     release = trio.Event()
@@ -503,15 +505,16 @@ async def test_a_limit_set_mid_body_takes_the_rest_back_to_the_loop(
         while not receivers or receivers[0].position < at:  # noqa: ASYNC110 - a thread's counter
             await trio.sleep(0.001)
         limit.configure(rate)
+        # Before another byte comes: the thread has handed the body back.
+        await receivers[0].stopped.wait()
         released = trio.current_time()
         release.set()
     result = done[0]
     assert (result.error, result.bytes) == (None, len(DATA))
     assert (tmp_path / "h.bin").read_bytes() == DATA
     assert receivers[0].error is None
-    assert receivers[0].position < len(DATA)  # the thread handed the body back
+    assert receivers[0].position == at  # the thread handed the body back at once
     assert len(http_server.requests_for("/h.bin")) == 1  # on the same connection
-    # What the thread took after the release (at most a buffer) was not paced; the rest
-    # was, less the bucket's starting burst.
+    # Everything after the release was paced, less the bucket's starting burst.
     paced = len(DATA) - receivers[0].position
     assert trio.current_time() - released >= 0.95 * (paced / rate - BURST_SECONDS)

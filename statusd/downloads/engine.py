@@ -954,6 +954,9 @@ class _Download:
             body, writer, self.buffer, self.position, size, self.settings.max_file_bytes
         )
         stall = self.stall
+        # A limit set while the server is silent stops the thread at once (within
+        # WAIT_SLICE), not only at the thread's next report after data comes again.
+        unwatch = [limit.watch(lambda: receiver.changed.set()) for limit in self.limits]
         receiver.start()
         try:
             while not receiver.finished:
@@ -970,6 +973,8 @@ class _Download:
                     # at its next receive, within WAIT_SLICE, and the loop paces the rest.
                     body.stop_soon()
         finally:
+            for stop_watching in unwatch:
+                stop_watching()
             if not receiver.finished:
                 body.interrupt()
                 writer.interrupt()

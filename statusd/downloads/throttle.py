@@ -12,7 +12,7 @@ Must not depend on the engine, the task manager or the RPC layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -26,6 +26,7 @@ class RateLimit:
     def __init__(self, rate: int = 0) -> None:
         self._bucket = ByteBucket(rate)
         self._changed = trio.Event()
+        self._watchers: set[Callable[[], None]] = set()
 
     @property
     def rate(self) -> int:
@@ -38,6 +39,15 @@ class RateLimit:
         self._bucket.configure(rate, trio.current_time())
         self._changed.set()
         self._changed = trio.Event()
+        for watcher in list(self._watchers):
+            watcher()
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (on the loop, from ``configure``) at each change of the rate
+        until the function returned is called: for a reader that does not wait on the
+        limit itself (a body received in a thread) to hear of a limit set meanwhile."""
+        self._watchers.add(callback)
+        return lambda: self._watchers.discard(callback)
 
     def take(self, count: int) -> float:
         """Count ``count`` received bytes; the mark to ``wait`` for."""
