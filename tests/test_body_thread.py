@@ -56,8 +56,8 @@ SETTINGS = DownloadSettings(
     backoff_initial=0.01, backoff_max=0.05, read_timeout=60.0, chunk_size=CHUNK
 )
 OWNER = "t1-0"
-JUMP = 0.005  # MockClock's autojump threshold: the body is received in a thread
-STOP_JUMP = 0.5  # the same, where a thread's stop must not look like a quiet loop
+# MockClock's autojump threshold where a thread's stop must not look like a quiet loop.
+STOP_JUMP = 0.5
 
 
 @pytest.fixture
@@ -222,8 +222,8 @@ async def test_a_stalled_server_fails_by_the_stall_rule(
     """The thread waits for data on the system's clock (read_timeout 1,000 s); the stall
     rule runs on the loop's: 10 s windows after the burst, stalled two windows later."""
     # Once stalled, the loop waits (shielded) for the interrupted thread to stop, and the
-    # test's own fail_after is then the only deadline: a stop that outlasted JUMP on a
-    # loaded machine let the clock jump to it, a TooSlowError after a correct stall.
+    # test's own fail_after is then the only deadline: a stop that outlasted a 5 ms
+    # threshold on a loaded machine let the clock jump to it, a TooSlowError after a correct stall.
     mock_clock.autojump_threshold = STOP_JUMP
     url = http_server.route("/s.bin", hang_after_head(DATA, DIRECT_MIN_BYTES + 99))
     settings = attrs.evolve(SETTINGS, lowest_speed=1024, stall_timeout=10, read_timeout=1000)
